@@ -1,0 +1,132 @@
+"""Several inputs, several alphas, one loaded model: planning and running upsample jobs.
+
+Outputs are all decided (and checked) before any network runs, so a typo in the last file name
+does not surface after an hour of work; a bad input is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mrisr_cli.errors import InputError, MrisrError, OutputError
+from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, upsample_file
+from mrisr_cli.volumes import check_output_path, is_volume_path, strip_suffix
+
+
+@dataclass(frozen=True)
+class UpsampleJob:
+    """One input, one alpha, one output path."""
+
+    input: Path
+    output: Path
+    alpha: float
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders replaced by the images directly inside them (sorted)."""
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_volume_path(p))
+            if not found:
+                raise InputError(f"{path}: folder holds no .nii/.nii.gz/.mgz images")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    return files
+
+
+def _alpha_tag(alpha: float) -> str:
+    return f"_alpha-{alpha:g}"
+
+
+def plan_jobs(
+    inputs: list[Path], output: Path, alphas: list[float], *, overwrite: bool
+) -> list[UpsampleJob]:
+    """Map inputs x alphas to output paths: a file for one input, else a folder."""
+    files = expand_inputs(inputs)
+    into_folder = len(files) > 1 or any(p.is_dir() for p in inputs) or output.is_dir()
+    jobs: list[UpsampleJob] = []
+    if into_folder:
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"{output}: several inputs need an output folder, this is a file")
+        if not output.exists():
+            if not output.parent.is_dir():
+                raise OutputError(f"{output.parent}: output folder does not exist")
+            output.mkdir()
+        for path in files:
+            for alpha in alphas:
+                tag = _alpha_tag(alpha) if len(alphas) > 1 else ""
+                jobs.append(
+                    UpsampleJob(path, output / f"{strip_suffix(path.name)}{tag}.nii.gz", alpha)
+                )
+    else:
+        if not output.name.lower().endswith((".nii", ".nii.gz")):
+            raise OutputError(f"{output}: output file must end in .nii or .nii.gz")
+        for alpha in alphas:
+            target = output
+            if len(alphas) > 1:
+                suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
+                target = output.with_name(f"{strip_suffix(output.name)}{_alpha_tag(alpha)}{suffix}")
+            jobs.append(UpsampleJob(files[0], target, alpha))
+    outputs = [job.output for job in jobs]
+    if len(set(outputs)) != len(outputs):
+        raise OutputError("two inputs would write the same output name; rename one of them")
+    resolved_inputs = {p.resolve() for p in files}
+    for job in jobs:
+        if job.output.resolve() in resolved_inputs:
+            raise OutputError(f"{job.output}: output would overwrite an input")
+        check_output_path(job.output, overwrite=overwrite)
+    return jobs
+
+
+def run_upsample_jobs(
+    jobs: list[UpsampleJob],
+    files: GeneratorFiles,
+    options: UpsampleOptions,
+    *,
+    console: Console,
+    warn: Callable[[str], None],
+    error: Callable[[str], None],
+) -> int:
+    """Run every job (one generator per alpha); return how many failed."""
+    failures = 0
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        subjects = progress.add_task("subjects", total=len(jobs))
+        for alpha in dict.fromkeys(job.alpha for job in jobs):
+            generator = files.generator(alpha, options.inference.device)
+            for job in (j for j in jobs if j.alpha == alpha):
+                task = progress.add_task(f"{job.input.name} (alpha {alpha:g})", total=None)
+
+                def advance(done: int, total: int, task: int = task) -> None:
+                    progress.update(task, completed=done, total=total)
+
+                try:
+                    result = upsample_file(job.input, job.output, generator, options, advance)
+                except MrisrError as exc:
+                    failures += 1
+                    error(str(exc) if str(job.input) in str(exc) else f"{job.input}: {exc}")
+                else:
+                    for message in result.warnings:
+                        warn(f"{job.input}: {message}")
+                    progress.console.print(
+                        f"wrote {os.fspath(job.output)} ({result.seconds['total']:.1f} s)",
+                        markup=False,
+                    )
+                progress.remove_task(task)
+                progress.advance(subjects)
+    return failures

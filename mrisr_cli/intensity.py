@@ -1,0 +1,66 @@
+"""Per-volume intensity normalisation from the input's own foreground.
+
+Scans arrive as uint8, int16 or float in arbitrary units, so the network always sees a z-score
+computed inside a foreground mask of the *input* (never of a reference image), and its output
+is mapped back with the same two numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample (between-class variance maximised over a histogram)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mass_low = np.cumsum(hist * centres)
+    mean_low = mass_low / np.maximum(weight_low, 1)
+    mean_high = (mass_low[-1] - mass_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def foreground_mask(data: np.ndarray) -> np.ndarray:
+    """Head/brain foreground: above Otsu's threshold, largest component, holes filled.
+
+    Works for skull-stripped volumes (zero background) and whole-head scans (noisy background).
+    """
+    positive = data[data > data.min()]
+    if positive.size == 0:
+        return np.zeros(data.shape, dtype=bool)
+    mask = data > otsu_threshold(positive if positive.size < data.size else data)
+    labels, count = ndi.label(mask)
+    if count > 1:
+        sizes = ndi.sum_labels(mask, labels, index=np.arange(1, count + 1))
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    return ndi.binary_fill_holes(mask)
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """The two numbers that map a volume to z-scores and back."""
+
+    mean: float
+    std: float
+
+    def normalise(self, data: np.ndarray) -> np.ndarray:
+        return ((data - self.mean) / self.std).astype(np.float32)
+
+    def denormalise(self, data: np.ndarray) -> np.ndarray:
+        return (data * self.std + self.mean).astype(np.float32)
+
+
+def foreground_stats(data: np.ndarray, mask: np.ndarray | None = None) -> IntensityStats:
+    """Mean and standard deviation inside the foreground (whole volume if the mask is empty)."""
+    if mask is None:
+        mask = foreground_mask(data)
+    values = data[mask] if mask.any() else data.ravel()
+    std = float(values.std())
+    return IntensityStats(mean=float(values.mean()), std=std if std > 0 else 1.0)

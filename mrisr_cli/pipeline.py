@@ -1,0 +1,233 @@
+"""`mrisr upsample` as library functions: load the generator once, then super-resolve files.
+
+Order of operations for one input: read and check -> plan the grid (canonical axes, 1 mm,
+coarse axes in the model's degraded slots) -> optional N4 -> z-score from the input's own
+foreground -> tile, run, stitch -> back to the input's units, axes and orientation -> atomic
+write -> JSON sidecar with what produced the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrisr_cli import __version__
+from mrisr_cli.blending import blend_weights, check_alpha
+from mrisr_cli.errors import MrisrError, WeightsError
+from mrisr_cli.grid import plan_grid
+from mrisr_cli.inference import InferenceOptions, ProgressCallback, super_resolve
+from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.n4 import n4_correct
+from mrisr_cli.volumes import atomic_path, check_output_path, load_volume, save_volume, strip_suffix
+from mrisr_cli.weights import WeightsFile, load_weights
+
+DEFAULT_PSNR_NAME = "rrdg_psnr.safetensors"
+DEFAULT_GAN_NAME = "rrdg_gan.safetensors"
+
+
+def default_weights_dir() -> Path:
+    """``$MRISR_WEIGHTS``, else the ``weights/`` folder beside the package (source checkout)."""
+    env = os.environ.get("MRISR_WEIGHTS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass
+class Generator:
+    """A ready-to-run generator and the record of where its weights came from."""
+
+    model: nn.Module
+    weights: WeightsFile
+    alpha: float
+    sources: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class GeneratorFiles:
+    """The weights files behind ``--alpha``: loaded once, blended per alpha."""
+
+    psnr: WeightsFile | None
+    gan: WeightsFile | None
+
+    def sources(self) -> list[dict[str, str]]:
+        return [
+            {"role": role, "path": str(w.path), "sha256": w.sha256}
+            for role, w in (("psnr", self.psnr), ("gan", self.gan))
+            if w is not None
+        ]
+
+    def generator(self, alpha: float, device: str) -> Generator:
+        """The blended generator for one alpha, on ``device``."""
+        alpha = check_alpha(alpha)
+        if self.psnr is not None and self.gan is not None:
+            weights = blend_weights(self.psnr, self.gan, alpha)
+        elif self.psnr is not None:
+            if alpha != 1.0:
+                raise MrisrError(f"--alpha {alpha} blends in a GAN model: give --gan-weights too")
+            weights = self.psnr
+        elif self.gan is not None:
+            if alpha != 0.0:
+                raise MrisrError(f"--alpha {alpha} blends in a PSNR model: give --psnr-weights too")
+            weights = self.gan
+        else:  # pragma: no cover - load_generator_files never returns this
+            raise WeightsError("no weights")
+        model = weights.build().to(device)
+        return Generator(model=model, weights=weights, alpha=alpha, sources=self.sources())
+
+
+def load_generator_files(psnr: Path | None, gan: Path | None) -> GeneratorFiles:
+    """Named files, or the installed defaults when neither is named."""
+    if psnr is None and gan is None:
+        folder = default_weights_dir()
+        psnr_default, gan_default = folder / DEFAULT_PSNR_NAME, folder / DEFAULT_GAN_NAME
+        if not psnr_default.is_file():
+            raise WeightsError(
+                f"no trained weights are installed in {folder} (trained weights are not released "
+                "yet); pass --psnr-weights/--gan-weights or set MRISR_WEIGHTS"
+            )
+        psnr = psnr_default
+        gan = gan_default if gan_default.is_file() else None
+    files = GeneratorFiles(
+        psnr=load_weights(psnr) if psnr is not None else None,
+        gan=load_weights(gan) if gan is not None else None,
+    )
+    for w in (files.psnr, files.gan):
+        if w is not None and w.network.name == "patch_discriminator":
+            raise WeightsError(f"{w.path}: holds a discriminator, not a generator")
+    return files
+
+
+@dataclass(frozen=True)
+class UpsampleOptions:
+    """Per-file options of `mrisr upsample`."""
+
+    inference: InferenceOptions = field(default_factory=InferenceOptions)
+    n4: bool | None = None  # None: as the model was trained
+    overwrite: bool = False
+    sidecar: bool = True
+
+
+@dataclass
+class UpsampleResult:
+    """What happened to one input: shapes, grid decisions, timings, warnings."""
+
+    input: Path
+    output: Path
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    resampled: bool
+    seconds: dict[str, float]
+    warnings: list[str]
+
+
+def sidecar_path(output: Path) -> Path:
+    """``out.nii.gz`` -> ``out.json`` (BIDS-style sidecar)."""
+    return output.with_name(strip_suffix(output.name) + ".json")
+
+
+def upsample_array(
+    data: np.ndarray,
+    generator: Generator,
+    *,
+    options: InferenceOptions,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """Normalise with the array's own foreground, run the network, map back to its units."""
+    stats = foreground_stats(data, foreground_mask(data))
+    out = super_resolve(stats.normalise(data), generator.model, options, progress)
+    out = stats.denormalise(out)
+    if data.min() >= 0:
+        np.maximum(out, 0.0, out=out)
+    return out
+
+
+def upsample_file(
+    input_path: Path,
+    output_path: Path,
+    generator: Generator,
+    options: UpsampleOptions,
+    progress: ProgressCallback | None = None,
+) -> UpsampleResult:
+    """Super-resolve one file onto the model's grid and write it (atomically) with a sidecar."""
+    started = time.perf_counter()
+    check_output_path(output_path, overwrite=options.overwrite)
+    volume = load_volume(input_path)
+    config = generator.weights.degradation
+    plan = plan_grid(volume.affine, volume.data.shape, config)  # type: ignore[arg-type]
+    data = plan.to_model(volume.data)
+    loaded = time.perf_counter()
+    use_n4 = config.n4 if options.n4 is None else options.n4
+    if use_n4:
+        data = n4_correct(data, plan.model_spacing)
+    corrected = time.perf_counter()
+    out = upsample_array(
+        plan.permute(data), generator, options=options.inference, progress=progress
+    )
+    out = plan.to_output(plan.unpermute(out))
+    inferred = time.perf_counter()
+    affine = plan.output_affine()
+    save_volume(output_path, out, affine, volume.header, overwrite=options.overwrite)
+    finished = time.perf_counter()
+    seconds = {
+        "read": loaded - started,
+        "n4": corrected - loaded,
+        "network": inferred - corrected,
+        "write": finished - inferred,
+        "total": finished - started,
+    }
+    result = UpsampleResult(
+        input=Path(input_path),
+        output=Path(output_path),
+        input_shape=tuple(volume.data.shape),
+        output_shape=tuple(out.shape),
+        resampled=plan.resampled,
+        seconds=seconds,
+        warnings=list(plan.warnings),
+    )
+    if options.sidecar:
+        write_sidecar(result, generator, options, use_n4)
+    return result
+
+
+def write_sidecar(
+    result: UpsampleResult, generator: Generator, options: UpsampleOptions, n4: bool
+) -> None:
+    """Record what produced an output, next to it."""
+    inference = options.inference
+    record = {
+        "mrisr_version": __version__,
+        "torch_version": torch.__version__,
+        "input": str(result.input),
+        "output": str(result.output),
+        "weights": generator.sources,
+        "network": {"name": generator.weights.network.name, **generator.weights.network.params},
+        "alpha": generator.alpha,
+        "alpha_convention": "theta = alpha*PSNR + (1-alpha)*GAN (1 = PSNR model, 0 = GAN model)",
+        "device": inference.device,
+        "precision": ("fp16" if inference.device.startswith("cuda") else "bf16")
+        if inference.half
+        else "fp32",
+        "n4": n4,
+        "patch": list(inference.patch),
+        "margin": inference.margin,
+        "input_shape": list(result.input_shape),
+        "output_shape": list(result.output_shape),
+        "resampled_to_model_grid": result.resampled,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        "warnings": result.warnings,
+    }
+    path = sidecar_path(result.output)
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+ResultCallback = Callable[[UpsampleResult], None]

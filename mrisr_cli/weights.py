@@ -1,0 +1,131 @@
+"""Weights files: safetensors tensors plus metadata that fully describe the model.
+
+The metadata carry the network config (so the file rebuilds its own network), the degradation
+settings (so a model is only applied to data prepared the same way) and free-form provenance.
+Pickles are never opened: a file that looks like one is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mrisr_cli import __version__
+from mrisr_cli.degradation import DegradationConfig
+from mrisr_cli.errors import WeightsError
+from mrisr_cli.networks import NetworkConfig, build_network
+from mrisr_cli.volumes import atomic_path
+
+FORMAT_NAME = "mrisr-weights"
+FORMAT_VERSION = "1"
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+@dataclass
+class WeightsFile:
+    """A loaded weights file: the tensors and what they describe."""
+
+    state: dict[str, torch.Tensor]
+    network: NetworkConfig
+    degradation: DegradationConfig
+    provenance: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    sha256: str = ""
+
+    def build(self) -> nn.Module:
+        """The network with these weights loaded (strictly), in eval mode on the CPU."""
+        model = build_network(self.network)
+        try:
+            model.load_state_dict(self.state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise WeightsError(
+                f"{self.path}: tensors do not fit network {self.network.name!r} ({first})"
+            ) from exc
+        return model.eval()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_weights(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    network: NetworkConfig,
+    degradation: DegradationConfig,
+    *,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write tensors (made contiguous, on CPU) and metadata atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "network": network.to_json(),
+        "degradation": degradation.to_json(),
+        "mrisr_version": __version__,
+        "provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
+    }
+    with atomic_path(Path(path), overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
+    """Read and check a weights file; every failure is one WeightsError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if head.startswith(_PICKLE_MAGIC):
+        raise WeightsError(
+            f"{path}: is a PyTorch pickle; mrisr only reads .safetensors weights "
+            "(pickles can run code when opened)"
+        )
+    try:
+        metadata = read_metadata(path)
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?)"
+        ) from exc
+    if metadata.get("format") != FORMAT_NAME:
+        raise WeightsError(f"{path}: safetensors file without mrisr metadata (not mrisr weights)")
+    network = NetworkConfig.from_json(metadata.get("network", ""))
+    degradation = DegradationConfig.from_json(metadata.get("degradation", ""))
+    if expect_network is not None and network.name != expect_network:
+        raise WeightsError(f"{path}: holds a {network.name!r} network, expected {expect_network!r}")
+    try:
+        provenance = json.loads(metadata.get("provenance", "{}"))
+    except ValueError:
+        provenance = {}
+    return WeightsFile(
+        state=state,
+        network=network,
+        degradation=degradation,
+        provenance=provenance,
+        path=path,
+        sha256=sha256_of(path),
+    )

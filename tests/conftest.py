@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny networks saved with the real weights I/O, small NIfTI files, real data.
+
+Real T1 volumes are found through ``MRISR_DATA`` (default: ``../shared/data`` beside the repo);
+tests that need them skip cleanly when they are absent, as on a user's fresh clone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mrisr_cli.degradation import DegradationConfig
+from mrisr_cli.networks import NetworkConfig, build_network
+from mrisr_cli.weights import save_weights
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RRDG = NetworkConfig("rrdg", {"features": 4, "blocks": 1, "growth": 2})
+# five convolutions only: the cheapest real generator, for tests about files and geometry
+TINY_FSRCNN = NetworkConfig("fsrcnn", {"d": 4, "s": 2, "m": 1})
+NO_N4 = DegradationConfig(n4=False)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MRISR_DATA", REPO.parent / "shared" / "data"))
+
+
+def real_volume(relative: str) -> Path:
+    """Path of a real volume under the data folder, or skip the test."""
+    path = data_dir() / relative
+    if not path.is_file():
+        pytest.skip(f"real data not available: {path}")
+    return path
+
+
+def write_nifti(
+    path: Path, data: np.ndarray, affine: np.ndarray | None = None, dtype: type = np.float32
+) -> Path:
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.eye(4) if affine is None else affine)
+    nib.save(image, str(path))
+    return path
+
+
+def head_phantom(shape: tuple[int, int, int] = (40, 36, 44), seed: int = 0) -> np.ndarray:
+    """Ellipsoid 'head' with textured 'brain' and exact-zero background."""
+    from mrisr_cli.selftest import phantom
+
+    return phantom(shape, seed)
+
+
+def tiny_weights(path: Path, seed: int, config: NetworkConfig = TINY_RRDG) -> Path:
+    """A tiny network with random weights (and non-trivial BN statistics) saved for real."""
+    torch.manual_seed(seed)
+    model = build_network(config)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    save_weights(path, model.state_dict(), config, NO_N4)
+    return path
+
+
+@pytest.fixture
+def psnr_weights(tmp_path: Path) -> Path:
+    return tiny_weights(tmp_path / "psnr.safetensors", seed=1)
+
+
+@pytest.fixture
+def gan_weights(tmp_path: Path) -> Path:
+    return tiny_weights(tmp_path / "gan.safetensors", seed=2)
+
+
+@pytest.fixture
+def phantom_file(tmp_path: Path) -> Path:
+    return write_nifti(tmp_path / "phantom.nii.gz", head_phantom())
+
+
+@pytest.fixture
+def fast_weights(tmp_path: Path) -> Path:
+    return tiny_weights(tmp_path / "fast.safetensors", seed=4, config=TINY_FSRCNN)

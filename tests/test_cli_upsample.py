@@ -1,0 +1,409 @@
+"""`mrisr upsample` end to end through the real CLI, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import head_phantom, real_volume, write_nifti
+from typer.testing import CliRunner
+
+from mrisr_cli.cli import app
+from mrisr_cli.inference import InferenceOptions, super_resolve
+from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.volumes import canonical_reorientation
+from mrisr_cli.weights import load_weights
+
+runner = CliRunner()
+SMALL_PATCH = ["--patch", "24,16,24"]
+
+
+def upsample(*args: str | Path) -> object:
+    return runner.invoke(app, ["upsample", *map(str, args)])
+
+
+def assert_one_line_error(result: object, needle: str) -> None:
+    assert result.exit_code != 0  # type: ignore[attr-defined]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1, result.stderr  # type: ignore[attr-defined]
+    assert lines[0].startswith("mrisr: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in result.stderr  # type: ignore[attr-defined]
+
+
+def no_partial_files(folder: Path) -> bool:
+    return not any(".part" in p.name for p in folder.iterdir())
+
+
+def test_upsample_keeps_shape_affine_orientation_and_writes_sidecar(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    affine = np.array([[0, 0, -1.0, 30], [-1.0, 0, 0, 20], [0, 1.0, 0, -10], [0, 0, 0, 1]])
+    src = write_nifti(tmp_path / "in.nii.gz", head_phantom((36, 44, 40)), affine, np.uint8)
+    out = tmp_path / "out.nii.gz"
+    result = upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    image = nib.load(out)
+    assert image.shape == (36, 44, 40)
+    np.testing.assert_allclose(image.affine, affine)
+    assert nib.aff2axcodes(image.affine) == nib.aff2axcodes(affine)
+    assert image.get_data_dtype() == np.float32
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["weights"][0]["sha256"] == load_weights(fast_weights).sha256
+    assert sidecar["alpha"] == 1.0 and sidecar["precision"] == "fp32"
+    assert sidecar["device"] == "cpu" and sidecar["mrisr_version"]
+    assert no_partial_files(tmp_path)
+
+
+def test_output_equals_network_on_normalised_canonical_input(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """The CLI's output is the stitched network output mapped back to the input's units."""
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    data = head_phantom((40, 36, 44))
+    src = write_nifti(tmp_path / "in.nii.gz", data, affine)
+    out = tmp_path / "out.nii.gz"
+    assert upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH).exit_code == 0
+    reo = canonical_reorientation(affine, data.shape)
+    canonical = reo.apply(data)
+    stats = foreground_stats(canonical, foreground_mask(canonical))
+    model = load_weights(fast_weights).build()
+    expected = stats.denormalise(
+        super_resolve(stats.normalise(canonical), model, InferenceOptions(patch=(24, 16, 24)))
+    )
+    expected = reo.undo(np.maximum(expected, 0))
+    np.testing.assert_allclose(np.asarray(nib.load(out).dataobj), expected, atol=1e-4)
+
+
+def test_alpha_end_points_and_several_alphas_in_one_call(
+    tmp_path: Path, psnr_weights: Path, gan_weights: Path
+) -> None:
+    src = write_nifti(tmp_path / "in.nii.gz", head_phantom((30, 20, 30)))
+    base = ["--psnr-weights", psnr_weights, "--gan-weights", gan_weights, *SMALL_PATCH]
+    result = upsample(src, tmp_path / "sr.nii.gz", "--alpha", "0,0.5,1", *base)
+    assert result.exit_code == 0, result.stderr
+    outs = {
+        a: np.asarray(nib.load(tmp_path / f"sr_alpha-{a}.nii.gz").dataobj)
+        for a in ("0", "0.5", "1")
+    }
+    only_psnr = tmp_path / "psnr_only.nii.gz"
+    assert upsample(src, only_psnr, "--psnr-weights", psnr_weights, *SMALL_PATCH).exit_code == 0
+    only_gan = tmp_path / "gan_only.nii.gz"
+    result = upsample(src, only_gan, "--gan-weights", gan_weights, "--alpha", "0", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(outs["1"], np.asarray(nib.load(only_psnr).dataobj))
+    np.testing.assert_array_equal(outs["0"], np.asarray(nib.load(only_gan).dataobj))
+    assert not np.array_equal(outs["0.5"], outs["1"])
+
+
+def test_folder_of_inputs_to_output_folder(tmp_path: Path, fast_weights: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        write_nifti(src / f"sub-0{i}_T1w.nii.gz", head_phantom((30, 20, 30), seed=i))
+    (src / "notes.txt").write_text("not an image")
+    result = upsample(src, tmp_path / "out", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["sub-00_T1w.json", "sub-00_T1w.nii.gz", "sub-01_T1w.json", "sub-01_T1w.nii.gz"]
+
+
+def test_true_lowres_input_is_written_on_the_fine_grid(tmp_path: Path, fast_weights: Path) -> None:
+    hr = write_nifti(tmp_path / "hr.nii.gz", head_phantom((40, 36, 44)))
+    low = tmp_path / "low.nii.gz"
+    lr = tmp_path / "lr.nii.gz"
+    assert (
+        runner.invoke(app, ["degrade", str(hr), str(lr), "--keep-lowres", str(low)]).exit_code == 0
+    )
+    out = tmp_path / "sr.nii.gz"
+    result = upsample(low, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    image = nib.load(out)
+    assert image.shape == (40, 36, 44)
+    np.testing.assert_allclose(image.affine, np.eye(4), atol=1e-6)
+    # the same network on the degraded file (already on the fine grid) gives the same result
+    same = tmp_path / "sr_from_lr.nii.gz"
+    assert upsample(lr, same, "--psnr-weights", fast_weights, *SMALL_PATCH).exit_code == 0
+    np.testing.assert_allclose(
+        np.asarray(image.dataobj), np.asarray(nib.load(same).dataobj), atol=1e-3
+    )
+
+
+# --- bad input: one clear line, non-zero exit, no traceback, no partial file ---------------
+
+
+def test_missing_input(tmp_path: Path, fast_weights: Path) -> None:
+    result = upsample(
+        tmp_path / "nope.nii.gz", tmp_path / "o.nii.gz", "--psnr-weights", fast_weights
+    )
+    assert_one_line_error(result, "no such file")
+
+
+def test_not_a_nifti(tmp_path: Path, fast_weights: Path) -> None:
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("hello")
+    result = upsample(bad, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights)
+    assert_one_line_error(result, "not a NIfTI")
+    assert not (tmp_path / "o.nii.gz").exists() and no_partial_files(tmp_path)
+
+
+def test_truncated_gzip(tmp_path: Path, fast_weights: Path) -> None:
+    good = write_nifti(tmp_path / "good.nii.gz", head_phantom((30, 20, 30)))
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    result = upsample(cut, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights)
+    assert_one_line_error(result, "truncated or corrupt")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_4d_with_several_volumes(tmp_path: Path, fast_weights: Path) -> None:
+    src = write_nifti(tmp_path / "4d.nii.gz", np.ones((10, 10, 10, 3)))
+    assert_one_line_error(
+        upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights), "3D"
+    )
+
+
+def test_4d_with_one_volume_is_accepted(tmp_path: Path, fast_weights: Path) -> None:
+    src = write_nifti(tmp_path / "4d.nii.gz", head_phantom((30, 20, 30))[..., None])
+    result = upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert nib.load(tmp_path / "o.nii.gz").shape == (30, 20, 30)
+
+
+def test_all_zeros(tmp_path: Path, fast_weights: Path) -> None:
+    src = write_nifti(tmp_path / "zeros.nii.gz", np.zeros((20, 20, 20)))
+    assert_one_line_error(
+        upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights), "empty"
+    )
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_nan_or_inf(tmp_path: Path, fast_weights: Path, bad_value: float) -> None:
+    data = head_phantom((20, 20, 20))
+    data[3, 4, 5] = bad_value
+    src = write_nifti(tmp_path / "bad.nii.gz", data)
+    assert_one_line_error(
+        upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights), "NaN"
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32])
+def test_integer_dtypes_are_read_and_written_as_float(
+    tmp_path: Path, fast_weights: Path, dtype: type
+) -> None:
+    src = write_nifti(tmp_path / "int.nii.gz", head_phantom((30, 20, 30)), dtype=dtype)
+    result = upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    out = nib.load(tmp_path / "o.nii.gz")
+    assert out.get_data_dtype() == np.float32 and np.isfinite(out.get_fdata()).all()
+
+
+def test_volume_smaller_than_one_patch(tmp_path: Path, fast_weights: Path) -> None:
+    src = write_nifti(tmp_path / "small.nii.gz", head_phantom((12, 9, 14)))
+    result = upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights)
+    assert result.exit_code == 0, result.stderr
+    assert nib.load(tmp_path / "o.nii.gz").shape == (12, 9, 14)
+
+
+def test_strongly_oblique_affine_is_refused(tmp_path: Path, fast_weights: Path) -> None:
+    angle = np.radians(45)
+    affine = np.eye(4)
+    affine[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    src = write_nifti(tmp_path / "oblique.nii.gz", head_phantom((30, 20, 30)), affine)
+    assert_one_line_error(
+        upsample(src, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights), "oblique"
+    )
+
+
+def test_slightly_oblique_affine_is_processed_with_a_warning(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    angle = np.radians(8)
+    affine = np.eye(4)
+    affine[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    src = write_nifti(tmp_path / "oblique.nii.gz", head_phantom((30, 20, 30)), affine)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert "warning" in result.stderr and "oblique" in result.stderr
+    np.testing.assert_allclose(nib.load(out).affine, affine)
+
+
+def test_existing_output_is_not_replaced(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"precious")
+    assert_one_line_error(
+        upsample(phantom_file, out, "--psnr-weights", fast_weights), "--overwrite"
+    )
+    assert out.read_bytes() == b"precious"
+
+
+def test_output_folder_not_writable(tmp_path: Path, fast_weights: Path, phantom_file: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = upsample(phantom_file, locked / "o.nii.gz", "--psnr-weights", fast_weights)
+        if result.exit_code == 0:  # root ignores permissions
+            pytest.skip("running as a user that can write anywhere")
+        assert_one_line_error(result, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_folder_refusing_writes(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root the permission test above cannot fail; here the folder refuses every write."""
+    import tempfile
+
+    def refuse(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    result = upsample(phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights)
+    assert_one_line_error(result, "not writable")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_output_folder_missing(tmp_path: Path, fast_weights: Path, phantom_file: Path) -> None:
+    result = upsample(phantom_file, tmp_path / "no" / "o.nii.gz", "--psnr-weights", fast_weights)
+    assert_one_line_error(result, "does not exist")
+
+
+def test_weights_of_another_kind(tmp_path: Path, phantom_file: Path) -> None:
+    pth = tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(1)}, pth)
+    assert_one_line_error(
+        upsample(phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", pth), "pickle"
+    )
+    disc = tmp_path / "disc.safetensors"
+    from conftest import tiny_weights
+
+    from mrisr_cli.networks import NetworkConfig
+
+    tiny_weights(disc, 0, NetworkConfig("patch_discriminator", {"base_features": 2}))
+    assert_one_line_error(
+        upsample(phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", disc), "discriminator"
+    )
+
+
+def test_blending_two_different_networks_is_refused(
+    tmp_path: Path, fast_weights: Path, psnr_weights: Path, phantom_file: Path
+) -> None:
+    result = upsample(
+        phantom_file,
+        tmp_path / "o.nii.gz",
+        "--psnr-weights",
+        psnr_weights,
+        "--gan-weights",
+        fast_weights,
+        "--alpha",
+        "0.5",
+    )
+    assert_one_line_error(result, "different networks")
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc"])
+def test_alpha_outside_unit_interval(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, alpha: str
+) -> None:
+    result = upsample(
+        phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights, "--alpha", alpha
+    )
+    assert_one_line_error(result, "--alpha")
+
+
+def test_alpha_below_one_needs_a_gan_model(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    result = upsample(
+        phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights, "--alpha", "0.5"
+    )
+    assert_one_line_error(result, "--gan-weights")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(tmp_path: Path, fast_weights: Path, phantom_file: Path) -> None:
+    result = upsample(
+        phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", fast_weights, "--device", "cuda"
+    )
+    assert_one_line_error(result, "no CUDA GPU")
+
+
+def test_no_weights_installed(
+    tmp_path: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MRISR_WEIGHTS", str(tmp_path / "empty"))
+    assert_one_line_error(upsample(phantom_file, tmp_path / "o.nii.gz"), "no trained weights")
+
+
+def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_path: Path) -> None:
+    """The installed entry point (python -m mrisr_cli) as a user runs it."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mrisr_cli",
+            "upsample",
+            str(tmp_path / "x.nii.gz"),
+            str(tmp_path / "y.nii.gz"),
+            "--psnr-weights",
+            str(tmp_path / "w.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith("mrisr: error:") and "Traceback" not in run.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "mrisr_cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("mrisr ")
+
+
+@pytest.mark.slow
+def test_real_t1_whole_volume_keeps_geometry(tmp_path: Path, fast_weights: Path) -> None:
+    path = real_volume("t1/S08_stroke_T1.nii.gz")
+    out = tmp_path / "sr.nii.gz"
+    result = upsample(path, out, "--psnr-weights", fast_weights, "--batch-size", "8")
+    assert result.exit_code == 0, result.stderr
+    source, written = nib.load(path), nib.load(out)
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(source.affine)
+    data = np.asarray(written.dataobj)
+    assert np.isfinite(data).all() and data.std() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "shape", "ok"),
+    [
+        ("lowres/L04_antsxnet_testData2mm.nii.gz", (176, 240, 256), True),
+        ("lowres/L01_spm_MoAE_t1.nii.gz", None, False),  # 3 mm slices: beyond a x2 model
+        ("lowres/L03_mne_sample_T1_3mm.mgz", None, False),
+    ],
+)
+def test_real_lowres_acquisitions(
+    tmp_path: Path, fast_weights: Path, name: str, shape: tuple[int, int, int] | None, ok: bool
+) -> None:
+    path = real_volume(name)
+    out = tmp_path / "sr.nii.gz"
+    result = upsample(path, out, "--psnr-weights", fast_weights, "--batch-size", "8")
+    if not ok:
+        assert_one_line_error(result, "coarser than")
+        return
+    assert result.exit_code == 0, result.stderr
+    image = nib.load(out)
+    assert image.shape == shape
+    assert np.allclose(image.header.get_zooms(), 1.0)
+    assert "sharpens only 2" in result.stderr  # 2 mm on all three axes

@@ -1,0 +1,157 @@
+"""The k-space degradation: the band it keeps, its windows, and the grid it returns to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import head_phantom, real_volume, write_nifti
+from typer.testing import CliRunner
+
+from mrisr_cli.cli import app
+from mrisr_cli.degradation import (
+    DegradationConfig,
+    degrade_volume,
+    lowres_affine,
+    lowres_spectrum,
+    lowres_volume,
+    resample_onto_grid,
+)
+
+
+def spec_window(size: int, rate: float) -> np.ndarray:
+    """SPEC.md's window, restated independently: Hann of length rate*size about DC, ^(1/3)."""
+    half = (rate * size - 1) / 2
+    d = np.arange(size) - size // 2
+    hann = np.where(np.abs(d) <= half, 0.5 + 0.5 * np.cos(np.pi * d / half), 0.0)
+    return (hann + 1e-20) ** (1 / 3)
+
+
+@pytest.mark.parametrize("shape", [(32, 20, 28), (33, 21, 29)])
+def test_lowres_spectrum_is_the_windowed_central_band(shape: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(0)
+    hr = rng.random(shape)
+    config = DegradationConfig()
+    full = np.fft.fftshift(np.fft.fftn(hr))
+    for axis, n in enumerate(shape):
+        view = [1, 1, 1]
+        view[axis] = n
+        full = full / spec_window(n, 1.25).reshape(view)
+    kept = [n // 2 if a in (0, 2) else n for a, n in enumerate(shape)]
+    starts = [n // 2 - k // 2 for n, k in zip(shape, kept, strict=True)]
+    band = full[tuple(slice(s, s + k) for s, k in zip(starts, kept, strict=True))]
+    for axis, m in enumerate(kept):
+        view = [1, 1, 1]
+        view[axis] = m
+        band = band * spec_window(m, 1.5).reshape(view)
+    ratio = np.prod(shape) / np.prod(kept)  # ~4: keeps the mean intensity for odd sizes too
+    band = band / ratio
+    got = lowres_spectrum(hr, config)
+    assert got.shape == tuple(kept)
+    np.testing.assert_allclose(got, band, rtol=1e-10, atol=1e-12)
+    # DC stays at the centre of the smaller spectrum, and the band is all the LR volume holds
+    centre = tuple(m // 2 for m in kept)
+    assert np.isclose(
+        got[centre], np.fft.fftshift(np.fft.fftn(hr))[tuple(n // 2 for n in shape)] / ratio
+    )
+    low = lowres_volume(hr, config)
+    assert low.shape == tuple(kept)
+    complex_low = np.fft.ifftn(np.fft.ifftshift(got))
+    np.testing.assert_allclose(low, np.abs(complex_low), rtol=1e-5, atol=1e-6)
+
+
+def test_degradation_keeps_units_and_removes_only_high_frequencies_of_degraded_axes() -> None:
+    hr = head_phantom((48, 40, 48))
+    lr = degrade_volume(hr)
+    assert lr.shape == hr.shape and lr.dtype == np.float32
+    assert lr.min() >= 0
+    assert abs(lr.mean() - hr.mean()) / hr.mean() < 0.05  # magnitude adds a little bias
+
+    def amplitude_after(axis: int, cycles: int) -> float:
+        """Amplitude left of a cosine with ``cycles`` periods along ``axis`` (offset 10)."""
+        shape = (48, 48, 48)
+        ramp = np.arange(shape[axis]) * 2 * np.pi * cycles / shape[axis]
+        view = [1, 1, 1]
+        view[axis] = shape[axis]
+        wave = np.broadcast_to(np.cos(ramp).reshape(view), shape)
+        out = degrade_volume(10 + wave) - 10
+        profile = out.mean(axis=tuple(a for a in range(3) if a != axis))[8:-8]
+        phase = np.exp(-1j * ramp[8:-8])
+        return float(2 * np.abs((profile * phase).mean()))
+
+    assert amplitude_after(0, 18) < 0.05  # above the low-resolution Nyquist (12 cycles): gone
+    assert amplitude_after(2, 18) < 0.05
+    assert amplitude_after(1, 18) > 0.8  # the full-resolution axis keeps it
+    assert amplitude_after(0, 4) > 0.8  # low frequencies pass on degraded axes too
+
+
+def test_lowres_grid_interpolated_back_equals_degrade_output() -> None:
+    hr = head_phantom((40, 36, 44))
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = (-20, -18, -22)
+    config = DegradationConfig()
+    low = lowres_volume(hr, config)
+    back = resample_onto_grid(low, lowres_affine(affine, config.factors()), hr.shape, affine)
+    np.testing.assert_array_equal(back, degrade_volume(hr, config, affine=affine))
+
+
+def test_cubic_interpolation_option_differs_but_stays_close() -> None:
+    hr = head_phantom((40, 36, 44))
+    linear = degrade_volume(hr, DegradationConfig(interpolation="linear"))
+    cubic = degrade_volume(hr, DegradationConfig(interpolation="cubic"))
+    assert not np.array_equal(linear, cubic)
+    assert np.abs(linear - cubic).mean() < 0.05 * hr.mean()
+
+
+def test_degrade_cli_keeps_geometry_and_writes_lowres(tmp_path: Path) -> None:
+    affine = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -30], [0, -1.0, 0, 15], [0, 0, 0, 1]])
+    hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom((40, 44, 36)), affine, np.int16)
+    result = CliRunner().invoke(
+        app,
+        [
+            "degrade",
+            str(hr_path),
+            str(tmp_path / "lr.nii.gz"),
+            "--keep-lowres",
+            str(tmp_path / "low.nii.gz"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lr = nib.load(tmp_path / "lr.nii.gz")
+    low = nib.load(tmp_path / "low.nii.gz")
+    assert lr.shape == (40, 44, 36)
+    np.testing.assert_allclose(lr.affine, affine)
+    assert lr.get_data_dtype() == np.float32
+    # canonical axes 0 (L-R) and 2 (I-S) are halved: voxel axes 0 and 2 of the RAS-ordered file
+    assert sorted(low.header.get_zooms()) == [1.0, 2.0, 2.0]
+    assert low.shape == (20, 36, 22)  # canonical (L-R, P-A, I-S) = (40, 36, 44), halved on 0, 2
+    # the low-resolution file, put back on the fine grid in the same way, is the degraded image
+    from mrisr_cli.volumes import canonical_reorientation
+
+    reo = canonical_reorientation(affine, (40, 44, 36))
+    back = resample_onto_grid(
+        np.asarray(low.dataobj, dtype=np.float32), low.affine, (40, 36, 44), reo.canonical_affine
+    )
+    np.testing.assert_allclose(reo.undo(back), np.asarray(lr.dataobj), atol=1e-4)
+
+
+def test_degrade_cli_refuses_existing_output(tmp_path: Path) -> None:
+    hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom())
+    (tmp_path / "lr.nii.gz").write_bytes(b"keep me")
+    result = CliRunner().invoke(app, ["degrade", str(hr_path), str(tmp_path / "lr.nii.gz")])
+    assert result.exit_code == 1
+    assert "already exists" in result.stderr
+    assert (tmp_path / "lr.nii.gz").read_bytes() == b"keep me"
+
+
+@pytest.mark.slow
+def test_degrade_real_volume_psnr_in_expected_range(tmp_path: Path) -> None:
+    path = real_volume("t1/S08_stroke_T1.nii.gz")
+    result = CliRunner().invoke(app, ["degrade", str(path), str(tmp_path / "lr.nii.gz")])
+    assert result.exit_code == 0, result.output
+    hr = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    lr = np.asarray(nib.load(tmp_path / "lr.nii.gz").dataobj)
+    psnr = 10 * np.log10(hr.max() ** 2 / np.mean((hr - lr) ** 2))
+    assert 25 < psnr < 45, psnr

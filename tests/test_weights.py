@@ -1,0 +1,111 @@
+"""Weights files: safetensors + metadata, and every way a file can be wrong."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NO_N4, TINY_RRDG, tiny_weights
+from safetensors.torch import save_file
+
+from mrisr_cli.blending import blend_states, blend_weights
+from mrisr_cli.errors import MrisrError, WeightsError
+from mrisr_cli.networks import NetworkConfig, build_network
+from mrisr_cli.weights import load_weights, save_weights
+
+
+def test_round_trip_keeps_tensors_network_and_degradation(tmp_path: Path) -> None:
+    path = tiny_weights(tmp_path / "w.safetensors", seed=0)
+    loaded = load_weights(path)
+    assert loaded.network == TINY_RRDG
+    assert loaded.degradation == NO_N4
+    model = loaded.build()
+    reference = build_network(TINY_RRDG)
+    reference.load_state_dict(loaded.state)
+    x = torch.randn(1, 1, 12, 10, 12)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference.eval()(x))
+    assert len(loaded.sha256) == 64
+
+
+def test_pickle_is_refused_without_being_opened(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(build_network(TINY_RRDG).state_dict(), path)
+    with pytest.raises(WeightsError, match="pickle"):
+        load_weights(path)
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    with pytest.raises(WeightsError, match="pickle"):
+        load_weights(raw)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = tiny_weights(tmp_path / "w.safetensors", seed=0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="truncated or corrupt"):
+        load_weights(path)
+
+
+def test_foreign_safetensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    with pytest.raises(WeightsError, match="not mrisr weights"):
+        load_weights(path)
+
+
+def test_weights_of_another_network_are_refused(tmp_path: Path) -> None:
+    path = tiny_weights(tmp_path / "w.safetensors", seed=0)
+    with pytest.raises(WeightsError, match="expected 'fsrcnn'"):
+        load_weights(path, expect_network="fsrcnn")
+    # tensors that do not fit the config they claim
+    fsrcnn = build_network(NetworkConfig("fsrcnn", {}))
+    lying = tmp_path / "lying.safetensors"
+    save_weights(lying, fsrcnn.state_dict(), TINY_RRDG, NO_N4)
+    with pytest.raises(WeightsError, match="do not fit network 'rrdg'"):
+        load_weights(lying).build()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="no such weights file"):
+        load_weights(tmp_path / "nope.safetensors")
+
+
+def test_blending_end_points_reproduce_each_model_exactly(
+    psnr_weights: Path, gan_weights: Path
+) -> None:
+    psnr, gan = load_weights(psnr_weights), load_weights(gan_weights)
+    x = torch.randn(2, 1, 14, 10, 12)
+    with torch.no_grad():
+        out_psnr = psnr.build()(x)
+        out_gan = gan.build()(x)
+        assert torch.equal(blend_weights(psnr, gan, 1.0).build()(x), out_psnr)
+        assert torch.equal(blend_weights(psnr, gan, 0.0).build()(x), out_gan)
+        middle = blend_weights(psnr, gan, 0.5).build()(x)
+    assert not torch.equal(middle, out_psnr) and not torch.equal(middle, out_gan)
+
+
+def test_blending_covers_batchnorm_buffers(psnr_weights: Path, gan_weights: Path) -> None:
+    psnr, gan = load_weights(psnr_weights), load_weights(gan_weights)
+    blended = blend_states(psnr.state, gan.state, 0.25)
+    name = next(k for k in psnr.state if k.endswith("running_mean"))
+    expected = 0.25 * psnr.state[name] + 0.75 * gan.state[name]
+    assert torch.allclose(blended[name], expected)
+    counter = next(k for k in psnr.state if k.endswith("num_batches_tracked"))
+    assert torch.equal(blended[counter], psnr.state[counter])
+
+
+def test_blending_refuses_different_networks_and_bad_alpha(
+    tmp_path: Path, psnr_weights: Path
+) -> None:
+    other = tiny_weights(
+        tmp_path / "other.safetensors",
+        3,
+        NetworkConfig("rrdg", {"features": 6, "blocks": 1, "growth": 2}),
+    )
+    with pytest.raises(WeightsError, match="different networks"):
+        blend_weights(load_weights(psnr_weights), load_weights(other), 0.5)
+    with pytest.raises(MrisrError, match=r"\[0, 1\]"):
+        blend_states({}, {}, 1.5)
