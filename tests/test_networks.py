@@ -1,0 +1,104 @@
+"""Networks: parameter counts against the paper's Table 1, shapes, checkpointing, registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mrisr_cli.errors import WeightsError
+from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
+from mrisr_cli.networks.discriminator import PatchDiscriminator
+from mrisr_cli.networks.fsrcnn import FSRCNN3D
+from mrisr_cli.networks.mdcsrn import MDCSRN
+from mrisr_cli.networks.rrdg import RRDG
+from mrisr_cli.networks.srresnet import SRResNet3D
+
+# network name -> (paper's #param, allowed relative difference)
+PAPER_COUNTS: dict[str, tuple[int, float]] = {
+    "rrdg": (2_650_129, 0.001),
+    "fsrcnn": (64_893, 0.0),
+    "srresnet": (2_004_620, 0.05),
+    "mdcsrn": (625_969, 0.05),
+}
+
+SHAPE = (2, 1, 12, 10, 12)
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    rows = []
+    for name, (paper, tolerance) in PAPER_COUNTS.items():
+        ours = count_parameters(build_network(NetworkConfig(name, {})))
+        rows.append((name, ours, paper, (ours - paper) / paper, tolerance))
+    print()
+    print(f"{'network':<10} {'ours':>11} {'paper':>11} {'rel. diff':>10}")
+    for name, ours, paper, rel, _ in rows:
+        print(f"{name:<10} {ours:>11,} {paper:>11,} {rel:>+10.3%}")
+    for name, ours, paper, rel, tolerance in rows:
+        assert abs(rel) <= tolerance, f"{name}: {ours:,} parameters vs the paper's {paper:,}"
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(lambda: RRDG(blocks=1), id="rrdg-1-block"),
+        pytest.param(lambda: FSRCNN3D(), id="fsrcnn"),
+        pytest.param(lambda: SRResNet3D(features=16, blocks=2), id="srresnet-small"),
+        pytest.param(lambda: MDCSRN(blocks=3), id="mdcsrn-3-blocks"),
+    ],
+)
+def test_generator_keeps_the_shape(model) -> None:
+    torch.manual_seed(0)
+    net = model().eval()
+    with torch.no_grad():
+        out = net(torch.randn(SHAPE))
+    assert out.shape == SHAPE
+    assert torch.isfinite(out).all()
+
+
+def test_rrdg_checkpointing_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = RRDG(features=8, blocks=1, growth=4).train()
+    x = torch.randn(SHAPE)
+
+    def run(enabled: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.set_checkpointing(enabled)
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_out, plain_grads = run(False)
+    ckpt_out, ckpt_grads = run(True)
+    torch.testing.assert_close(ckpt_out, plain_out, rtol=1e-5, atol=1e-5)
+    for ckpt, plain in zip(ckpt_grads, plain_grads, strict=True):
+        torch.testing.assert_close(ckpt, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["instance", "layer"])
+def test_discriminator_scores_each_sample(norm: str) -> None:
+    disc = build_network(NetworkConfig("patch_discriminator", {"norm": norm}))
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    assert not any(isinstance(m, batch_norms) for m in disc.modules())
+    out = disc(torch.randn(2, 1, 16, 16, 16))
+    assert out.shape == (2,)
+    assert isinstance(disc, PatchDiscriminator)
+
+
+def test_discriminator_takes_training_patches() -> None:
+    disc = PatchDiscriminator(base_features=4, plain_layers=1)
+    assert disc(torch.randn(1, 1, 64, 40, 64)).shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        NetworkConfig("esrgan", {}),
+        NetworkConfig("rrdg", {"nf": 48}),
+        NetworkConfig("fsrcnn", {"d": 56, "colour": True}),
+    ],
+    ids=["unknown-name", "unknown-param", "extra-param"],
+)
+def test_build_network_rejects_bad_configs(config: NetworkConfig) -> None:
+    with pytest.raises(WeightsError):
+        build_network(config)
