@@ -1,0 +1,325 @@
+"""The `mrisr` command line: parse, validate, call library functions, report.
+
+Heavy imports (torch, ANTs) happen inside the commands so that `mrisr --help` is instant. Every
+:class:`~mrisr_cli.errors.MrisrError` becomes one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mrisr_cli import __version__
+from mrisr_cli.cli_evaluate import evaluate_command
+from mrisr_cli.errors import MrisrError
+
+app = typer.Typer(
+    name="mrisr",
+    help="3D brain MRI super-resolution (RRDG generator, patch-GAN, PSNR/GAN blending).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_USER_ERROR = 1
+EXIT_INTERNAL_ERROR = 3
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def stdout_console() -> Console:
+    return Console(highlight=False)
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
+    """Print one error line on stderr and return the Exit to raise."""
+    stderr_console().print(f"mrisr: error: {message}", markup=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    stderr_console().print(f"mrisr: warning: {message}", markup=False, soft_wrap=True)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors (and GPU out-of-memory) into one stderr line and exit code 1."""
+    try:
+        yield
+    except MrisrError as exc:
+        raise fail(str(exc)) from None
+    except MemoryError:
+        raise fail("out of memory; try a smaller --batch-size or a machine with more RAM") from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise fail("out of GPU memory; try a smaller --batch-size or --device cpu") from None
+        raise
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"mrisr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """3D brain MRI super-resolution."""
+
+
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise fail(f"--alpha takes numbers in [0, 1] separated by commas, got {text!r}") from None
+    if not values or any(not 0.0 <= a <= 1.0 for a in values):
+        raise fail(f"--alpha must lie in [0, 1] (1 = PSNR model, 0 = GAN model), got {text!r}")
+    return values
+
+
+def _parse_triple(text: str, what: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise fail(f"{what} takes three positive integers like 64,40,64, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+def upsample(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Input image(s) or folder(s), then the output file (one input) or folder.",
+            show_default=False,
+        ),
+    ],
+    alpha: Annotated[
+        str,
+        typer.Option(
+            help="Blend theta = alpha*PSNR + (1-alpha)*GAN (equation 3 of the paper): 1 = PSNR "
+            "model (most faithful), 0 = GAN model (most texture). Several, e.g. 0,0.5,1, write "
+            "one output each.",
+        ),
+    ] = "1",
+    psnr_weights: Annotated[
+        Path | None, typer.Option(help="PSNR-stage weights (.safetensors).")
+    ] = None,
+    gan_weights: Annotated[
+        Path | None, typer.Option(help="GAN-stage weights (.safetensors).")
+    ] = None,
+    n4: Annotated[
+        bool | None,
+        typer.Option(
+            "--n4/--no-n4", help="N4 bias correction first [default: as the model was trained]."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
+    half: Annotated[
+        bool, typer.Option("--half", help="Half precision: fp16 on CUDA, bf16 on CPU.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 4,
+    patch: Annotated[str, typer.Option(help="Patch size (canonical axes).")] = "64,40,64",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads [default: SLURM/OMP or all cores].")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing outputs.")
+    ] = False,
+) -> None:
+    """Super-resolve T1-weighted volumes: mrisr upsample in.nii.gz out.nii.gz --alpha 0.5"""
+    alphas = _parse_alphas(alpha)
+    patch_size = _parse_triple(patch, "--patch")
+    if len(paths) < 2:
+        raise fail("give at least one input and an output: mrisr upsample IN OUT")
+    with user_errors():
+        from mrisr_cli.batch import plan_jobs, run_upsample_jobs
+        from mrisr_cli.inference import InferenceOptions, resolve_device
+        from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
+        from mrisr_cli.threads import configure_threads
+
+        configure_threads(threads)
+        jobs = plan_jobs(paths[:-1], paths[-1], alphas, overwrite=overwrite)
+        resolved = resolve_device(device)
+        files = load_generator_files(psnr_weights, gan_weights)
+        options = UpsampleOptions(
+            inference=InferenceOptions(
+                patch=patch_size, batch_size=batch_size, device=resolved, half=half
+            ),
+            n4=n4,
+            overwrite=overwrite,
+        )
+        failures = run_upsample_jobs(
+            jobs, files, options, console=stderr_console(), warn=warn, error=_error_line
+        )
+    if failures:
+        raise typer.Exit(EXIT_USER_ERROR)
+
+
+def _error_line(message: str) -> None:
+    stderr_console().print(f"mrisr: error: {message}", markup=False, soft_wrap=True)
+
+
+@app.command()
+def degrade(
+    hr: Annotated[Path, typer.Argument(help="High-resolution (1 mm) input image.")],
+    lr: Annotated[Path, typer.Argument(help="Output: degraded image on the same grid.")],
+    keep_lowres: Annotated[
+        Path | None,
+        typer.Option(help="Also write the true low-resolution volume (coarser voxels) here."),
+    ] = None,
+    factor: Annotated[int, typer.Option(min=1, help="Resolution reduction per degraded axis.")] = 2,
+    axes: Annotated[
+        str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
+    ] = "0,2",
+    interpolation: Annotated[
+        str, typer.Option(help="Back onto the fine grid: linear (authors) or cubic.")
+    ] = "linear",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing outputs.")
+    ] = False,
+) -> None:
+    """Make the paper's low-resolution input from a 1 mm image (k-space crop, two axes)."""
+    try:
+        axis_tuple = tuple(sorted({int(a) for a in axes.split(",")}))
+    except ValueError:
+        raise fail(f"--axes takes axis numbers 0-2 separated by commas, got {axes!r}") from None
+    with user_errors():
+        from mrisr_cli.degradation import DegradationConfig
+        from mrisr_cli.degrade_file import degrade_file
+
+        try:
+            config = DegradationConfig(axes=axis_tuple, factor=factor, interpolation=interpolation)
+        except ValueError as exc:
+            raise MrisrError(str(exc)) from None
+        degrade_file(hr, lr, config, lowres_path=keep_lowres, overwrite=overwrite)
+    stderr_console().print(f"wrote {lr}" + (f" and {keep_lowres}" if keep_lowres else ""))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder for hr/lr/sr.nii.gz and demo.png.")
+    ] = Path("mrisr-demo"),
+    alpha: Annotated[float, typer.Option(help="1 = PSNR model, 0 = GAN model.")] = 1.0,
+    psnr_weights: Annotated[Path | None, typer.Option(help="PSNR-stage weights.")] = None,
+    gan_weights: Annotated[Path | None, typer.Option(help="GAN-stage weights.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    half: Annotated[bool, typer.Option("--half", help="fp16 on CUDA, bf16 on CPU.")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace earlier results.")
+    ] = False,
+) -> None:
+    """Degrade the embedded example T1, super-resolve it, and report PSNR/SSIM and a PNG."""
+    with user_errors():
+        from rich.table import Table
+
+        from mrisr_cli.demo import run_demo
+        from mrisr_cli.errors import WeightsError
+        from mrisr_cli.inference import InferenceOptions, resolve_device
+        from mrisr_cli.pipeline import load_generator_files
+        from mrisr_cli.threads import configure_threads
+
+        configure_threads(threads)
+        resolved = resolve_device(device)
+        try:
+            generator = load_generator_files(psnr_weights, gan_weights).generator(alpha, resolved)
+        except WeightsError as exc:
+            if psnr_weights or gan_weights:
+                raise
+            warn(f"{exc}; the demo shows the degradation only")
+            generator = None
+        with _patch_progress("example") as advance:
+            report = run_demo(
+                out_dir,
+                generator,
+                options=InferenceOptions(device=resolved, half=half),
+                overwrite=overwrite,
+                progress=advance,
+            )
+    table = Table(title="mrisr demo: against the original (inside the head mask)")
+    for column in ("volume", "PSNR (dB)", "SSIM", "file"):
+        table.add_column(column)
+    for key, scores in report.scores.items():
+        table.add_row(
+            key.upper(), f"{scores['psnr']:.2f}", f"{scores['ssim']:.4f}", str(report.files[key])
+        )
+    stdout_console().print(table)
+    stdout_console().print(f"picture: {report.files['png']}")
+
+
+@contextmanager
+def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar over patches, as a (done, total) callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        f"[progress.description]{label}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr_console(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield advance
+
+
+@app.command()
+def selftest(
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+) -> None:
+    """Check the installation end to end with a tiny random network (not a trained model)."""
+    with user_errors():
+        from mrisr_cli.inference import resolve_device
+        from mrisr_cli.selftest import run_selftest
+
+        report = run_selftest(resolve_device(device))
+    stdout_console().print(f"selftest passed: {report}")
+
+
+app.command("evaluate")(evaluate_command)
+
+from mrisr_cli.cli_train import prepare_command, train_command  # noqa: E402
+
+app.command("prepare")(prepare_command)
+app.command("train")(train_command)
+
+
+def main() -> None:
+    """Console-script entry point: a crash becomes one stderr line instead of a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        stderr_console().print("mrisr: interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("MRISR_DEBUG"):
+            raise
+        stderr_console().print(
+            f"mrisr: internal error: {type(exc).__name__}: {exc} "
+            "(please report it; MRISR_DEBUG=1 shows the traceback)",
+            markup=False,
+        )
+        sys.exit(EXIT_INTERNAL_ERROR)
