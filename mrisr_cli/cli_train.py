@@ -1,0 +1,392 @@
+"""`mrisr prepare` and `mrisr train`: thin Typer commands over :mod:`mrisr_cli.prepare` and
+:mod:`mrisr_cli.training`.
+
+Only typer and pathlib are imported here at module level, so that `mrisr --help` stays instant;
+numpy, torch and the CLI helpers are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+GAN_DEFAULTS = {"epochs": 10, "lr": 1e-5}
+PSNR_DEFAULTS = {"epochs": 100, "lr": 1e-4}
+
+
+def _parse_json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    import json
+
+    from mrisr_cli.errors import InputError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f"{option} takes a JSON object like '{{\"features\": 8}}', got {text!r}")
+    return value
+
+
+def _parse_axes(text: str) -> tuple[int, ...]:
+    from mrisr_cli.errors import InputError
+
+    try:
+        return tuple(sorted({int(a) for a in text.split(",") if a.strip()}))
+    except ValueError:
+        raise InputError(f"axes take numbers 0-2 separated by commas, got {text!r}") from None
+
+
+def prepare_command(
+    src_dir: Annotated[
+        Path, typer.Argument(help="Folder of T1 images (searched recursively).", show_default=False)
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Output data folder for `mrisr train`.", show_default=False)
+    ],
+    spacing: Annotated[
+        float, typer.Option(min=0.1, help="Isotropic voxel size (mm) of the high-res grid.")
+    ] = 1.0,
+    n4: Annotated[bool, typer.Option("--n4/--no-n4", help="N4 bias correction (ANTsPy).")] = True,
+    split: Annotated[
+        str, typer.Option(help="Shares train,val,eval,test, by subject (paper: 780/111/111/111).")
+    ] = "0.7,0.1,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    factor: Annotated[int, typer.Option(min=1, help="Resolution reduction per degraded axis.")] = 2,
+    axes: Annotated[
+        str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
+    ] = "0,2",
+    interpolation: Annotated[
+        str, typer.Option(help="Back onto the fine grid: linear (authors) or cubic.")
+    ] = "linear",
+    min_extent: Annotated[
+        float, typer.Option(min=0.0, help="Smallest field of view (mm) accepted as a brain scan.")
+    ] = 64.0,
+    jobs: Annotated[
+        int | None, typer.Option(min=1, help="Subjects in parallel (default: half the CPUs).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
+    ] = None,
+) -> None:
+    """Make a training set from a folder of T1 scans (resampled, degraded, normalised, split)."""
+    from mrisr_cli.cli import stderr_console, user_errors, warn
+
+    with user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        from mrisr_cli.degradation import DegradationConfig
+        from mrisr_cli.errors import InputError
+        from mrisr_cli.prepare import (
+            MANIFEST_NAME,
+            PrepareOptions,
+            SubjectOutcome,
+            default_jobs,
+            find_scans,
+            parse_ratios,
+            prepare_dataset,
+        )
+        from mrisr_cli.threads import configure_threads
+
+        try:
+            degradation = DegradationConfig(
+                axes=_parse_axes(axes),
+                factor=factor,
+                interpolation=interpolation,
+                spacing_mm=spacing,
+                n4=n4,
+            )
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        options = PrepareOptions(
+            degradation=degradation,
+            ratios=parse_ratios(split),
+            seed=seed,
+            min_extent_mm=min_extent,
+        )
+        scans = find_scans(src_dir)
+        count = configure_threads(threads)
+        console = stderr_console()
+        outcomes: list[SubjectOutcome] = []
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("preparing", total=None)
+
+            def on_start(total: int) -> None:
+                progress.update(task, total=total)
+
+            def on_outcome(outcome: SubjectOutcome) -> None:
+                outcomes.append(outcome)
+                progress.advance(task)
+                if outcome.status == "failed":
+                    warn(f"skipped {outcome.message}")
+
+            manifest = prepare_dataset(
+                src_dir,
+                out_dir,
+                options,
+                jobs=jobs or default_jobs(count),
+                threads=count,
+                on_outcome=on_outcome,
+                on_start=on_start,
+                scans=scans,
+            )
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    failed = sum(o.status == "failed" for o in outcomes)
+    counts = ", ".join(f"{name} {n}" for name, n in manifest["counts"].items())
+    stderr_console().print(
+        f"prepared {done + skipped} subjects ({done} new, {skipped} already done, {failed} "
+        f"failed): {counts}; wrote {out_dir / MANIFEST_NAME}",
+        markup=False,
+    )
+
+
+def _run_params(out: Path) -> dict[str, Any] | None:
+    """The network parameters a run in ``out`` was started with (for --resume)."""
+    import json
+
+    try:
+        return dict(json.loads((out / "run.json").read_text())["config"]["network"]["params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def train_command(
+    stage: Annotated[
+        str, typer.Option(help="psnr (L1) or gan (WGAN-GP, from --init PSNR weights).")
+    ],
+    data: Annotated[Path, typer.Option(help="Data folder made by `mrisr prepare`.")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint, log, weights.")],
+    net: Annotated[str, typer.Option(help="Generator: rrdg, fsrcnn, srresnet or mdcsrn.")] = "rrdg",
+    net_params: Annotated[
+        str | None,
+        typer.Option(help="Generator hyper-parameters, JSON (default: the paper's, or --init's)."),
+    ] = None,
+    critic_params: Annotated[
+        str | None, typer.Option(help="Patch discriminator hyper-parameters as JSON.")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(help="Starting weights (.safetensors); required by --stage gan."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs (default: 100 psnr, 10 gan).")
+    ] = None,
+    steps_per_epoch: Annotated[
+        int, typer.Option(min=1, help="Steps per epoch (validation after each).")
+    ] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per step and process.")] = 4,
+    lr: Annotated[
+        float | None, typer.Option(help="Generator learning rate (default: 1e-4 psnr, 1e-5 gan).")
+    ] = None,
+    critic_lr: Annotated[
+        float | None, typer.Option(help="Critic learning rate (default: 5 x --lr).")
+    ] = None,
+    lambda_adv: Annotated[
+        float, typer.Option(help="lambda_D: weight of the critic's score in the generator loss.")
+    ] = 0.1,
+    lambda_gp: Annotated[float, typer.Option(help="lambda_g: gradient-penalty weight.")] = 10.0,
+    critic_steps: Annotated[int, typer.Option(min=1, help="Critic steps per generator step.")] = 5,
+    critic_warmup: Annotated[
+        int, typer.Option(min=0, help="First steps that train the critic only.")
+    ] = 100,
+    patch: Annotated[str, typer.Option(help="Training patch (canonical axes).")] = "64,40,64",
+    val_patch: Annotated[
+        str, typer.Option(help="Validation tile, as `upsample --patch` (whole volumes).")
+    ] = "64,40,64",
+    amp: Annotated[
+        bool | None,
+        typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA, off on CPU)."),
+    ] = None,
+    checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--checkpointing/--no-checkpointing",
+            help="Gradient checkpointing of RRDG's dense blocks (less memory, slower).",
+        ),
+    ] = True,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the generator.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and patch sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
+    workers: Annotated[int, typer.Option(min=1, help="Threads reading patches ahead.")] = 2,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=0, help="Also checkpoint every N steps (0: each epoch only).")
+    ] = 0,
+    log_every: Annotated[int, typer.Option(min=1, help="Steps per log.jsonl record.")] = 10,
+    deterministic: Annotated[
+        bool, typer.Option("--deterministic", help="Deterministic cuDNN kernels (slower).")
+    ] = False,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
+    ] = None,
+) -> None:
+    """Train a generator: --stage psnr, then --stage gan --init PSNR_RUN/best.safetensors
+    (several GPUs: torchrun --nproc_per_node=N -m mrisr_cli train ...)."""
+    import os
+
+    from mrisr_cli.cli import (
+        EXIT_USER_ERROR,
+        _parse_triple,
+        fail,
+        stderr_console,
+        user_errors,
+        warn,
+    )
+
+    is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    with user_errors():
+        from mrisr_cli.errors import InputError
+        from mrisr_cli.networks import NetworkConfig
+        from mrisr_cli.threads import configure_threads
+        from mrisr_cli.training import STAGES, TrainConfig, train, worker_threads
+        from mrisr_cli.training import resume as resume_run
+        from mrisr_cli.weights import load_weights
+
+        if stage not in STAGES:
+            raise InputError(f"--stage must be psnr or gan, not {stage!r}")
+        patch_size = _parse_triple(patch, "--patch")
+        val_size = _parse_triple(val_patch, "--val-patch")
+        defaults = GAN_DEFAULTS if stage == "gan" else PSNR_DEFAULTS
+        params = _parse_json_object(net_params, "--net-params")
+        if params is None and init is not None:
+            found = load_weights(init)
+            params = found.network.params if found.network.name == net else {}
+        if params is None and resume:
+            params = _run_params(out)
+        critic = _parse_json_object(critic_params, "--critic-params") or {}
+        rate = lr if lr is not None else float(defaults["lr"])
+        config = TrainConfig(
+            stage=stage,
+            data=str(data),
+            out=str(out),
+            network=NetworkConfig(net, params or {}),
+            critic=NetworkConfig("patch_discriminator", critic),
+            init=str(init) if init is not None else None,
+            epochs=epochs or int(defaults["epochs"]),
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            lr=rate,
+            critic_lr=critic_lr if critic_lr is not None else 5 * rate,
+            lambda_adv=lambda_adv,
+            lambda_gp=lambda_gp,
+            critic_steps=critic_steps,
+            critic_warmup=critic_warmup,
+            patch=patch_size,
+            val_patch=val_size,
+            amp=amp,
+            checkpointing=checkpointing,
+            compile=compile_model,
+            deterministic=deterministic,
+            seed=seed,
+            device=device,
+            workers=workers,
+            log_every=log_every,
+            checkpoint_every=checkpoint_every,
+        )
+        configure_threads(worker_threads(threads))
+        progress, on_event = _train_display(config, stderr_console(), warn, enabled=is_main)
+        with progress:
+            result = (resume_run if resume else train)(config, on_event=on_event)
+    if not is_main:
+        return
+    console = stderr_console()
+    if result.status == "interrupted":
+        console.print(
+            f"interrupted at step {result.step} of {result.total_steps}; checkpoint written to "
+            f"{out / 'checkpoint.pt'}; continue with the same command and --resume",
+            markup=False,
+        )
+        raise typer.Exit(130)
+    best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
+    console.print(
+        f"done: {result.step} steps; best validation PSNR {best}; weights: "
+        f"{result.best_weights or '-'} (best), {result.last_weights or '-'} (last)",
+        markup=False,
+    )
+    if result.last_weights is None:
+        raise fail("no weights were written", EXIT_USER_ERROR)
+
+
+def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tuple[Any, Any]:
+    """A rich progress bar and the event callback that feeds it (rank 0 only)."""
+    import contextlib
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    class _LazyProgress(Progress):
+        """Shown from the first training event on, so that errors in the settings (found
+        before training starts) are the only output."""
+
+        def __enter__(self) -> _LazyProgress:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.stop()
+
+    if not enabled:
+        return contextlib.nullcontext(), None
+    progress = _LazyProgress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+    )
+    task = progress.add_task(f"{config.stage} {config.network.name}", total=None, status="")
+
+    def on_event(kind: str, payload: dict[str, Any]) -> None:
+        if kind == "start":
+            progress.start()
+            progress.update(task, total=payload["total_steps"], completed=payload["step"])
+            verb = "resuming" if payload["resumed"] else "training"
+            progress.console.print(
+                f"{verb} on {payload['device']} x {payload['world']} process(es) from step "
+                f"{payload['step']} of {payload['total_steps']}",
+                markup=False,
+            )
+        elif kind == "step":
+            losses = payload["losses"]
+            text = " ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
+            progress.update(task, completed=payload["step"], status=text)
+        elif kind == "epoch":
+            metrics = payload["metrics"]
+            scores = (
+                f"val PSNR {metrics['psnr']:.2f} dB SSIM {metrics['ssim']:.4f}"
+                if metrics
+                else "no validation"
+            )
+            progress.console.print(
+                f"epoch {payload['epoch']}: {scores}{' (best)' if payload['best'] else ''}; "
+                f"{payload['patches_per_second']:.2f} patches/s, data wait "
+                f"{100 * payload['data_wait_fraction']:.1f}%",
+                markup=False,
+            )
+        elif kind == "warning":
+            warn(payload["message"])
+
+    return progress, on_event

@@ -1,0 +1,222 @@
+"""`mrisr prepare`: layout, geometry, normalisation, split, skipping and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from mrisr_cli.cli import app
+from mrisr_cli.degradation import DegradationConfig, degrade_volume
+from mrisr_cli.errors import InputError
+from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.prepare import (
+    PrepareOptions,
+    assign_splits,
+    load_manifest,
+    prepare_dataset,
+    resample_isotropic,
+    sha256_file,
+    split_counts,
+)
+
+SHAPE = (68, 66, 70)
+NO_N4 = PrepareOptions(DegradationConfig(n4=False))
+
+
+def head(seed: int, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
+    """A smooth 'head': shells of different intensity, noisy, positive, uint8-like range."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.array(shape, dtype=np.float32) - 1)[:, None, None, None] / 2
+    radius = np.sqrt((((grid - centre) / (np.array(shape)[:, None, None, None] / 2)) ** 2).sum(0))
+    volume = np.select([radius < 0.4, radius < 0.7, radius < 0.9], [160.0, 100.0, 60.0], 0.0)
+    volume = ndi.gaussian_filter(volume.astype(np.float32), 1.0)
+    return np.clip(volume + rng.normal(0, 3, shape), 0, None).astype(np.float32)
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+def invoke(*args: str | Path):
+    result = CliRunner().invoke(app, ["prepare", *map(str, args)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def test_layout_geometry_and_normalisation(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    plain = head(0)
+    save(src / "sub-01_T1w.nii.gz", plain)
+    # the same kind of head stored left-posterior-superior: prepare must give RAS+ axes
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    save(src / "sub-02_T1w.nii.gz", head(1), lps)
+    # 1.2 mm voxels along axis 2: resampled to 1 mm with a cubic B-spline
+    save(src / "sub-03_T1w.nii.gz", head(2), np.diag([1.0, 1.0, 1.2, 1.0]))
+    manifest = prepare_dataset(src, out, NO_N4)
+    subjects = {s["id"]: s for s in manifest["subjects"]}
+    assert sorted(subjects) == ["sub-01_T1w", "sub-02_T1w", "sub-03_T1w"]
+    assert manifest["counts"]["train"] >= 1 and manifest["counts"]["val"] == 1
+    assert manifest["failures"] == []
+
+    hr2 = np.load(out / subjects["sub-02_T1w"]["files"]["hr"]["path"], mmap_mode="r")
+    assert hr2.dtype == np.float16 and isinstance(hr2, np.memmap)
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(head(1), lps))
+    np.testing.assert_allclose(
+        np.asarray(subjects["sub-02_T1w"]["affine"]), canonical.affine, atol=1e-6
+    )
+    lr2 = np.load(out / "subjects/sub-02_T1w/lr.npy")
+    # both volumes are z-scores with the *degraded* volume's foreground statistics
+    stats = foreground_stats(np.asarray(canonical.dataobj, np.float32))
+    assert stats.std > 0
+    raw = np.asarray(canonical.dataobj, dtype=np.float32)
+    lr_raw = degrade_volume(raw, NO_N4.degradation, affine=canonical.affine)
+    lr_stats = foreground_stats(lr_raw, foreground_mask(lr_raw))
+    np.testing.assert_allclose(hr2, lr_stats.normalise(raw), atol=1e-2)
+    np.testing.assert_allclose(lr2, lr_stats.normalise(lr_raw), atol=1e-2)
+
+    resampled = subjects["sub-03_T1w"]
+    assert resampled["shape"] == [68, 66, 84]  # 70 x 1.2 mm = 84 mm
+    zooms = np.sqrt((np.asarray(resampled["affine"])[:3, :3] ** 2).sum(0))
+    np.testing.assert_allclose(zooms, 1.0)
+    for record in subjects.values():
+        for entry in record["files"].values():
+            assert sha256_file(out / entry["path"]) == entry["sha256"]
+        mask = np.load(out / record["files"]["mask"]["path"])
+        centres = np.load(out / record["files"]["centres"]["path"])
+        assert mask.dtype == np.uint8 and mask[tuple(centres.T)].all()
+    loaded = load_manifest(out)
+    assert loaded.degradation == NO_N4.degradation and len(loaded.split("train")) >= 1
+
+
+def test_bad_files_are_reported_and_skipped_and_reruns_skip_done(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    save(src / "a" / "scan.nii.gz", head(0))
+    save(src / "b" / "scan.nii.gz", head(3))  # same name in another folder: ids stay unique
+    (src / "text.nii.gz").write_text("not an image")
+    save(src / "labels.nii.gz", (head(1) > 90).astype(np.uint8) * 3)
+    save(src / "fmri.nii.gz", np.stack([head(2)] * 3, axis=-1))
+    save(src / "thick.nii.gz", head(4), np.diag([1.0, 1.0, 3.0, 1.0]))
+    save(src / "slab.nii.gz", head(5, (68, 66, 20)))
+    seen = []
+    manifest = prepare_dataset(src, out, NO_N4, on_outcome=seen.append)
+    assert sorted(s["id"] for s in manifest["subjects"]) == ["a_scan", "b_scan"]
+    reasons = {Path(f["source"]).name: f["error"] for f in manifest["failures"]}
+    assert "not a NIfTI" in reasons["text.nii.gz"]
+    assert "label map" in reasons["labels.nii.gz"]
+    assert "expected a 3D volume" in reasons["fmri.nii.gz"]
+    assert "too coarse" in reasons["thick.nii.gz"]
+    assert "too small" in reasons["slab.nii.gz"]
+    assert sorted(o.status for o in seen) == ["done"] * 2 + ["failed"] * 5
+    first = (out / "manifest.json").read_bytes()
+
+    again: list = []
+    prepare_dataset(src, out, NO_N4, on_outcome=again.append)
+    assert sorted(o.status for o in again) == ["failed"] * 5 + ["skipped"] * 2
+    assert (out / "manifest.json").read_bytes() == first  # deterministic
+
+    # other settings are not "already done": the subjects are prepared again
+    cubic = PrepareOptions(DegradationConfig(n4=False, interpolation="cubic"))
+    third: list = []
+    prepare_dataset(src, out, cubic, on_outcome=third.append)
+    assert sorted(o.status for o in third).count("done") == 2
+    assert load_manifest(out).degradation.interpolation == "cubic"
+
+
+def test_empty_or_missing_source_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no NIfTI or MGH images"):
+        prepare_dataset(tmp_path / "empty", tmp_path / "out", NO_N4)
+    result = invoke(tmp_path / "empty", tmp_path / "out", "--no-n4")
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("mrisr: error:")
+    assert "no NIfTI or MGH images" in result.output
+    assert "Traceback" not in result.output
+    result = invoke(tmp_path / "missing", tmp_path / "out", "--no-n4")
+    assert result.exit_code == 1 and "not a folder" in result.output
+
+
+def test_only_bad_files_is_an_error(tmp_path: Path) -> None:
+    save(tmp_path / "src" / "mask.nii.gz", (head(0) > 50).astype(np.uint8))
+    with pytest.raises(InputError, match="none of the 1 images"):
+        prepare_dataset(tmp_path / "src", tmp_path / "out", NO_N4)
+
+
+def test_cli_prepare_in_parallel_processes(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(2):
+        save(src / f"sub-0{i}_T1w.nii.gz", head(i))
+    save(src / "broken.nii", np.zeros(SHAPE, np.float32))
+    result = invoke(src, out, "--no-n4", "--jobs", "2", "--split", "0.5,0.5,0,0", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert "broken.nii" in result.output and "empty" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 1, "val": 1, "eval": 0, "test": 0}
+    assert manifest["split"] == {"ratios": [0.5, 0.5, 0.0, 0.0], "seed": 3, "by": "subject"}
+    summary = " ".join(result.output.split())
+    assert "prepared 2 subjects (2 new, 0 already done, 1 failed)" in summary
+
+
+def test_bad_options(tmp_path: Path) -> None:
+    save(tmp_path / "src" / "a.nii.gz", head(0))
+    result = invoke(tmp_path / "src", tmp_path / "out", "--split", "0.7,0.3")
+    assert result.exit_code == 1 and "--split takes four shares" in result.output
+    result = invoke(tmp_path / "src", tmp_path / "out", "--interpolation", "nearest")
+    assert result.exit_code == 1 and "interpolation must be one of" in result.output
+
+
+def test_split_is_by_subject_deterministic_and_the_papers_ratio() -> None:
+    assert split_counts(1113, (0.7, 0.1, 0.1, 0.1)) == (780, 111, 111, 111)
+    assert split_counts(2, (0.7, 0.1, 0.1, 0.1)) == (1, 1, 0, 0)
+    assert split_counts(1, (0.7, 0.1, 0.1, 0.1)) == (1, 0, 0, 0)
+    subjects = [f"sub-{i:03d}" for i in range(40)]
+    one = assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=1)
+    assert one == assign_splits(list(reversed(subjects)), (0.7, 0.1, 0.1, 0.1), seed=1)
+    assert one != assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=2)
+    assert sorted(one.values()).count("train") == 28
+
+
+def test_sessions_of_one_subject_share_a_split(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for subject in range(4):
+        for session in (1, 2):
+            save(src / f"sub-{subject}_ses-{session}_T1w.nii.gz", head(subject + 10 * session))
+    manifest = prepare_dataset(src, tmp_path / "out", NO_N4)
+    split_of: dict[str, set[str]] = {}
+    for record in manifest["subjects"]:
+        split_of.setdefault(record["subject"], set()).add(record["split"])
+    assert len(split_of) == 4 and all(len(s) == 1 for s in split_of.values())
+
+
+def test_resample_isotropic_keeps_voxel_zero_and_the_signal() -> None:
+    data = head(0, (40, 44, 30))
+    affine = np.array([[1.0, 0, 0, -20], [0, 1.0, 0, -22], [0, 0, 1.5, -22], [0, 0, 0, 1]])
+    out, new_affine = resample_isotropic(data, affine, 1.0)
+    assert out.shape == (40, 44, 45)
+    np.testing.assert_allclose(new_affine[:3, 3], affine[:3, 3])
+    np.testing.assert_allclose(np.diag(new_affine)[:3], [1.0, 1.0, 1.0])
+    # every second output slice along the resampled axis sits on an input slice (1.5 mm = 3/2)
+    np.testing.assert_allclose(out[..., 0:45:3], data[..., 0:30:2], atol=2.0)
+    same, same_affine = resample_isotropic(data, np.eye(4), 1.0)
+    assert same is data and np.array_equal(same_affine, np.eye(4))
+
+
+@pytest.mark.slow
+def test_n4_runs_when_asked(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    bias = np.linspace(0.8, 1.2, SHAPE[0], dtype=np.float32)[:, None, None]
+    save(src / "sub-01_T1w.nii.gz", head(0) * bias)
+    manifest = prepare_dataset(src, tmp_path / "out", PrepareOptions(DegradationConfig(n4=True)))
+    assert manifest["n4"] is True and manifest["degradation"]["n4"] is True
+    hr = np.load(tmp_path / "out" / manifest["subjects"][0]["files"]["hr"]["path"])
+    assert np.isfinite(hr).all()

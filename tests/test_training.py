@@ -1,0 +1,580 @@
+"""`mrisr train`: CPU smoke run on two real volumes, resume equivalence, DDP, WGAN-GP, bad input.
+
+The real volumes come from ``$MRISR_DATA`` (else ``../shared/data``); tests that need them skip
+when they are absent. They are cropped to 40x36x40 voxels around the centre, so a whole
+validation volume is one tile and the suite stays fast on two busy CPU cores; torch runs one
+thread here, since two OpenMP threads on two shared cores wait for each other far more than they
+gain.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mrisr_cli import training
+from mrisr_cli.cli import app
+from mrisr_cli.errors import InputError, OutputError, WeightsError
+from mrisr_cli.networks import NetworkConfig, build_network
+from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, SubjectArrays, open_split
+from mrisr_cli.prepare import load_manifest
+from mrisr_cli.training import (
+    TrainConfig,
+    critic_loss,
+    fixed_batch_l1,
+    interpolation_weights,
+    read_checkpoint,
+    read_log,
+    train,
+)
+from mrisr_cli.weights import load_weights, save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = ("S08_stroke_T1.nii.gz", "S15_antsxnet_brainSR_brainonly.nii.gz")
+CROP = (40, 36, 40)
+VAL_PATCH = (46, 42, 46)  # one tile holds a whole cropped volume
+TINY = {"features": 4, "blocks": 1, "growth": 2}
+TINY_CRITIC = {"base_features": 4, "plain_layers": 0}
+PATCH = (16, 12, 16)
+LOG = training.LOG_NAME
+
+
+def data_dir() -> Path | None:
+    """The shared real data: $MRISR_DATA, else ../shared/data beside the repository."""
+    folder = Path(os.environ.get("MRISR_DATA", REPO.parent / "shared" / "data"))
+    return folder if all((folder / "t1" / name).is_file() for name in REAL) else None
+
+
+def invoke(*args: str | Path):
+    result = CliRunner().invoke(app, [*map(str, args)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def crop_centre(source: Path, target: Path, size: tuple[int, int, int]) -> None:
+    """The central ``size`` voxels of a real scan, with the affine that keeps them in place."""
+    image = nib.load(str(source))
+    data = np.asarray(image.dataobj)
+    start = np.array([(n - s) // 2 for n, s in zip(data.shape, size, strict=True)])
+    block = data[tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))]
+    affine = image.affine.copy()
+    affine[:3, 3] = image.affine[:3, :3] @ start + image.affine[:3, 3]
+    nib.save(nib.Nifti1Image(block, affine), str(target))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real T1 volumes, cropped, through `mrisr prepare` (one train, one val subject)."""
+    shared = data_dir()
+    if shared is None:
+        pytest.skip("real T1 volumes not found (set MRISR_DATA to the shared data folder)")
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "src").mkdir()
+    for name in REAL:
+        crop_centre(shared / "t1" / name, root / "src" / name, CROP)
+    args = ["--no-n4", "--min-extent", "32", "--threads", "1"]
+    result = invoke("prepare", root / "src", root / "data", *args)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
+    base = {
+        "stage": "psnr",
+        "data": str(data),
+        "out": str(out),
+        "network": NetworkConfig("rrdg", TINY),
+        "critic": NetworkConfig("patch_discriminator", TINY_CRITIC),
+        "epochs": 1,
+        "steps_per_epoch": 4,
+        "batch_size": 2,
+        "lr": 2e-3,
+        "critic_lr": 2e-3,
+        "critic_steps": 2,
+        "patch": PATCH,
+        "val_patch": VAL_PATCH,
+        "log_every": 1,
+        "device": "cpu",
+        "workers": 1,
+    }
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+# --- WGAN-GP pieces ---------------------------------------------------------------------------
+
+
+class LinearCritic(torch.nn.Module):
+    """D(x) = <w, x>: its input gradient is w everywhere, so the penalty is (||w|| - 1)^2."""
+
+    def __init__(self, shape: tuple[int, ...], norm: float) -> None:
+        super().__init__()
+        w = torch.randn(shape)
+        self.w = torch.nn.Parameter(w / w.norm() * norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.w).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize(("norm", "penalty"), [(1.0, 0.0), (3.0, 4.0)])
+def test_gradient_penalty_is_two_sided_per_sample(norm: float, penalty: float) -> None:
+    shape = (1, 6, 5, 4)
+    critic = LinearCritic(shape, norm)
+    real, fake = torch.randn(3, *shape), torch.randn(3, *shape)
+    gamma = torch.rand(3, 1, 1, 1, 1)
+    loss, distance, gp = critic_loss(critic, real, fake, gamma, lambda_gp=10.0)
+    assert gp.item() == pytest.approx(penalty, abs=1e-4)
+    d_real, d_fake = critic(real).mean(), critic(fake).mean()
+    assert loss.item() == pytest.approx((d_real - d_fake + 10 * penalty).item(), rel=1e-5)
+    assert distance.item() == pytest.approx((d_fake - d_real).item(), rel=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 1, 1, 1, 1\)"):
+        critic_loss(critic, real, fake, torch.rand(3, 1, 1, 1), lambda_gp=10.0)
+
+
+def test_gradient_penalty_uses_each_samples_own_interpolate() -> None:
+    """With a critic whose gradient depends on its input, a wrong broadcast changes the value."""
+    critic = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten())
+    wrapped = torch.nn.Sequential(critic, torch.nn.Linear(2 * 2 * 3 * 2, 1), torch.nn.Flatten(0))
+    real, fake = torch.randn(4, 1, 4, 5, 4), torch.randn(4, 1, 4, 5, 4)
+    gamma = torch.tensor([0.0, 0.3, 0.7, 1.0]).reshape(4, 1, 1, 1, 1)
+    _, _, gp = critic_loss(wrapped, real, fake, gamma, lambda_gp=1.0)
+    expected = []
+    for i in range(4):
+        x = (gamma[i] * fake[i : i + 1] + (1 - gamma[i]) * real[i : i + 1]).requires_grad_(True)
+        (grad,) = torch.autograd.grad(wrapped(x).sum(), x)
+        expected.append((grad.norm() - 1) ** 2)
+    assert gp.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_interpolation_weights_split_into_rank_slices() -> None:
+    whole = interpolation_weights(7, (3, 1), 6, 0, 6)
+    assert whole.shape == (6, 1, 1, 1, 1) and whole.min() >= 0 and whole.max() < 1
+    parts = [interpolation_weights(7, (3, 1), 6, r * 3, 3) for r in range(2)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(interpolation_weights(7, (3, 2), 6, 0, 6), whole)
+
+
+# --- patches ----------------------------------------------------------------------------------
+
+
+def test_patch_sampler_is_a_function_of_the_key(prepared: Path) -> None:
+    manifest = load_manifest(prepared / "data")
+    subjects = open_split(manifest, "train")
+    sampler = PatchSampler(subjects, PatchOptions(PATCH, 0.9, (0, 1, 2)), seed=5)
+    lr, hr = sampler.batch((4, 0), 4)
+    assert lr.shape == hr.shape == (4, 1, *PATCH) and lr.dtype == np.float32
+    halves = [sampler.batch((4, 0), 2, offset=o) for o in (0, 2)]
+    assert np.array_equal(np.concatenate([h[0] for h in halves]), lr)
+    assert np.array_equal(np.concatenate([h[1] for h in halves]), hr)
+    assert not np.array_equal(sampler.batch((5, 0), 4)[1], hr)
+    # a patch is the crop at its draw's origin, flipped along the drawn axes
+    where = sampler.draw((4, 0), 1)
+    block = tuple(slice(s, s + n) for s, n in zip(where.start, PATCH, strict=True))
+    expected = np.asarray(subjects[where.subject].hr[block], dtype=np.float32)
+    assert np.array_equal(hr[1, 0], np.flip(expected, where.flips))
+    with Prefetcher(lambda key: sampler.batch(key, 2), [(s, 0) for s in range(5)], depth=2) as it:
+        batches = list(it)
+    assert len(batches) == 5 and np.array_equal(batches[4][1], sampler.batch((4, 0), 2)[1])
+
+
+def test_patches_come_mostly_from_the_foreground() -> None:
+    shape = (60, 50, 60)
+    mask = np.zeros(shape, np.uint8)
+    mask[10:25, 30:45, 35:50] = 1  # about 4% of the volume
+    centres = (np.argwhere(mask[::4, ::4, ::4]) * 4).astype(np.int16)
+    volume = np.random.default_rng(0).normal(size=shape).astype(np.float16)
+    subject = SubjectArrays("s", volume, volume, mask, centres)
+
+    def inside(fraction: float) -> float:
+        sampler = PatchSampler([subject], PatchOptions(PATCH, fraction, ()), seed=0)
+        draws = [sampler.draw((0, 0), i) for i in range(300)]
+        return float(np.mean([mask[d.centre] for d in draws]))
+
+    assert inside(1.0) > 0.9
+    assert inside(0.9) > 0.8
+    assert inside(0.0) < 0.15
+
+
+# --- the CPU smoke run ------------------------------------------------------------------------
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--net-params",
+        json.dumps(TINY),
+        "--critic-params",
+        json.dumps(TINY_CRITIC),
+        "--patch",
+        ",".join(map(str, PATCH)),
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+        "--val-patch",
+        ",".join(map(str, VAL_PATCH)),
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def psnr_run(prepared: Path) -> Path:
+    """A few PSNR steps of a tiny RRDG through `mrisr train` (2 epochs of 4 steps)."""
+    out = prepared / "psnr"
+    args = ["--stage", "psnr", "--epochs", "2", "--steps-per-epoch", "4", "--lr", "3e-3"]
+    result = invoke(*train_args(prepared / "data", out, *args))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_smoke_psnr_then_gan_then_upsample(prepared: Path, psnr_run: Path) -> None:
+    data = prepared / "data"
+    records = read_log(psnr_run / LOG)
+    steps = [r for r in records if r["event"] == "train"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["step"] for r in steps] == list(range(1, 9)) and len(epochs) == 2
+    assert all(np.isfinite(r["l1"]) for r in steps)
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 and r["val_psnr"] > 0 for r in epochs)
+
+    # the loss on one fixed batch went down: the first model vs the trained one
+    sampler = PatchSampler(open_split(load_manifest(data), "train"), PatchOptions(PATCH), seed=123)
+    lr, hr = (torch.from_numpy(a) for a in sampler.batch((0, 0), 4))
+    torch.manual_seed(0)  # the trainer's initialisation (seed 0)
+    before = fixed_batch_l1(build_network(NetworkConfig("rrdg", TINY)), lr, hr)
+    after = fixed_batch_l1(load_weights(psnr_run / "last.safetensors").build(), lr, hr)
+    print(f"fixed-batch L1: {before:.4f} before training, {after:.4f} after 8 PSNR steps")
+    assert after < 0.8 * before, (before, after)
+
+    # GAN stage from the PSNR weights
+    gan = prepared / "gan"
+    args = ["--stage", "gan", "--init", psnr_run / "best.safetensors", "--epochs", "1"]
+    more = ["--steps-per-epoch", "3", "--critic-steps", "2", "--critic-warmup", "1"]
+    result = invoke(*train_args(data, gan, *map(str, args), *more))
+    assert result.exit_code == 0, result.output
+    gan_steps = [r for r in read_log(gan / LOG) if r["event"] == "train"]
+    assert "g_adv" not in gan_steps[0] and "d_loss" in gan_steps[0]  # critic warm-up
+    assert all(np.isfinite(gan_steps[-1][k]) for k in ("d_loss", "gp", "g_adv", "l1"))
+    weights = load_weights(gan / "last.safetensors", expect_network="rrdg")
+    provenance = weights.provenance
+    assert provenance["stage"] == "gan" and provenance["step"] == 3
+    assert provenance["init"]["sha256"] == load_weights(psnr_run / "best.safetensors").sha256
+    assert provenance["data_manifest_sha256"] == load_manifest(data).sha256
+    assert provenance["config"]["lambda_adv"] == 0.1 and provenance["git_commit"]
+    assert weights.degradation == load_manifest(data).degradation
+
+    # both weights files go straight into `mrisr upsample`
+    source = prepared / "src" / REAL[1]
+    result = invoke(
+        "upsample",
+        source,
+        prepared / "sr.nii.gz",
+        "--psnr-weights",
+        psnr_run / "best.safetensors",
+        "--gan-weights",
+        gan / "last.safetensors",
+        "--alpha",
+        "0.5",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    out = nib.load(str(prepared / "sr.nii.gz"))
+    assert out.shape == CROP and np.isfinite(np.asarray(out.dataobj)).all()
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+def interrupt_at(step: int):
+    """An event callback that presses Ctrl-C (a real SIGINT) once ``step`` is done."""
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "step" and payload["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_event
+
+
+@pytest.mark.parametrize("stage", ["psnr", "gan"])
+def test_resume_continues_bit_for_bit(prepared: Path, tmp_path: Path, stage: str) -> None:
+    init = None
+    if stage == "gan":
+        torch.manual_seed(1)
+        init = tmp_path / "init.safetensors"
+        net = NetworkConfig("rrdg", TINY)
+        save_weights(
+            init, build_network(net).state_dict(), net, load_manifest(prepared / "data").degradation
+        )
+    extra = {"stage": stage, "init": str(init) if init else None, "critic_warmup": 1}
+    straight = train(tiny_config(prepared / "data", tmp_path / "a", **extra))
+    assert straight.status == "done" and straight.step == 4
+
+    config = tiny_config(prepared / "data", tmp_path / "b", **extra)
+    first = train(config, on_event=interrupt_at(1))
+    assert first.status == "interrupted" and first.step == 2  # mid-epoch
+    assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    assert not (tmp_path / "b" / "last.safetensors").exists()
+    second = training.resume(config)
+    assert second.status == "done" and second.step == 4
+
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    print(f"resume equivalence ({stage}): max abs weight difference {diff}")
+    assert diff == 0.0
+    losses = [
+        [
+            {k: v for k, v in r.items() if k != "time"}
+            for r in read_log(p / LOG)
+            if r["event"] == "train"
+        ]
+        for p in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert losses[0] == losses[1]
+    if stage == "gan":
+        ca, cb = (
+            read_checkpoint(p / "checkpoint.pt")["state"] for p in (tmp_path / "a", tmp_path / "b")
+        )
+        assert all(torch.equal(ca["critic"][k], cb["critic"][k]) for k in ca["critic"])
+
+
+def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(
+    prepared: Path, psnr_run: Path
+) -> None:
+    data = prepared / "data"
+    base = ["--stage", "psnr", "--epochs", "3", "--steps-per-epoch", "4", "--resume"]
+    result = invoke(*train_args(data, psnr_run, *base, "--lr", "1e-3"))
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "cannot resume with different settings" in message
+    assert "--lr was 0.003, now 0.001" in message
+    result = invoke(*train_args(data, psnr_run, *base[:-1], "--lr", "3e-3", "--seed", "1"))
+    assert result.exit_code == 1 and "already holds a training run" in result.output
+    result = invoke(*train_args(data, prepared / "nothing-here", *base, "--lr", "3e-3"))
+    assert result.exit_code == 1 and "no checkpoint to resume from" in result.output
+    with pytest.raises(InputError, match="--patch was"):
+        training.resume(
+            tiny_config(data, psnr_run, epochs=3, lr=3e-3, patch=(16, 16, 16), critic_lr=1.5e-2)
+        )
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config(prepared / "data", tmp_path / "run", epochs=2, steps_per_epoch=2)
+    real_save = torch.save
+    calls: list[Path] = []
+
+    def full_disk_after_the_first(obj: object, target: Path) -> None:
+        calls.append(Path(target))
+        if len(calls) == 1:
+            real_save(obj, target)
+            return
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.torch, "save", full_disk_after_the_first)
+    with pytest.raises(OutputError, match=r"No space left on device.*previous checkpoint is kept"):
+        train(config)
+    assert len(calls) == 2 and not calls[1].exists()  # the half-written file is gone
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    assert not [p for p in (tmp_path / "run").iterdir() if ".part" in p.name]
+    monkeypatch.undo()
+    again = training.resume(config)  # the surviving checkpoint is a valid starting point
+    assert again.status == "done" and again.step == 4
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_data_folder_without_manifest(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    result = invoke(*train_args(tmp_path / "data", tmp_path / "run", "--stage", "psnr"))
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "no manifest.json" in lines[0] and "mrisr prepare" in lines[0]
+
+
+def test_gan_stage_without_init(prepared: Path, tmp_path: Path) -> None:
+    result = invoke(*train_args(prepared / "data", tmp_path / "run", "--stage", "gan"))
+    assert result.exit_code == 1
+    assert "--stage gan starts from the PSNR model: give --init" in result.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_init_of_another_network_or_other_data(prepared: Path, tmp_path: Path) -> None:
+    degradation = load_manifest(prepared / "data").degradation
+    fsrcnn = NetworkConfig("fsrcnn", {"d": 4, "s": 2, "m": 1})
+    other = tmp_path / "fsrcnn.safetensors"
+    save_weights(other, build_network(fsrcnn).state_dict(), fsrcnn, degradation)
+    result = invoke(
+        *train_args(prepared / "data", tmp_path / "run", "--stage", "gan", "--init", str(other))
+    )
+    assert result.exit_code == 1 and "holds a 'fsrcnn' network" in result.output
+    rrdg = NetworkConfig("rrdg", TINY)
+    cubic = tmp_path / "cubic.safetensors"
+    save_weights(
+        cubic, build_network(rrdg).state_dict(), rrdg, replace(degradation, interpolation="cubic")
+    )
+    with pytest.raises(WeightsError, match=r"prepared differently.*interpolation"):
+        train(tiny_config(prepared / "data", tmp_path / "run2", stage="gan", init=str(cubic)))
+
+
+def test_bad_training_options(prepared: Path, tmp_path: Path) -> None:
+    data, run = prepared / "data", tmp_path / "run"
+    result = invoke(*train_args(data, run, "--stage", "wgan"))
+    assert result.exit_code == 1 and "--stage must be psnr or gan" in result.output
+    result = invoke(*train_args(data, run, "--stage", "psnr", "--net", "unet"))
+    assert result.exit_code == 1 and "--net must be one of" in result.output
+    result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", "[1]"))
+    assert result.exit_code == 1 and "--net-params takes a JSON object" in result.output
+    result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", '{"width": 3}'))
+    assert result.exit_code == 1 and "bad hyper-parameters for network 'rrdg'" in result.output
+
+
+# --- several processes ------------------------------------------------------------------------
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        "-m",
+        "mrisr_cli",
+        *args,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one_process_on_the_combined_batch(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """FSRCNN has no BatchNorm, so 2 x batch 2 under DDP is exactly 1 x batch 4 (up to
+    floating-point summation order); RRDG's BatchNorm would need SyncBatchNorm (CUDA only)."""
+    common = [
+        "--stage",
+        "psnr",
+        "--net",
+        "fsrcnn",
+        "--net-params",
+        json.dumps({"d": 8, "s": 4, "m": 1}),
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--patch",
+        "16,12,16",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--val-patch",
+        ",".join(map(str, VAL_PATCH)),
+        "--data",
+        str(prepared / "data"),
+    ]
+    two = torchrun(2, ["train", *common, "--out", str(tmp_path / "two"), "--batch-size", "2"], REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = invoke("train", *common, "--out", tmp_path / "one", "--batch-size", "4")
+    assert one.exit_code == 0, one.output
+    logs = [read_log(tmp_path / name / LOG) for name in ("one", "two")]
+    assert logs[0][0]["world_size"] == 1 and logs[1][0]["world_size"] == 2
+    single, ddp = ([r["l1"] for r in log if r["event"] == "train"] for log in logs)
+    print(f"DDP loss comparison: one process {single}, two processes {ddp}")
+    np.testing.assert_allclose(ddp, single, rtol=1e-5)
+    a = load_file(str(tmp_path / "one" / "last.safetensors"))
+    b = load_file(str(tmp_path / "two" / "last.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert not list((tmp_path / "two").glob("*.part*"))  # rank 1 wrote nothing stray
+
+    # the GAN stage too: critic, gradient penalty and generator steps under DDP
+    init = str(tmp_path / "one" / "last.safetensors")
+    gan = [*common, "--init", init, "--critic-steps", "2", "--critic-warmup", "1"]
+    gan += ["--critic-params", json.dumps(TINY_CRITIC), "--critic-lr", "1e-4"]
+    gan[gan.index("psnr")] = "gan"
+    gan[gan.index("--lr") + 1] = "1e-4"
+    two = torchrun(2, ["train", *gan, "--out", str(tmp_path / "gan2"), "--batch-size", "2"], REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = invoke("train", *gan, "--out", tmp_path / "gan1", "--batch-size", "4")
+    assert one.exit_code == 0, one.output
+    single, ddp = (
+        [r for r in read_log(tmp_path / name / LOG) if r["event"] == "train"]
+        for name in ("gan1", "gan2")
+    )
+    for key in ("d_loss", "gp", "l1"):
+        pair = [[r.get(key) for r in log] for log in (single, ddp)]
+        print(f"DDP gan {key}: one process {pair[0]}, two processes {pair[1]}")
+    # Not bit-equal: LeakyReLU makes the critic's input gradient piecewise constant, so the
+    # rounding-level difference between the generator's output on 2 + 2 and on 4 patches can
+    # flip a unit and move the penalty by ~1e-5, which Adam's first steps then spread.
+    assert ddp[0]["d_loss"] == pytest.approx(single[0]["d_loss"], rel=1e-4)
+    for a_record, b_record in zip(single, ddp, strict=True):
+        for key in ("d_loss", "gp", "l1", "g_adv"):
+            if key in a_record:
+                assert b_record[key] == pytest.approx(a_record[key], rel=1e-2, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_cli_writes_a_checkpoint_and_exits_cleanly(
+    prepared: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "100000"]
+    command = [sys.executable, "-m", "mrisr_cli", *train_args(prepared / "data", out, *args)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = out / LOG
+            if log.exists() and any(r["event"] == "train" for r in read_log(log)):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    step = read_checkpoint(out / "checkpoint.pt")["step"]
+    last = read_log(out / LOG)[-1]
+    assert step >= 1 and last["event"] == "interrupted" and last["step"] == step
