@@ -27,15 +27,23 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def foreground_mask(data: np.ndarray) -> np.ndarray:
-    """Head/brain foreground: above Otsu's threshold, largest component, holes filled.
+FOREGROUND_FRACTION = 0.1
 
-    Works for skull-stripped volumes (zero background) and whole-head scans (noisy background).
+
+def foreground_mask(data: np.ndarray) -> np.ndarray:
+    """Head (whole-head scans) or brain (skull-stripped scans) foreground.
+
+    Voxels above ``min + 0.1 x (p99 - min)`` (p99 over the voxels above the minimum), largest
+    component, holes filled. A low threshold on purpose: Otsu's threshold splits grey from white
+    matter on skull-stripped volumes (they have no background class to separate), while 10 % of the
+    bright end keeps CSF and cortex and still drops the noise of the air around a head.
     """
-    positive = data[data > data.min()]
-    if positive.size == 0:
+    low = float(data.min())
+    above = data[data > low]
+    if above.size == 0:
         return np.zeros(data.shape, dtype=bool)
-    mask = data > otsu_threshold(positive if positive.size < data.size else data)
+    threshold = low + FOREGROUND_FRACTION * (float(np.percentile(above, 99)) - low)
+    mask = data > threshold
     labels, count = ndi.label(mask)
     if count > 1:
         sizes = ndi.sum_labels(mask, labels, index=np.arange(1, count + 1))

@@ -1,0 +1,254 @@
+"""Image-quality metrics of a super-resolved volume against its reference: PSNR, 3D SSIM, NRMSE.
+
+Computed with torch so that a GPU speeds them up on whole volumes, and defined to agree with
+scikit-image (checked to 1e-4 in the tests):
+
+- Intensities: both volumes are mapped with the *reference's* min-max,
+  ``x' = (x - min(ref)) / (max(ref) - min(ref))``, so the reference spans [0, 1] and the
+  prediction is scaled identically (not clipped: overshoot is an error to be measured).
+  The data range of PSNR and SSIM is therefore 1.
+- PSNR = 10 log10(1 / MSE); infinite when the volumes are identical (as scikit-image).
+- SSIM: Wang et al. 2004, Gaussian window sigma 1.5 truncated at 3.5 sigma (11 taps), population
+  (co)variances, K1 = 0.01, K2 = 0.03, C1 = (K1 L)^2, C2 = (K2 L)^2 with L = 1; the mean of the
+  SSIM map over voxels at least 5 voxels from every face, exactly as
+  ``skimage.metrics.structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+- NRMSE = ||ref - pred|| / ||ref|| (scikit-image's default "euclidean" normalisation).
+
+Masked variants use only the voxels inside the mask (for SSIM: the map's voxels inside the mask
+and inside the 5-voxel border).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mrisr_cli.errors import InputError
+
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+DATA_RANGE = 1.0
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5 voxels: scipy.ndimage's radius rule
+
+NORMALISATION_RULE = (
+    "min-max of the reference applied to both volumes: x' = (x - min(ref)) / (max(ref) - "
+    "min(ref)); prediction not clipped; data range 1"
+)
+SSIM_RULE = (
+    f"3D SSIM (Wang et al. 2004), Gaussian window sigma {SSIM_SIGMA} truncated at "
+    f"{SSIM_TRUNCATE} sigma ({2 * SSIM_RADIUS + 1} taps), population covariances, "
+    f"K1={SSIM_K1}, K2={SSIM_K2}, data range {DATA_RANGE:g}, mean over voxels >= {SSIM_RADIUS} "
+    "from every face (as scikit-image gaussian_weights=True, use_sample_covariance=False)"
+)
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ImageMetrics:
+    """The paper's three image metrics, over the whole volume and inside the mask."""
+
+    ssim: float
+    psnr: float
+    nrmse: float
+    ssim_mask: float
+    psnr_mask: float
+    nrmse_mask: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "ssim": self.ssim,
+            "psnr": self.psnr,
+            "nrmse": self.nrmse,
+            "ssim_mask": self.ssim_mask,
+            "psnr_mask": self.psnr_mask,
+            "nrmse_mask": self.nrmse_mask,
+        }
+
+
+def _tensor(data: ArrayLike, device: str | torch.device) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data.to(device=device, dtype=torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(device)
+
+
+def _mask_tensor(mask: ArrayLike | None, device: str | torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor):
+        return mask.to(device=device, dtype=torch.bool)
+    return torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device)
+
+
+def _check_pair(ref: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if ref.shape != pred.shape:
+        raise InputError(f"shapes differ: reference {tuple(ref.shape)}, prediction {pred.shape}")
+    if mask is not None and mask.shape != ref.shape:
+        raise InputError(f"mask shape {tuple(mask.shape)} differs from image {tuple(ref.shape)}")
+
+
+def normalise_pair(
+    ref: ArrayLike, pred: ArrayLike, *, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both volumes scaled by the reference's min-max, so the reference spans exactly [0, 1]."""
+    r = _tensor(ref, device)
+    p = _tensor(pred, device)
+    low = r.min()
+    span = r.max() - low
+    if float(span) <= 0:
+        raise InputError("reference volume is constant; PSNR/SSIM are undefined")
+    return (r - low) / span, (p - low) / span
+
+
+def psnr(
+    ref: ArrayLike,
+    pred: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    data_range: float = DATA_RANGE,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Peak signal-to-noise ratio in dB; ``inf`` for identical volumes."""
+    r, p = _tensor(ref, device), _tensor(pred, device)
+    m = _mask_tensor(mask, device)
+    _check_pair(r, p, m)
+    diff = (r - p).double()
+    if m is not None:
+        diff = diff[m]
+    if diff.numel() == 0:
+        return math.nan
+    mse = float((diff * diff).mean())
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
+
+
+def nrmse(
+    ref: ArrayLike,
+    pred: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Root-mean-square error divided by the reference's root mean square (euclidean rule)."""
+    r, p = _tensor(ref, device), _tensor(pred, device)
+    m = _mask_tensor(mask, device)
+    _check_pair(r, p, m)
+    r64, p64 = r.double(), p.double()
+    if m is not None:
+        r64, p64 = r64[m], p64[m]
+    if r64.numel() == 0:
+        return math.nan
+    denom = float(torch.linalg.vector_norm(r64))
+    if denom == 0.0:
+        return math.nan
+    return float(torch.linalg.vector_norm(r64 - p64)) / denom
+
+
+def gaussian_taps(
+    sigma: float = SSIM_SIGMA, radius: int = SSIM_RADIUS, device: str | torch.device = "cpu"
+) -> list[float]:
+    """Normalised 1D Gaussian weights, the same numbers scipy.ndimage.gaussian_filter uses."""
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (x / sigma) ** 2)
+    return [float(w) for w in weights / weights.sum()]
+
+
+def _blur_valid(volume: torch.Tensor, taps: list[float]) -> torch.Tensor:
+    """Separable Gaussian filter keeping only voxels whose window lies inside the volume.
+
+    Shifted-slice accumulation: on CPU it is ~10x faster than conv3d with 1D kernels, and on a
+    GPU it is as fast; the cropped border is exactly where scikit-image's reflect padding would
+    have mattered, so no padding is needed.
+    """
+    width = len(taps)
+    for axis in range(volume.ndim):
+        n = volume.shape[axis] - width + 1
+        out = volume.narrow(axis, 0, n) * taps[0]
+        for k in range(1, width):
+            out.add_(volume.narrow(axis, k, n), alpha=taps[k])
+        volume = out
+    return volume
+
+
+def ssim_map(
+    ref: ArrayLike,
+    pred: ArrayLike,
+    *,
+    data_range: float = DATA_RANGE,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Local SSIM on the interior of the volume (shape reduced by 2 x 5 voxels per axis)."""
+    r, p = _tensor(ref, device), _tensor(pred, device)
+    _check_pair(r, p, None)
+    width = 2 * SSIM_RADIUS + 1
+    if min(r.shape) < width:
+        raise InputError(
+            f"volume of shape {tuple(r.shape)} is smaller than the {width}-voxel SSIM window"
+        )
+    taps = gaussian_taps()
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    mu_r = _blur_valid(r, taps)
+    mu_p = _blur_valid(p, taps)
+    mu_rp = mu_r * mu_p
+    mu_rr = mu_r.square_()  # in place: mu_r is not needed any more
+    mu_pp = mu_p.square_()
+    var_r = _blur_valid(r * r, taps).sub_(mu_rr)
+    var_p = _blur_valid(p * p, taps).sub_(mu_pp)
+    cov = _blur_valid(r * p, taps).sub_(mu_rp)
+    numerator = (2 * mu_rp + c1).mul_(cov.mul_(2).add_(c2))
+    denominator = (mu_rr + mu_pp + c1).mul_(var_r.add_(var_p).add_(c2))
+    return numerator.div_(denominator)
+
+
+def ssim(
+    ref: ArrayLike,
+    pred: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    data_range: float = DATA_RANGE,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Mean 3D SSIM over the interior, or over the interior voxels inside ``mask``."""
+    local = ssim_map(ref, pred, data_range=data_range, device=device)
+    m = _mask_tensor(mask, device)
+    if m is None:
+        return float(local.double().mean())
+    _check_pair(_tensor(ref, device), _tensor(pred, device), m)
+    r = SSIM_RADIUS
+    inner = m[r:-r, r:-r, r:-r]
+    if not bool(inner.any()):
+        return math.nan
+    return float(local[inner].double().mean())
+
+
+def image_metrics(
+    ref: ArrayLike,
+    pred: ArrayLike,
+    mask: ArrayLike,
+    *,
+    device: str | torch.device = "cpu",
+) -> ImageMetrics:
+    """All six numbers for one subject, after the shared min-max normalisation."""
+    r, p = normalise_pair(ref, pred, device=device)
+    m = _mask_tensor(mask, device)
+    _check_pair(r, p, m)
+    local = ssim_map(r, p, device=device)
+    inner = m[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
+    ssim_whole = float(local.double().mean())
+    ssim_inside = float(local[inner].double().mean()) if bool(inner.any()) else math.nan
+    del local
+    return ImageMetrics(
+        ssim=ssim_whole,
+        psnr=psnr(r, p, device=device),
+        nrmse=nrmse(r, p, device=device),
+        ssim_mask=ssim_inside,
+        psnr_mask=psnr(r, p, mask=m, device=device),
+        nrmse_mask=nrmse(r, p, mask=m, device=device),
+    )

@@ -1,0 +1,330 @@
+"""`mrisr evaluate` end to end on tiny synthetic NIfTI folders, pairing, statistics, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from mrisr_cli.cli import app
+from mrisr_cli.evaluation import (
+    METRIC_BY_KEY,
+    PairResult,
+    match_files,
+    name_score,
+    paired_tests,
+    reference_mask,
+    summarise,
+)
+from mrisr_cli.networks.highres3dnet import HighRes3DNet
+
+SHAPE = (22, 24, 20)
+AFFINE = np.array(
+    [[-1.0, 0, 0, 90], [0, 1.0, 0, -120], [0, 0, 1.0, -70], [0, 0, 0, 1]], dtype=np.float64
+)
+FAST = ["--no-n4"]
+
+
+def head(seed: int) -> np.ndarray:
+    """A small 'brain': three intensity shells, smooth, slightly noisy, positive."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(SHAPE).astype(np.float32)
+    centre = (np.array(SHAPE, dtype=np.float32) - 1)[:, None, None, None] / 2
+    radius = np.sqrt(((grid - centre) ** 2).sum(axis=0)) / (min(SHAPE) / 2)
+    radius = radius * (1 + 0.05 * seed)
+    volume = np.select([radius < 0.35, radius < 0.65, radius < 0.9], [60.0, 150.0, 100.0], 0.0)
+    volume = ndi.gaussian_filter(volume.astype(np.float32), 0.8)
+    return (volume + rng.normal(0, 1.5, SHAPE)).astype(np.float32)
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
+    return path
+
+
+def dataset(root: Path, subjects: int = 3) -> tuple[Path, Path, Path]:
+    """hr/ with BIDS names; sharp/ (mild blur, BIDS desc- names) and blurry/ (strong blur)."""
+    hr, sharp, blurry = root / "hr", root / "sharp", root / "blurry"
+    for i in range(subjects):
+        ref = head(i)
+        save(hr / f"sub-0{i}_T1w.nii.gz", ref)
+        save(sharp / f"sub-0{i}_desc-sr_T1w.nii.gz", ndi.gaussian_filter(ref, 0.6))
+        save(blurry / f"sub-0{i}_T1w.nii", ndi.gaussian_filter(ref, 1.4))
+    return hr, sharp, blurry
+
+
+def invoke(*args: str | Path):
+    result = CliRunner().invoke(app, ["evaluate", *map(str, args)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def test_one_method_table_and_report(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "SSIM" in result.stdout and "PSNR" in result.stdout and "sharp" in result.stdout
+    assert "M_h" not in result.stdout  # no weights: the columns are absent ...
+    rows = read_rows(out / "subjects.csv")
+    assert [r["subject"] for r in rows] == ["sub-00_T1w", "sub-01_T1w", "sub-02_T1w"]
+    assert all(r["error"] == "" for r in rows)
+    assert "mh" not in rows[0] and "tissue_dice" in rows[0]
+    for r in rows:
+        assert 0.9 < float(r["ssim"]) < 1 and float(r["psnr"]) > 25 and 0 < float(r["nrmse"]) < 0.2
+        assert 0.5 < float(r["tissue_dice"]) <= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert "min-max of the reference" in summary["settings"]["normalisation"]
+    assert "K1=0.01, K2=0.03" in summary["settings"]["ssim"]
+    assert any("no --parcellation-weights" in n for n in summary["notes"])  # ... and why
+    stats = summary["methods"]["sharp"]["metrics"]["psnr"]
+    values = [float(r["psnr"]) for r in rows]
+    assert stats["mean"] == pytest.approx(np.mean(values))
+    assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+    assert summary["comparison"] is None
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["boxplots.png", *(f"slices_sub-0{i}_T1w.png" for i in range(3))]
+    assert (out / "figures" / "boxplots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_methods_paired_test_prefers_the_sharper(tmp_path: Path) -> None:
+    hr, sharp, blurry = dataset(tmp_path, subjects=4)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--pred", blurry, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "p-value" in result.stdout and "better" in result.stdout
+    comparison = json.loads((out / "summary.json").read_text())["comparison"]
+    assert comparison["first"] == "sharp" and comparison["second"] == "blurry"
+    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"):
+        test = comparison["metrics"][key]
+        assert test["n"] == 4 and test["better"] == "sharp", key
+        assert 0 <= test["p"] < 0.01, key
+    assert len(read_rows(out / "subjects.csv")) == 8
+
+
+def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=1)
+    torch.manual_seed(0)
+    weights = tmp_path / "highres3dnet.pth"
+    torch.save(HighRes3DNet().state_dict(), weights)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--parcellation-weights", weights, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "M_h" in result.stdout and "Dice" in result.stdout
+    rows = read_rows(out / "subjects.csv")
+    for r in rows:
+        assert float(r["mh"]) > 0 and 0 <= float(r["parc_dice"]) <= 1
+        terms = [float(r[f"mh_layer_{k}"]) for k in range(1, 7)]
+        assert float(r["mh"]) == pytest.approx(sum(terms))
+    labels = read_rows(out / "parcellation_dice.csv")
+    assert labels and {r["subject"] for r in labels} == {"sub-00_T1w"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["n4"] is True and "1 / mean|f(HR)|" in summary["settings"]["m_h"]
+
+
+def test_parallel_jobs_give_the_same_numbers(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert invoke("--ref", hr, "--pred", sharp, "--out", one, *FAST).exit_code == 0
+    result = invoke("--ref", hr, "--pred", sharp, "--out", two, "--jobs", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert read_rows(one / "subjects.csv") == read_rows(two / "subjects.csv")
+
+
+def test_identical_volumes_report_infinite_psnr(tmp_path: Path) -> None:
+    hr, _, _ = dataset(tmp_path, subjects=2)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", hr, "--out", out, "--no-tissue", *FAST)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out / "subjects.csv")
+    assert all(float(r["psnr"]) == math.inf and float(r["ssim"]) == 1.0 for r in rows)
+    assert all(float(r["nrmse"]) == 0.0 for r in rows)
+    psnr = json.loads((out / "summary.json").read_text())["methods"]["hr"]["metrics"]["psnr"]
+    assert psnr["mean"] == "inf" and psnr["n_infinite"] == 2
+
+
+# --- pairing ---------------------------------------------------------------------------------
+
+
+def test_name_matching_rules() -> None:
+    assert name_score("sub-01_T1w", "sub-01_desc-sr_T1w") == 2
+    assert name_score("sub-01_T1w", "sub-01_T1w_pred") == 2
+    assert name_score("sub-01_T1w", "sub-010_T1w") == 0
+    assert name_score("T1w_sub01", "T1w_sub02") == 0
+    assert name_score("S01", "S01") > name_score("S01", "S01_sr")
+    refs = [Path(n) for n in ("sub-01_T1w.nii.gz", "sub-01_ses-2_T1w.nii.gz", "sub-02_T1w.nii")]
+    preds = [
+        Path(n)
+        for n in ("sub-01_ses-2_desc-sr_T1w.nii.gz", "sub-01_desc-sr_T1w.nii.gz", "other.nii.gz")
+    ]
+    pairing = match_files(refs, preds)
+    assert pairing.matches == {
+        "sub-01_ses-2_T1w": Path("sub-01_ses-2_desc-sr_T1w.nii.gz"),  # longest stem wins
+        "sub-01_T1w": Path("sub-01_desc-sr_T1w.nii.gz"),
+    }
+    assert pairing.unmatched == ("other.nii.gz",) and pairing.unmatched_refs == ("sub-02_T1w.nii",)
+    tied = match_files([Path("a_T1w.nii"), Path("a_T2w.nii")], [Path("a.nii")])
+    assert not tied.matches and tied.ambiguous and not tied.unmatched
+
+
+def test_automatic_mask_keeps_dark_csf_and_drops_noisy_air() -> None:
+    grid = np.indices((40, 40, 40)).astype(np.float32)
+    radius = np.sqrt(((grid - 19.5) ** 2).sum(axis=0))
+    brain = np.select([radius < 10, radius < 14, radius < 16], [300.0, 200.0, 40.0], 0.0)
+    stripped = reference_mask(brain.astype(np.float32))  # zero background, CSF rim at 40
+    np.testing.assert_array_equal(stripped, radius < 16)
+    rng = np.random.default_rng(0)
+    head = brain + np.abs(rng.normal(0, 8, brain.shape))  # air: noise, never exactly 0
+    assert reference_mask(head.astype(np.float32)).sum() == pytest.approx(
+        (radius < 16).sum(), rel=0.05
+    )
+
+
+def test_paired_statistics_match_scipy() -> None:
+    from scipy import stats
+
+    a = [0.90, 0.92, 0.95, 0.91]
+    b = [0.89, 0.90, 0.94, 0.92]
+    results = [PairResult("a", f"s{i}", "", "", {"ssim": v}) for i, v in enumerate(a)]
+    results += [PairResult("b", f"s{i}", "", "", {"ssim": v}) for i, v in enumerate(b)]
+    results.append(PairResult("b", "s9", "", "", error="broken"))
+    metric = [METRIC_BY_KEY["ssim"]]
+    test = paired_tests(results, "a", "b", metric)["ssim"]
+    expected = stats.ttest_rel(a, b)
+    assert test.p == pytest.approx(expected.pvalue) and test.t == pytest.approx(expected.statistic)
+    assert test.n == 4 and test.better == "a"
+    summary = summarise(results, ["a", "b"], metric)
+    assert summary["b"]["ssim"].n == 4
+    assert summary["a"]["ssim"].std == pytest.approx(np.std(a, ddof=1))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_empty_reference_folder(tmp_path: Path) -> None:
+    (tmp_path / "hr").mkdir()
+    _, sharp, _ = dataset(tmp_path / "x")
+    result = invoke("--ref", tmp_path / "hr", "--pred", sharp)
+    assert result.exit_code == 1
+    assert "no images" in result.stderr and "Traceback" not in result.output
+
+
+def test_missing_prediction_folder(tmp_path: Path) -> None:
+    hr, _, _ = dataset(tmp_path)
+    result = invoke("--ref", hr, "--pred", tmp_path / "nope")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_no_matching_names(tmp_path: Path) -> None:
+    hr, _, _ = dataset(tmp_path)
+    save(tmp_path / "sr" / "patient_A.nii.gz", head(0))
+    result = invoke("--ref", hr, "--pred", tmp_path / "sr")
+    assert result.exit_code == 1 and "matches a reference" in result.stderr
+
+
+def test_one_bad_shape_does_not_stop_the_others(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    save(sharp / "sub-01_desc-sr_T1w.nii.gz", head(1)[:, :, :-2])
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--out", out, *FAST)
+    assert result.exit_code == 0
+    assert "sharp/sub-01_T1w: prediction shape (22, 24, 18) differs" in result.stderr
+    rows = {r["subject"]: r for r in read_rows(out / "subjects.csv")}
+    assert rows["sub-01_T1w"]["error"] and rows["sub-01_T1w"]["ssim"] == ""
+    assert float(rows["sub-00_T1w"]["ssim"]) > 0.9 and float(rows["sub-02_T1w"]["ssim"]) > 0.9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["sharp"]["evaluated"] == 2
+    assert summary["methods"]["sharp"]["metrics"]["ssim"]["n"] == 2
+
+
+def test_mismatched_affine_is_an_error_for_that_pair(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 1.0
+    save(sharp / "sub-02_desc-sr_T1w.nii.gz", head(2), affine=shifted)
+    result = invoke("--ref", hr, "--pred", sharp, *FAST)
+    assert result.exit_code == 0
+    assert "sub-02_T1w: prediction affine differs" in result.stderr
+    assert result.stderr.count("mrisr: error:") == 1
+
+
+def test_nan_in_a_prediction(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    bad = head(0)
+    bad[5, 5, 5] = np.nan
+    save(sharp / "sub-00_desc-sr_T1w.nii.gz", bad)
+    result = invoke("--ref", hr, "--pred", sharp, *FAST)
+    assert result.exit_code == 0
+    assert "sub-00_T1w" in result.stderr and "NaN" in result.stderr
+
+
+def test_no_pair_evaluable_exits_non_zero(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    for i in range(2):
+        save(sharp / f"sub-0{i}_desc-sr_T1w.nii.gz", head(i)[:-1])
+    result = invoke("--ref", hr, "--pred", sharp, *FAST)
+    assert result.exit_code == 1 and "no pair could be evaluated" in result.stderr
+
+
+def test_wrong_parcellation_weights_file(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    weights = tmp_path / "weights.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, weights)
+    result = invoke("--ref", hr, "--pred", sharp, "--parcellation-weights", weights)
+    assert result.exit_code == 1
+    assert "not HighRes3DNet weights" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_too_many_prediction_folders(tmp_path: Path) -> None:
+    hr, sharp, blurry = dataset(tmp_path)
+    result = invoke("--ref", hr, "--pred", sharp, "--pred", blurry, "--pred", sharp)
+    assert result.exit_code == 1 and "--pred once or twice" in result.stderr
+
+
+def test_existing_report_needs_overwrite(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    out = tmp_path / "report"
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", *FAST]
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args)
+    assert again.exit_code == 1 and "--overwrite" in again.stderr
+    assert invoke(*args, "--overwrite").exit_code == 0
+
+
+def test_mask_folder_with_a_missing_and_a_wrong_mask(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    masks = tmp_path / "masks"
+    save(masks / "sub-00_T1w_mask.nii.gz", (head(0) > 50).astype(np.float32))
+    save(masks / "sub-01_T1w_mask.nii.gz", np.ones((5, 5, 5), dtype=np.float32))
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--mask", masks, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    rows = {r["subject"]: r for r in read_rows(out / "subjects.csv")}
+    assert rows["sub-00_T1w"]["error"] == ""
+    assert "mask" in rows["sub-01_T1w"]["error"] and "shape" in rows["sub-01_T1w"]["error"]
+    assert "no mask for sub-02_T1w.nii.gz" in rows["sub-02_T1w"]["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path)
+    result = invoke("--ref", hr, "--pred", sharp, "--device", "cuda")
+    assert result.exit_code == 1 and "no CUDA GPU" in result.stderr
