@@ -215,8 +215,6 @@ def _check_same_grid(ref: Any, other: Any, what: str) -> None:
         )
 
 
-
-
 def reference_mask(data: np.ndarray) -> np.ndarray:
     """The automatic evaluation mask: the reference's brain (skull-stripped) or head, by the
     same rule ``upsample`` normalises with (:func:`mrisr_cli.intensity.foreground_mask`)."""
