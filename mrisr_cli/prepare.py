@@ -47,6 +47,7 @@ from mrisr_cli.volumes import (
     obliquity_degrees,
     strip_suffix,
 )
+from mrisr_cli.weights import sha256_of
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mrisr-dataset"
@@ -193,19 +194,11 @@ def resample_isotropic(
     return np.ascontiguousarray(result, dtype=np.float32), new_affine
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _save_array(path: Path, array: np.ndarray) -> str:
     """Write one .npy atomically; return its sha256."""
     with atomic_path(path, overwrite=True) as tmp, tmp.open("wb") as handle:
         np.save(handle, array)
-    return sha256_file(path)
+    return sha256_of(path)
 
 
 def _settings(options: PrepareOptions) -> str:
@@ -217,7 +210,7 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
     folder = Path(out_dir) / "subjects" / scan.id
     record_path = folder / "subject.json"
     try:
-        source_sha = sha256_file(scan.path)
+        source_sha = sha256_of(scan.path)
     except OSError as exc:
         return SubjectOutcome(scan, "failed", f"{scan.path}: cannot be read ({exc.strerror})")
     if record_path.is_file():
@@ -433,7 +426,7 @@ def load_manifest(data_dir: Path) -> Manifest:
         fingerprint = str(raw["fingerprint"])
     except (ValueError, KeyError, TypeError, AttributeError, WeightsError) as exc:
         raise InputError(f"{path}: not a readable mrisr manifest ({exc})") from exc
-    return Manifest(data_dir, degradation, subjects, fingerprint, sha256_file(path))
+    return Manifest(data_dir, degradation, subjects, fingerprint, sha256_of(path))
 
 
 # --- the parallel driver --------------------------------------------------------------------
