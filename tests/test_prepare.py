@@ -21,9 +21,9 @@ from mrisr_cli.prepare import (
     load_manifest,
     prepare_dataset,
     resample_isotropic,
-    sha256_file,
     split_counts,
 )
+from mrisr_cli.weights import sha256_of
 
 SHAPE = (68, 66, 70)
 NO_N4 = PrepareOptions(DegradationConfig(n4=False))
@@ -90,7 +90,7 @@ def test_layout_geometry_and_normalisation(tmp_path: Path) -> None:
     np.testing.assert_allclose(zooms, 1.0)
     for record in subjects.values():
         for entry in record["files"].values():
-            assert sha256_file(out / entry["path"]) == entry["sha256"]
+            assert sha256_of(out / entry["path"]) == entry["sha256"]
         mask = np.load(out / record["files"]["mask"]["path"])
         centres = np.load(out / record["files"]["centres"]["path"])
         assert mask.dtype == np.uint8 and mask[tuple(centres.T)].all()
