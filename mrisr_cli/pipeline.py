@@ -142,7 +142,17 @@ def upsample_array(
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Normalise with the array's own foreground, run the network, map back to its units."""
-    stats = foreground_stats(data, foreground_mask(data))
+    # The mask of the bounding box of everything above the minimum, with one voxel of minimum
+    # around it, is the whole volume's mask (same threshold, components and holes): the same
+    # numbers, 2-3x faster on whole-head scans whose air is exactly zero.
+    above = data > data.min()
+    box = []
+    for axis, n in enumerate(data.shape):
+        hit = np.flatnonzero(above.any(axis=tuple(a for a in range(data.ndim) if a != axis)))
+        box.append(slice(max(hit[0] - 1, 0), min(hit[-1] + 2, n)) if hit.size else slice(0, n))
+    mask = np.zeros(data.shape, dtype=bool)
+    mask[tuple(box)] = foreground_mask(data[tuple(box)])
+    stats = foreground_stats(data, mask)
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
     out = stats.denormalise(out)
     if data.min() >= 0:

@@ -4,6 +4,10 @@ Pure functions over index grids (no network, no I/O) so they can be tested with 
 network on odd shapes and on volumes smaller than one patch. The paper's scheme: 64x40x64
 patches, 3 voxels cropped from every face of each output patch (a 58x34x58 core), cores tiled
 without overlap; the volume is edge-padded so that every voxel falls in exactly one core.
+
+Beyond the paper, neighbouring cores may share ``overlap`` voxels per axis; there the outputs are
+blended with linear ramps (weights summing to one), which hides the seams between tiles at the
+cost of running more of them.
 """
 
 from __future__ import annotations
@@ -25,22 +29,40 @@ class TileGrid:
     shape: tuple[int, int, int]
     patch: tuple[int, int, int] = PAPER_PATCH
     margin: int = PAPER_MARGIN
+    overlap: int = 0
 
     def __post_init__(self) -> None:
         if any(p <= 2 * self.margin for p in self.patch):
             raise ValueError(f"patch {self.patch} must exceed twice the margin {self.margin}")
+        if self.overlap < 0 or any(self.overlap >= c for c in self.core):
+            raise ValueError(f"overlap {self.overlap} must be >= 0 and below the core {self.core}")
 
     @property
     def core(self) -> tuple[int, int, int]:
         return tuple(p - 2 * self.margin for p in self.patch)  # type: ignore[return-value]
 
     @property
+    def stride(self) -> tuple[int, int, int]:
+        """Distance between neighbouring patch origins (the core less the overlap)."""
+        return tuple(c - self.overlap for c in self.core)  # type: ignore[return-value]
+
+    @property
     def counts(self) -> tuple[int, int, int]:
-        return tuple(math.ceil(n / c) for n, c in zip(self.shape, self.core, strict=True))  # type: ignore[return-value]
+        return tuple(  # type: ignore[return-value]
+            max(1, math.ceil((n - self.overlap) / s))
+            for n, s in zip(self.shape, self.stride, strict=True)
+        )
+
+    @property
+    def covered_shape(self) -> tuple[int, int, int]:
+        """The region the cores cover (at least ``shape``), in unpadded coordinates."""
+        return tuple(  # type: ignore[return-value]
+            (k - 1) * s + c for k, s, c in zip(self.counts, self.stride, self.core, strict=True)
+        )
 
     @property
     def padded_shape(self) -> tuple[int, int, int]:
-        return tuple(k * c + 2 * self.margin for k, c in zip(self.counts, self.core, strict=True))  # type: ignore[return-value]
+        return tuple(n + 2 * self.margin for n in self.covered_shape)  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return math.prod(self.counts)
@@ -50,13 +72,20 @@ class TileGrid:
         for i in range(self.counts[0]):
             for j in range(self.counts[1]):
                 for k in range(self.counts[2]):
-                    yield (i * self.core[0], j * self.core[1], k * self.core[2])
+                    yield (i * self.stride[0], j * self.stride[1], k * self.stride[2])
 
     def patch_slices(self, start: tuple[int, int, int]) -> tuple[slice, slice, slice]:
         return tuple(slice(s, s + p) for s, p in zip(start, self.patch, strict=True))  # type: ignore[return-value]
 
     def core_slices(self, start: tuple[int, int, int]) -> tuple[slice, slice, slice]:
         return tuple(slice(s, s + c) for s, c in zip(start, self.core, strict=True))  # type: ignore[return-value]
+
+    def source_slices(self, start: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+        """The voxels of the unpadded volume that a patch reads (edge padding repeats them)."""
+        return tuple(  # type: ignore[return-value]
+            slice(max(0, s - self.margin), min(n, s - self.margin + p))
+            for s, p, n in zip(start, self.patch, self.shape, strict=True)
+        )
 
 
 def pad_for_grid(volume: np.ndarray, grid: TileGrid) -> np.ndarray:
@@ -76,11 +105,43 @@ def crop_core(patch_output: np.ndarray, margin: int) -> np.ndarray:
 
 def empty_canvas(grid: TileGrid) -> np.ndarray:
     """Output array covering all cores; cropped to ``grid.shape`` by :func:`finish_canvas`."""
-    full = tuple(k * c for k, c in zip(grid.counts, grid.core, strict=True))
-    return np.zeros(full, dtype=np.float32)
+    return np.zeros(grid.covered_shape, dtype=np.float32)
 
 
 def finish_canvas(canvas: np.ndarray, grid: TileGrid) -> np.ndarray:
     """Remove the padding that lay beyond the volume."""
     n0, n1, n2 = grid.shape
     return np.ascontiguousarray(canvas[:n0, :n1, :n2])
+
+
+def blend_window(grid: TileGrid) -> np.ndarray:
+    """Weights of one core for overlapping tiles: linear ramps over ``overlap`` voxels per face.
+
+    Ramps of neighbours are complementary (they sum to one inside an overlap); every weight is
+    positive, so dividing by the summed weights also handles the volume's outer faces.
+    """
+    if grid.overlap == 0:
+        return np.ones(grid.core, dtype=np.float32)
+    axes = []
+    for c in grid.core:
+        i = np.arange(c, dtype=np.float64) + 0.5
+        axes.append(np.minimum(1.0, np.minimum(i, c - i) / grid.overlap))
+    window = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return window.astype(np.float32)
+
+
+def tiles_with_content(grid: TileGrid, content: np.ndarray, block: int = 1) -> list[bool]:
+    """For each patch (in :meth:`TileGrid.starts` order): does its input touch a content block?
+
+    ``content`` is a mask over ``block``-sized cubes of the volume (the last ones may be partial).
+    """
+    expected = tuple(math.ceil(n / block) for n in grid.shape)
+    if content.shape != expected:
+        raise ValueError(f"content mask {content.shape} does not match the grid ({expected})")
+    found = []
+    for start in grid.starts():
+        where = tuple(
+            slice(s.start // block, math.ceil(s.stop / block)) for s in grid.source_slices(start)
+        )
+        found.append(bool(content[where].any()))
+    return found
