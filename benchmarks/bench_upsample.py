@@ -18,6 +18,8 @@ For each device and precision the table gives:
 - ``s/vol``: `upsample` of the file (read, mask, normalise, tile, run, stitch, write; no N4);
 - the split: I/O (read + write), tiling (everything in the inference step but the network), network;
 - ``overhead``: s/vol / (voxels the network processed / reference throughput), goal < 1.3;
+- ``in-run``: inside one timed ``super_resolve`` of the sample, its seconds / seconds inside
+  the network's forward (CPU rows): the overhead free of the load drifting between runs;
 - ``vs bare``: s/vol / (every patch of the grid, no skipping, at reference throughput), goal <= 0.6;
 - peak host memory (RSS sampled every 20 ms) and peak GPU memory.
 
@@ -272,13 +274,43 @@ def reference_throughput(
 def sample_crop(case: Case, grid: TileGrid, tiles: int) -> np.ndarray:
     """A crop of the head holding exactly ``tiles`` cores of the default grid along axis 1."""
     core = grid.core
-    shape = (core[0], core[1] * tiles, core[2])
+    wanted = (core[0], core[1] * tiles, core[2])
+    shape = tuple(min(w, n) for w, n in zip(wanted, case.normalised.shape, strict=True))
     centre = np.argwhere(case.head).mean(axis=0).astype(int)
     lo = [
         int(np.clip(c - n // 2, 0, s - n))
         for c, n, s in zip(centre, shape, case.normalised.shape, strict=True)
     ]
     return case.normalised[tuple(slice(a, a + n) for a, n in zip(lo, shape, strict=True))].copy()
+
+
+class ForwardTimer:
+    """Seconds spent inside the prepared network's forward calls while the block runs."""
+
+    def __init__(self, model: nn.Module, options: InferenceOptions) -> None:
+        self.net = prepare_network(model, options)  # the cached copy super_resolve will use
+        self.device = options.device
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def _pre(self, *_: object) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _post(self, *_: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def __enter__(self) -> ForwardTimer:
+        self._hooks = [
+            self.net.register_forward_pre_hook(self._pre),
+            self.net.register_forward_hook(self._post),
+        ]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 @dataclass
@@ -296,6 +328,7 @@ class Row:
     rss: int
     gpu_mem: int
     extrapolated: bool
+    in_run: float = math.nan
 
 
 def run_file(
@@ -328,7 +361,7 @@ def measure(
     grid = TileGrid(case.normalised.shape, options.patch, options.margin, options.overlap)  # type: ignore[arg-type]
     plan = plan_tiles(pad_for_grid(case.normalised, grid), grid, options)
     voxels_all = len(grid) * math.prod(grid.patch)
-    ref_batch = args.ref_batch or (2 if device == "cpu" else 32)
+    ref_batch = args.ref_batch or (options.batch_size if device == "cpu" else 32)
     patches = head_patches(case, grid, ref_batch)
     out = root / f"out_{device.replace(':', '')}_{half}_{variant}.nii.gz"
     full = args.full or device.startswith("cuda")
@@ -343,14 +376,16 @@ def measure(
         crop = sample_crop(case, grid, args.sample or options.batch_size)
         crop_grid = TileGrid(crop.shape, options.patch, options.margin, options.overlap)  # type: ignore[arg-type]
         crop_tiles = len(plan_tiles(pad_for_grid(crop, crop_grid), crop_grid, options).run)
-        ref_vps, per_tile, peak = 0.0, math.inf, 0
+        ref_vps, per_tile, peak, in_run = 0.0, math.inf, 0, math.inf
         for round_ in range(args.rounds):
             vps = reference_throughput(model, patches, options, repeats, warm_up=round_ == 0)
             ref_vps = max(ref_vps, vps)
-            with PeakRss().watch() as rss_sample:
+            with PeakRss().watch() as rss_sample, ForwardTimer(model, options) as timer:
                 start = time.perf_counter()
                 super_resolve(crop, model, options)
-                per_tile = min(per_tile, (time.perf_counter() - start) / max(1, crop_tiles))
+                elapsed = time.perf_counter() - start
+            per_tile = min(per_tile, elapsed / max(1, crop_tiles))
+            in_run = min(in_run, elapsed / timer.seconds)
             peak = max(peak, rss_sample.peak)
         network = (len(plan.run) + (1 if plan.constant else 0)) * per_tile
         seconds = dict(stand_seconds)
@@ -370,6 +405,7 @@ def measure(
         rss=rss,
         gpu_mem=gpu,
         extrapolated=not full,
+        in_run=math.nan if full else in_run,
     )
 
 
@@ -377,7 +413,7 @@ def print_rows(rows: list[Row], flops_per_voxel: float, threads: int) -> None:
     header = (
         f"{'device':<8}{'prec':<6}{'variant':<17}{'ref Mvox/s':>11}{'TFLOP/s':>9}{'%peak':>7}"
         f"{'s/vol':>9}{'I/O':>7}{'tiling':>8}{'network':>9}{'overhead':>9}{'vs bare':>8}"
-        f"{'RSS GB':>8}{'GPU GB':>8}  note"
+        f"{'RSS GB':>8}{'GPU GB':>8}{'in-run':>7}  note"
     )
     print(header)
     for r in rows:
@@ -393,7 +429,8 @@ def print_rows(rows: list[Row], flops_per_voxel: float, threads: int) -> None:
             f"{r.device:<8}{r.precision:<6}{r.variant:<17}{r.ref_vps / 1e6:>11.3f}{tflops:>9.3f}"
             f"{share:>7}{r.seconds:>9.1f}{r.io:>7.1f}{r.tiling:>8.1f}{r.network:>9.1f}"
             f"{r.seconds / ideal:>9.2f}{r.seconds / bare:>8.2f}{r.rss / 2**30:>8.2f}"
-            f"{r.gpu_mem / 2**30:>8.2f}  {'extrapolated' if r.extrapolated else 'measured'}"
+            f"{r.gpu_mem / 2**30:>8.2f}{r.in_run:>7.3f}"
+            f"  {'extrapolated' if r.extrapolated else 'measured'}"
         )
 
 
@@ -543,7 +580,9 @@ def main() -> None:
     parser.add_argument("--shape", default=None, help="synthetic volume shape, e.g. 96,112,96")
     parser.add_argument("--network", default="48,4,12", help="RRDG features,blocks,growth")
     parser.add_argument("--batch-size", type=int, default=4, help="patches per network call")
-    parser.add_argument("--ref-batch", type=int, default=0, help="reference batch [CPU 2, GPU 32]")
+    parser.add_argument(
+        "--ref-batch", type=int, default=0, help="reference batch [CPU: batch size, GPU 32]"
+    )
     parser.add_argument("--sample", type=int, default=0, help="head tiles timed [batch size]")
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds (CPU)")
     parser.add_argument("--full", action="store_true", help="run every tile (default on CUDA)")

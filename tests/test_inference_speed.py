@@ -374,7 +374,7 @@ def test_cuda_settings_are_restored_after_inference() -> None:
 
 @pytest.mark.slow
 def test_compiled_network_gives_the_same_output() -> None:
-    volume = _whole_head_like((40, 28, 44))
+    volume = _whole_head_like()
     model = _tiny_rrdg()
     eager = super_resolve(volume, model, InferenceOptions(patch=PATCH))
     compiled = super_resolve(volume, model, InferenceOptions(patch=PATCH, compile=True))
