@@ -19,7 +19,9 @@ For each device and precision the table gives:
 - the split: I/O (read + write), tiling (everything in the inference step but the network), network;
 - ``overhead``: s/vol / (voxels the network processed / reference throughput), goal < 1.3;
 - ``in-run``: inside one timed ``super_resolve`` of the sample, its seconds / seconds inside
-  the network's forward (CPU rows): the overhead free of the load drifting between runs;
+  the network's forward (CPU rows), and ``overhd*`` = in-run + (I/O + tiling) / (voxels run /
+  reference throughput): the overhead ratio free of the load drifting between the reference
+  and the sample runs on a shared machine;
 - ``vs bare``: s/vol / (every patch of the grid, no skipping, at reference throughput), goal <= 0.6;
 - peak host memory (RSS sampled every 20 ms) and peak GPU memory.
 
@@ -413,7 +415,7 @@ def print_rows(rows: list[Row], flops_per_voxel: float, threads: int) -> None:
     header = (
         f"{'device':<8}{'prec':<6}{'variant':<17}{'ref Mvox/s':>11}{'TFLOP/s':>9}{'%peak':>7}"
         f"{'s/vol':>9}{'I/O':>7}{'tiling':>8}{'network':>9}{'overhead':>9}{'vs bare':>8}"
-        f"{'RSS GB':>8}{'GPU GB':>8}{'in-run':>7}  note"
+        f"{'RSS GB':>8}{'GPU GB':>8}{'in-run':>7}{'overhd*':>8}  note"
     )
     print(header)
     for r in rows:
@@ -430,6 +432,7 @@ def print_rows(rows: list[Row], flops_per_voxel: float, threads: int) -> None:
             f"{share:>7}{r.seconds:>9.1f}{r.io:>7.1f}{r.tiling:>8.1f}{r.network:>9.1f}"
             f"{r.seconds / ideal:>9.2f}{r.seconds / bare:>8.2f}{r.rss / 2**30:>8.2f}"
             f"{r.gpu_mem / 2**30:>8.2f}{r.in_run:>7.3f}"
+            f"{r.in_run + (r.io + r.tiling) / ideal:>8.3f}"
             f"  {'extrapolated' if r.extrapolated else 'measured'}"
         )
 

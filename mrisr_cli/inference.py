@@ -13,10 +13,11 @@ What runs, and what the output is, tile by tile (every tile of the paper's grid,
    patch, crop, stitch), because the grid itself does not change.
 
 The network runs as an inference copy: BatchNorm folded into the convolutions
-(:mod:`mrisr_cli.fusion`), activations channels-last on the CPU (oneDNN's native layout: measured
-~1.4x faster there), fp16 (CUDA) or bf16 (CPU) weights with ``half``. On CUDA, batches travel
-through pinned buffers with asynchronous copies while the host prepares the next batch, cuDNN
-picks its algorithms once per shape (``cudnn.benchmark``) and fp32 means fp32 (TF32 off).
+(:mod:`mrisr_cli.fusion`), activations channels-last (oneDNN's native layout: with the folding,
+10-30% faster on the CPU, docs/speed.md), fp16 (CUDA) or bf16 (CPU) weights with ``half``. On
+CUDA, batches travel through pinned buffers with asynchronous copies while the host prepares the
+next batch, cuDNN picks its algorithms once per shape (``cudnn.benchmark``) and fp32 means fp32
+(TF32 off).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class InferenceOptions:
     skip_background: bool = True
     overlap: int = 0
     fold_batchnorm: bool = True
-    channels_last: bool | None = None  # None: on (measured faster on CPU; cuDNN's NDHWC kernels)
+    channels_last: bool | None = None  # None: on (faster on CPU; cuDNN's NDHWC fp16 kernels)
     compile: bool = False
 
 
