@@ -40,8 +40,8 @@ def evaluate_command(
         list[Path],
         typer.Option(
             "--pred",
-            help="Folder of predictions, matched to --ref by file name; give it twice to compare "
-            "two methods (paired t-test).",
+            help="Folder of predictions, matched to --ref by file name; repeat it to compare "
+            "methods in one table (exactly two: also a paired t-test).",
             show_default=False,
         ),
     ],

@@ -229,6 +229,14 @@ def train_command(
         int, typer.Option(min=0, help="Also checkpoint every N steps (0: each epoch only).")
     ] = 0,
     log_every: Annotated[int, typer.Option(min=1, help="Steps per log.jsonl record.")] = 10,
+    time_limit: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Minutes of training in this call (0: none); then validate, write weights "
+            "and a checkpoint that --resume continues.",
+        ),
+    ] = 0.0,
     deterministic: Annotated[
         bool, typer.Option("--deterministic", help="Deterministic cuDNN kernels (slower).")
     ] = False,
@@ -298,6 +306,7 @@ def train_command(
             workers=workers,
             log_every=log_every,
             checkpoint_every=checkpoint_every,
+            time_limit=time_limit * 60.0,
         )
         configure_threads(worker_threads(threads))
         progress, on_event = _train_display(config, stderr_console(), warn, enabled=is_main)
@@ -314,9 +323,12 @@ def train_command(
         )
         raise typer.Exit(130)
     best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
+    ended = "done" if result.status == "done" else "time limit reached"
+    more = "; continue with the same command and --resume" if result.status != "done" else ""
     console.print(
-        f"done: {result.step} steps; best validation PSNR {best}; weights: "
-        f"{result.best_weights or '-'} (best), {result.last_weights or '-'} (last)",
+        f"{ended}: {result.step} of {result.total_steps} steps{more}; best validation PSNR "
+        f"{best}; weights: {result.best_weights or '-'} (best), "
+        f"{result.last_weights or '-'} (last)",
         markup=False,
     )
     if result.last_weights is None:

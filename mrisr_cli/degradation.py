@@ -122,9 +122,19 @@ def lowres_volume(hr: np.ndarray, config: DegradationConfig) -> np.ndarray:
     return np.abs(np.fft.ifftn(np.fft.ifftshift(band))).astype(np.float32)
 
 
-def lowres_affine(hr_affine: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Affine of the low-resolution grid: voxel ``j`` sits where high-res voxel ``f*j`` does."""
-    return hr_affine @ np.diag([*map(float, factors), 1.0])
+def lowres_spacing(shape: tuple[int, ...], factors: tuple[int, ...]) -> tuple[float, ...]:
+    """High-res voxels per low-res voxel: ``n / (n // f)``, which is ``f`` only where ``f``
+    divides ``n``. The band keeps ``n // f`` of ``n`` DFT samples, so its inverse DFT samples the
+    same field of view with that step (81 voxels at f=2: 40 samples, 2.025 voxels apart)."""
+    return tuple(n / (n // f) for n, f in zip(shape, factors, strict=True))
+
+
+def lowres_affine(
+    hr_affine: np.ndarray, hr_shape: tuple[int, ...], factors: tuple[int, ...]
+) -> np.ndarray:
+    """Affine of the low-resolution grid: voxel ``j`` sits where high-res voxel
+    ``j * n / (n // f)`` does (``f * j`` when ``f`` divides ``n``)."""
+    return hr_affine @ np.diag([*lowres_spacing(hr_shape, factors), 1.0])
 
 
 def resample_onto_grid(
@@ -160,5 +170,5 @@ def degrade_volume(
     low = lowres_volume(hr, config)
     order = INTERPOLATION_ORDERS[config.interpolation]
     return resample_onto_grid(
-        low, lowres_affine(affine, config.factors()), hr.shape, affine, order=order
+        low, lowres_affine(affine, hr.shape, config.factors()), hr.shape, affine, order=order
     )

@@ -27,5 +27,5 @@ def degrade_file(
     save_volume(lr_path, reo.undo(degraded), volume.affine, volume.header, overwrite=overwrite)
     if lowres_path is not None:
         low = lowres_volume(canonical, config)
-        affine = lowres_affine(reo.canonical_affine, config.factors())
+        affine = lowres_affine(reo.canonical_affine, canonical.shape, config.factors())
         save_volume(lowres_path, low, affine, None, overwrite=overwrite)

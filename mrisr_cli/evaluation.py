@@ -434,8 +434,8 @@ def plan(
     ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None
 ) -> tuple[dict[str, Path], dict[str, Pairing], Pairing | None, list[Path]]:
     """List and pair the folders; raises InputError where nothing at all can be paired."""
-    if not 1 <= len(preds) <= 2:
-        raise InputError(f"give one or two --pred folders, got {len(preds)}")
+    if not preds:
+        raise InputError("give at least one --pred folder")
     refs = list_volumes(ref_dir, "reference")
     methods = dict(zip(method_names(preds), preds, strict=True))
     pairings: dict[str, Pairing] = {}

@@ -80,9 +80,12 @@ def configure_threads(threads: int | None = None) -> int:
     for name in THREAD_ENV_VARS:
         os.environ[name] = str(count)
 
-    import SimpleITK as sitk  # heavy imports here, so that importing this module stays cheap
-    import torch
+    import torch  # heavy imports here, so that importing this module stays cheap
 
     torch.set_num_threads(count)
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # an install without the preprocessing extras: nothing to set
+        return count
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(count)
     return count

@@ -83,6 +83,7 @@ RESUME_MAY_CHANGE = frozenset(
         "compile",
         "val_batch_size",
         "batch_size",  # compared as the global batch (batch x processes) instead
+        "time_limit",
     }
 )
 OPTION_NAMES = {
@@ -131,6 +132,7 @@ class TrainConfig:
     prefetch: int = 4
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
+    time_limit: float = 0.0  # seconds of training in this call; 0: none
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -147,6 +149,8 @@ class TrainConfig:
             raise InputError("learning rates must be positive")
         if self.critic_warmup < 0 or self.lambda_adv < 0 or self.lambda_gp < 0:
             raise InputError("--critic-warmup, --lambda-adv and --lambda-gp cannot be negative")
+        if self.time_limit < 0:
+            raise InputError("--time-limit cannot be negative")
         if any(p < 8 for p in self.patch):
             raise InputError(f"--patch {self.patch} is too small (at least 8 voxels per axis)")
 
@@ -166,7 +170,7 @@ class TrainConfig:
 class TrainResult:
     """How a call to :func:`train` ended and where its files are."""
 
-    status: str  # "done" or "interrupted"
+    status: str  # "done", "interrupted" (signal) or "time-limit"
     step: int
     total_steps: int
     out: Path
@@ -888,12 +892,17 @@ def _run(
             (lr.to(device, non_blocking=True), hr.to(device, non_blocking=True))
             for lr, hr in prefetch
         )
+        loop_started = time.perf_counter()
         while step < total:
             started, waited = time.perf_counter(), prefetch.wait_seconds
             patches = trainer.fetches_per_step(step) * config.batch_size * dist.world
             losses = trainer.step(step, batches)
-            values = _reduce_losses(losses, stop.requested, dist, device)
+            time_up = bool(config.time_limit) and (
+                time.perf_counter() - loop_started >= config.time_limit
+            )
+            values = _reduce_losses(losses, stop.requested or time_up, dist, device)
             stopping = bool(values.pop("_stop"))
+            timed_out = stopping and not stop.requested
             step += 1
             elapsed = time.perf_counter() - started
             epoch_time += elapsed
@@ -918,8 +927,9 @@ def _run(
                     **{k: v / window_steps for k, v in window.items()},
                 )
                 window, window_steps = {}, 0
-            if step % config.steps_per_epoch == 0:
-                epoch = step // config.steps_per_epoch
+            # a time limit ends the call like an epoch: validated, exported weights
+            if step % config.steps_per_epoch == 0 or (timed_out and step < total):
+                epoch = math.ceil(step / config.steps_per_epoch)
                 metrics = validate(trainer.generator, val_subjects, val_options, dist)
                 data_wait = epoch_wait / max(epoch_time, 1e-9)
                 rate = epoch_patches / max(epoch_time, 1e-9)
@@ -955,11 +965,12 @@ def _run(
             elif config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint(step)
             if stopping and step < total:
-                if step % config.steps_per_epoch:  # else it was just written
+                if step % config.steps_per_epoch and not timed_out:  # else it was just written
                     save_checkpoint(step)
+                status = "time-limit" if timed_out else "interrupted"
                 if log is not None:
-                    log.write("interrupted", step=step)
-                result.status = "interrupted"
+                    log.write(status, step=step)
+                result.status = status
                 break
     result.step = step
     result.best_psnr = best

@@ -87,14 +87,33 @@ def test_degradation_keeps_units_and_removes_only_high_frequencies_of_degraded_a
     assert amplitude_after(0, 4) > 0.8  # low frequencies pass on degraded axes too
 
 
-def test_lowres_grid_interpolated_back_equals_degrade_output() -> None:
-    hr = head_phantom((40, 36, 44))
+@pytest.mark.parametrize("shape", [(40, 36, 44), (41, 36, 43)])
+def test_lowres_grid_interpolated_back_equals_degrade_output(shape: tuple[int, int, int]) -> None:
+    hr = head_phantom(shape)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     affine[:3, 3] = (-20, -18, -22)
     config = DegradationConfig()
     low = lowres_volume(hr, config)
-    back = resample_onto_grid(low, lowres_affine(affine, config.factors()), hr.shape, affine)
+    grid = lowres_affine(affine, hr.shape, config.factors())
+    back = resample_onto_grid(low, grid, hr.shape, affine)
     np.testing.assert_array_equal(back, degrade_volume(hr, config, affine=affine))
+
+
+@pytest.mark.parametrize("size", [80, 81, 83])
+def test_degraded_volume_stays_aligned_on_odd_sizes(size: int) -> None:
+    """The band keeps n // 2 of n samples: on odd n the low-res step is n / (n // 2) voxels, not
+    2. Taking it as 2 stretched the LR by 1/n and moved off-centre anatomy by up to a voxel
+    against the HR target."""
+    grid = np.arange(size, dtype=np.float64)
+    blob = np.exp(-(((grid - 0.75 * size) / 4.0) ** 2))  # smooth, off-centre
+    hr = np.broadcast_to(100 * blob[:, None, None], (size, 8, 8)).astype(np.float32)
+    degraded = degrade_volume(hr, DegradationConfig(axes=(0,)))
+
+    def centre(volume: np.ndarray) -> float:
+        profile = volume.sum(axis=(1, 2))
+        return float((profile * grid).sum() / profile.sum())
+
+    assert abs(centre(degraded) - centre(hr)) < 0.05
 
 
 def test_cubic_interpolation_option_differs_but_stays_close() -> None:

@@ -369,6 +369,30 @@ def test_resume_continues_bit_for_bit(prepared: Path, tmp_path: Path, stage: str
         assert all(torch.equal(ca["critic"][k], cb["critic"][k]) for k in ca["critic"])
 
 
+def test_time_limit_ends_a_call_with_validated_weights_and_resume_finishes_the_run(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """A budgeted call (--time-limit, as on a lent GPU or a SLURM slot) stops after the step that
+    crosses the limit, validates, exports weights, checkpoints; --resume does the rest, and the
+    result equals one uninterrupted run."""
+    train(tiny_config(prepared / "data", tmp_path / "a"))
+    config = tiny_config(prepared / "data", tmp_path / "b", time_limit=1e-9)
+    first = train(config)
+    assert first.status == "time-limit" and first.step == 1
+    assert first.last_weights is not None and first.last_weights.is_file()
+    assert load_weights(first.last_weights).provenance["step"] == 1
+    assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 1
+    events = [r["event"] for r in read_log(tmp_path / "b" / LOG)]
+    assert events[-2:] == ["epoch", "time-limit"]
+    second = training.resume(replace(config, time_limit=0.0))
+    assert second.status == "done" and second.step == 4
+    a = load_file(str(tmp_path / "a" / "last.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="time-limit"):
+        tiny_config(prepared / "data", tmp_path / "c", time_limit=-1.0)
+
+
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(
     prepared: Path, psnr_run: Path
 ) -> None:

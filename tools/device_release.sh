@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: train the shipped weights, score the test split, time upsample.
+# Expects (ignored, carried): .whl/ (nibabel wheel), carry/pack (dataset pack),
+# carry/highres3dnet.pth, carry/data/t1/S06_brainchop_t1_crop.nii.gz. Writes under $OUT.
+set -uo pipefail
+budget=${1:-560}
+start=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/log.txt"
+python3 -c "import torch, nibabel; print(torch.__version__, torch.cuda.get_device_name(0))" 2>&1 | tee -a "$OUT/log.txt"
+timeout $((budget - 75)) python3 tools/train_release.py --pack carry/pack --out "$OUT" --work /tmp/release \
+  --parcellation carry/highres3dnet.pth --device cuda --deadline $((budget - 85)) "${@:2}" 2>&1 | tee -a "$OUT/log.txt"
+left=$((budget - ($(date +%s) - start) - 5))
+echo "bench: ${left} s left" | tee -a "$OUT/log.txt"
+if [ "$left" -gt 25 ]; then
+  MRISR_DATA=carry/data timeout "$left" python3 benchmarks/bench_upsample.py --devices cuda --parts table 2>&1 | tee -a "$OUT/log.txt"
+fi
+ls -la "$OUT" | tee -a "$OUT/log.txt"

@@ -1,0 +1,465 @@
+"""Train the shipped weights and measure the comparison table, in one budgeted GPU session.
+
+What it does, each stage under a deadline so that the whole fits one call of a lent GPU (or one
+SLURM slot), each result written to --out as soon as it exists:
+
+1. unpack a dataset pack (:mod:`mrisr_cli.compact`) into a `mrisr train` data folder;
+2. RRDG, PSNR stage, for --psnr-seconds (validation every --val-every steps, best kept);
+3. RRDG, GAN stage from the best PSNR weights, for --gan-seconds;
+4. 3D FSRCNN, 3D SRResNet and mDCSRN, PSNR stage, with RRDG's schedule: the same data, batch,
+   learning rate and number of steps (each also capped in time);
+5. the test split: LR input, cubic B-spline of the true LR volume, every network, the GAN model
+   and the alpha=0.5 blend, through `mrisr upsample`'s code path (seconds per volume measured),
+   scored by `mrisr evaluate`'s code (PSNR, SSIM, NRMSE, M_h and Dice with HighRes3DNet);
+6. the figure: one coronal slice (a degraded plane) of each.
+
+    python tools/train_release.py --pack carry/pack --out $OUT --work /tmp/release \\
+        --parcellation carry/highres3dnet.pth --deadline 560
+
+``--tiny`` swaps in tiny networks and short budgets: the CPU dry run of the same script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tarfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mrisr_cli.compact import unpack_dataset
+from mrisr_cli.degradation import degrade_volume
+from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
+from mrisr_cli.prepare import load_manifest
+from mrisr_cli.training import TrainConfig, read_log, train
+
+TINY = {
+    "rrdg": {"features": 4, "blocks": 1, "growth": 2},
+    "fsrcnn": {"d": 4, "s": 2, "m": 1},
+    "srresnet": {"features": 4, "blocks": 1, "outer_kernel": 3},
+    "mdcsrn": {"growth": 2, "blocks": 1, "units": 2},
+}
+BASELINES = ("fsrcnn", "srresnet", "mdcsrn")
+STARTED = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
+
+
+def log(message: str) -> None:
+    print(f"[{elapsed():6.1f}s] {message}", flush=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def train_stage(
+    name: str, base: TrainConfig, out: Path, results: dict, **changes: Any
+) -> dict[str, Any]:
+    """One training run; if it fails under mixed precision, once more in fp32 (a fresh folder)."""
+    try:
+        return _train_stage(name, base, out, results, **changes)
+    except Exception:
+        if changes.get("amp") is False:
+            raise
+        results.setdefault("failures", {})[name] = traceback.format_exc()
+        log(f"{name} failed, retrying without AMP:\n{results['failures'][name]}")
+        limit = changes.get("time_limit")
+        if limit:
+            changes["time_limit"] = 0.6 * limit
+        return _train_stage(name + "_fp32", base, out, results, amp=False, **changes)
+
+
+def _train_stage(
+    name: str, base: TrainConfig, out: Path, results: dict, **changes: Any
+) -> dict[str, Any]:
+    config = replace(base, out=str(out / name), **changes)
+    started = time.perf_counter()
+    peak = None
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train(config)
+    seconds = time.perf_counter() - started
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    records = read_log(out / name / "log.jsonl")
+    epochs = [r for r in records if r["event"] == "epoch"]
+    patches = (
+        result.step * config.batch_size * (config.critic_steps if config.stage == "gan" else 1)
+    )
+    entry = {
+        "network": config.network.name,
+        "stage": config.stage,
+        "status": result.status,
+        "steps": result.step,
+        "seconds": round(seconds, 1),
+        "patches_per_second": [round(r["patches_per_second"], 2) for r in epochs],
+        "generator_patches": result.step * config.batch_size,
+        "patches_drawn": patches,
+        "peak_gpu_gib": round(peak, 2) if peak is not None else None,
+        "best_val_psnr": result.best_psnr,
+        "validation": [
+            {k: v for k, v in r.items() if k.startswith("val_") or k in ("step", "best")}
+            for r in epochs
+        ],
+        "best": str(result.best_weights) if result.best_weights else None,
+        "last": str(result.last_weights) if result.last_weights else None,
+        "config": config.as_dict(),
+    }
+    results["training"][name] = entry
+    log(
+        f"{name}: {result.status} after {result.step} steps, {seconds:.0f} s, best val PSNR "
+        f"{result.best_psnr}, peak GPU {entry['peak_gpu_gib']} GiB"
+    )
+    return entry
+
+
+def write_test_volumes(data_dir: Path, work: Path, split: str) -> list[str]:
+    """hr/, lr/ (the network input) and bspline/ (cubic B-spline of the true LR volume)."""
+    import nibabel as nib
+
+    manifest = load_manifest(data_dir)
+    cubic = replace(manifest.degradation, interpolation="cubic")
+    names = []
+    for record in manifest.split(split):
+        folder = data_dir / "subjects" / record["id"]
+        affine = np.asarray(record["affine"], dtype=float)
+        hr = np.load(folder / "hr.npy").astype(np.float32)
+        lr = np.load(folder / "lr.npy").astype(np.float32)
+        name = f"{record['id']}.nii.gz"
+        # the degradation works on magnitudes: run it in the scan's units, then z-score back
+        mean, std = record["intensity"]["mean"], record["intensity"]["std"]
+        raw = np.maximum(hr * std + mean, 0.0).astype(np.float32)
+        spline = (degrade_volume(raw, cubic, affine=affine) - mean) / std
+        for kind, data in (
+            ("hr", hr),
+            ("lr", lr),
+            ("bspline", spline),
+        ):
+            (work / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(work / kind / name))
+        names.append(name)
+    return names
+
+
+def run_methods(
+    methods: dict[str, tuple[Path, Path | None, float]], work: Path, device: str, half: bool
+) -> dict[str, Any]:
+    """Upsample every test LR volume with every method; seconds per volume each."""
+    from mrisr_cli.inference import InferenceOptions
+    from mrisr_cli.pipeline import UpsampleOptions, load_generator_files, upsample_file
+
+    timings: dict[str, Any] = {}
+    inputs = sorted((work / "lr").glob("*.nii.gz"))
+    options = UpsampleOptions(
+        inference=InferenceOptions(
+            device=device, half=half, batch_size=16 if device != "cpu" else 4
+        ),
+        n4=False,  # the test volumes were N4-corrected when prepared
+        overwrite=True,
+        sidecar=False,
+    )
+    for method, (psnr, gan, alpha) in methods.items():
+        files = load_generator_files(psnr, gan)
+        generator = files.generator(alpha, device)
+        (work / method).mkdir(exist_ok=True)
+        seconds = []
+        try:
+            for path in inputs:
+                result = upsample_file(path, work / method / path.name, generator, options)
+                seconds.append(result.seconds)
+        except Exception:
+            if not options.inference.half:
+                raise
+            log(f"{method}: half precision failed, fp32 instead:\n{traceback.format_exc()}")
+            options = replace(options, inference=replace(options.inference, half=False))
+            seconds = []
+            for path in inputs:
+                result = upsample_file(path, work / method / path.name, generator, options)
+                seconds.append(result.seconds)
+        totals = [t["total"] for t in seconds]
+        timings[method] = {"seconds": seconds, "mean": float(np.mean(totals))}
+        log(f"upsampled test split with {method}: {np.mean(totals):.2f} s/volume")
+    return timings
+
+
+def evaluate_all(
+    work: Path, methods: list[str], report: Path, weights: Path | None, device: str
+) -> dict:
+    from mrisr_cli.evaluation import EvaluationOptions, evaluate, summary_dict, write_report
+    from mrisr_cli.fidelity import read_label_names
+
+    options = EvaluationOptions(weights=weights, tissue=False, n4=False, device=device)
+    evaluation = evaluate(work / "hr", [work / m for m in methods], options=options, previews=0)
+    labels = read_label_names(weights) if weights else None
+    write_report(evaluation, report, overwrite=True, label_names=labels)
+    return summary_dict(evaluation)
+
+
+def figure(work: Path, methods: list[tuple[str, str]], path: Path) -> None:
+    """One coronal slice (axes 0 and 2 are the degraded ones) of the first test subject."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    name = sorted((work / "hr").glob("*.nii.gz"))[0].name
+    hr = np.asarray(nib.load(str(work / "hr" / name)).dataobj, dtype=np.float32)
+    j = hr.shape[1] // 2
+    lo, hi = np.percentile(hr, [1, 99.5])
+    x0, z0 = hr.shape[0] // 2 - 30, hr.shape[2] // 2 - 10
+    fig, axes = plt.subplots(2, len(methods), figsize=(2.2 * len(methods), 4.6))
+    for col, (folder, label) in enumerate(methods):
+        data = np.asarray(nib.load(str(work / folder / name)).dataobj, dtype=np.float32)
+        plane = np.rot90(data[:, j, :])
+        axes[0, col].imshow(plane, cmap="gray", vmin=lo, vmax=hi)
+        axes[0, col].set_title(label, fontsize=8)
+        zoom = np.rot90(data[x0 : x0 + 60, j, z0 : z0 + 60])
+        axes[1, col].imshow(zoom, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        for row in (0, 1):
+            axes[row, col].axis("off")
+    fig.suptitle(
+        f"{name.split('.')[0]}, coronal slice {j} (degraded plane); bottom: 60x60 mm zoom",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pack", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--parcellation", type=Path)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--deadline", type=float, default=560.0, help="seconds for everything")
+    parser.add_argument("--psnr-seconds", type=float, default=140.0)
+    parser.add_argument("--gan-seconds", type=float, default=60.0)
+    parser.add_argument("--eval-seconds", type=float, default=110.0, help="kept for step 5-6")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--gan-lr", type=float, default=5e-5)
+    parser.add_argument("--critic-steps", type=int, default=2)
+    parser.add_argument("--critic-warmup", type=int, default=20)
+    parser.add_argument("--val-every", type=int, default=150)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--half-eval", action="store_true", help="fp16 inference on the test split")
+    parser.add_argument("--tiny", action="store_true", help="tiny networks: the CPU dry run")
+    args = parser.parse_args()
+
+    import torch
+
+    from mrisr_cli.inference import resolve_device
+
+    device = resolve_device(args.device)
+    out, work = args.out, args.work
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"training": {}, "device": device, "args": vars(args)}
+    if device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(0)
+    results["torch"] = torch.__version__
+
+    def save() -> None:
+        write_json(out / "results.json", results)
+
+    data = work / "data"
+    manifest = unpack_dataset(args.pack, data, jobs=args.jobs)
+    results["counts"] = manifest["counts"]
+    results["splits"] = {s["id"]: s["split"] for s in manifest["subjects"]}
+    log(f"unpacked {len(manifest['subjects'])} subjects: {manifest['counts']}")
+    save()
+
+    params = (lambda n: TINY[n]) if args.tiny else (lambda n: {})
+    runs = work / "runs"
+    base = TrainConfig(
+        stage="psnr",
+        data=str(data),
+        out="",
+        network=NetworkConfig("rrdg", params("rrdg")),
+        critic=NetworkConfig(
+            "patch_discriminator", {"base_features": 4, "plain_layers": 0} if args.tiny else {}
+        ),
+        epochs=1000,
+        steps_per_epoch=args.val_every,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay_steps=10**9,  # a schedule this short keeps one rate
+        checkpointing=False,
+        device=device,
+        workers=args.workers,
+        prefetch=2 * args.workers,
+        log_every=10,
+    )
+
+    def guarded(name: str, stage: Any) -> Any:
+        try:
+            return stage()
+        except Exception:
+            results.setdefault("errors", {})[name] = traceback.format_exc()
+            log(f"{name} failed:\n{results['errors'][name]}")
+            return None
+        finally:
+            save()
+
+    entry = guarded(
+        "rrdg_psnr",
+        lambda: train_stage("rrdg_psnr", base, runs, results, time_limit=args.psnr_seconds),
+    )
+    if entry is not None:
+        steps = entry["steps"]
+        best = Path(entry["best"] or entry["last"])
+        shutil.copy(best, out / "rrdg_psnr.safetensors")
+        base = replace(base, amp=entry["config"]["amp"])  # the fp32 fallback holds for all
+        gan_seconds = min(args.gan_seconds, args.deadline - args.eval_seconds - elapsed() - 20)
+        if gan_seconds >= 5:
+            gan = guarded(
+                "rrdg_gan",
+                lambda: train_stage(
+                    "rrdg_gan",
+                    base,
+                    runs,
+                    results,
+                    stage="gan",
+                    init=str(best),
+                    lr=args.gan_lr,
+                    critic_lr=5 * args.gan_lr,
+                    critic_steps=args.critic_steps,
+                    critic_warmup=args.critic_warmup,
+                    time_limit=gan_seconds,
+                ),
+            )
+            if gan is not None:
+                shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
+        for net in BASELINES:
+            left = args.deadline - args.eval_seconds - elapsed()
+            if left < 15:
+                log(f"{net}: skipped, {left:.0f} s left before the evaluation")
+                results["training"][net] = {"status": "skipped (deadline)"}
+                continue
+            trained = guarded(
+                net,
+                lambda net=net, left=left: train_stage(
+                    net,
+                    base,
+                    runs,
+                    results,
+                    network=NetworkConfig(net, params(net)),
+                    epochs=1,
+                    steps_per_epoch=steps,
+                    time_limit=min(left, 1.5 * entry["seconds"]),
+                ),
+            )
+            if trained is not None:
+                shutil.copy(Path(trained["last"]), out / f"{net}.safetensors")
+
+    # --- the test split -----------------------------------------------------------------------
+    try:
+        names = write_test_volumes(data, work, "test")
+        log(f"test split: {names}")
+        methods: dict[str, tuple[Path, Path | None, float]] = {}
+        psnr_w, gan_w = out / "rrdg_psnr.safetensors", out / "rrdg_gan.safetensors"
+        for net in BASELINES:
+            if (out / f"{net}.safetensors").is_file():
+                methods[net] = (out / f"{net}.safetensors", None, 1.0)
+        if psnr_w.is_file():
+            methods["rrdg_psnr"] = (psnr_w, None, 1.0)
+        if psnr_w.is_file() and gan_w.is_file():
+            methods["rrdg_gan"] = (psnr_w, gan_w, 0.0)
+            methods["rrdg_blend_0.5"] = (psnr_w, gan_w, 0.5)
+        results["seconds_per_volume"] = run_methods(methods, work, device, args.half_eval)
+        results["parameters"] = {
+            net: count_parameters(build_network(NetworkConfig(net, params(net))))
+            for net in ("rrdg", *BASELINES)
+        }
+        save()
+        order = ["lr", "bspline", *methods]
+        pack_logs(runs, work, out)
+        results["evaluation_images"] = evaluate_all(work, order, work / "images", None, device)
+        save()
+        log("image metrics done")
+        labels = {
+            "lr": "LR input",
+            "bspline": "B-spline",
+            "fsrcnn": "FSRCNN",
+            "srresnet": "SRResNet",
+            "mdcsrn": "mDCSRN",
+            "rrdg_psnr": "RRDG PSNR",
+            "rrdg_gan": "RRDG GAN",
+            "rrdg_blend_0.5": "alpha=0.5",
+            "hr": "HR",
+        }
+        shown = [(m, labels[m]) for m in ["lr", *methods, "hr"] if m in labels]
+        figure(work, shown, work / "comparison.png")
+        log("figure written")
+        if args.parcellation is not None:
+            results["evaluation"] = evaluate_all(
+                work, order, work / "evaluation", args.parcellation, device
+            )
+            log("parcellation metrics done")
+    except Exception:
+        results["eval_error"] = traceback.format_exc()
+        log(results["eval_error"])
+    results["total_seconds"] = round(elapsed(), 1)
+    save()
+    pack_logs(runs, work, out)
+    print_table(results)
+    return 0
+
+
+def pack_logs(runs: Path, work: Path, out: Path) -> None:
+    """Logs, the figure and the reports in one file (the transfer back takes few files)."""
+    with tarfile.open(out / "runs.tar.gz.part", "w:gz") as tar:
+        for run in sorted(runs.glob("*")):
+            for name in ("log.jsonl", "run.json"):
+                if (run / name).is_file():
+                    tar.add(run / name, arcname=f"{run.name}/{name}")
+        if (work / "comparison.png").is_file():
+            tar.add(work / "comparison.png", arcname="comparison.png")
+        for folder, name in ((work / "evaluation", "evaluation"), (work / "images", "images")):
+            if folder.is_dir():
+                tar.add(folder, arcname=name)
+    (out / "runs.tar.gz.part").replace(out / "runs.tar.gz")
+
+
+def print_table(results: dict) -> None:
+    print("\nstage        status      steps  seconds  val PSNR  peak GiB")
+    for name, e in results["training"].items():
+        if "steps" in e:
+            print(
+                f"{name:<12} {e['status']:<11} {e['steps']:>5} {e['seconds']:>8} "
+                f"{e['best_val_psnr'] or math.nan:>9.2f} {e['peak_gpu_gib']}"
+            )
+    evaluation = results.get("evaluation") or results.get("evaluation_images")
+    if evaluation:
+        keys = [m["key"] for m in evaluation["metrics"]]
+        print("method          " + " ".join(f"{k:>14}" for k in keys))
+        for name, m in evaluation["methods"].items():
+            cells = []
+            for k in keys:
+                s = m["metrics"].get(k, {})
+                cells.append(f"{s.get('mean') or math.nan:8.4f}±{s.get('std') or math.nan:<5.3f}")
+            print(f"{name:<15} " + " ".join(f"{c:>14}" for c in cells))
+    print(json.dumps(results.get("seconds_per_volume", {}), default=str)[:600])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
