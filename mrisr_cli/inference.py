@@ -14,7 +14,8 @@ What runs, and what the output is, tile by tile (every tile of the paper's grid,
 
 The network runs as an inference copy: BatchNorm folded into the convolutions
 (:mod:`mrisr_cli.fusion`), activations channels-last (oneDNN's native layout: with the folding,
-10-30% faster on the CPU, docs/speed.md), fp16 (CUDA) or bf16 (CPU) weights with ``half``. On
+10-30% faster on the CPU, docs/speed.md), fp16 (CUDA) or bf16 (CPU) weights with ``half``
+(fp32 instead on a CPU without native bf16, where bf16 is emulated and far slower). On
 CUDA, batches travel through pinned buffers with asynchronous copies while the host prepares the
 next batch, cuDNN picks its algorithms once per shape (``cudnn.benchmark``) and fp32 means fp32
 (TF32 off).
@@ -26,7 +27,7 @@ import contextlib
 import copy
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -114,6 +115,14 @@ def resolve_half(device: str, half: bool) -> tuple[bool, str | None]:
             "than fp32; running in fp32"
         )
     return half, None
+
+
+def resolve_options(options: InferenceOptions) -> tuple[InferenceOptions, str | None]:
+    """The options as they run here: ``half`` falls back to fp32 where :func:`resolve_half` says
+    so, with its warning. :func:`super_resolve` applies this to every call, so every caller (the
+    CLI, :mod:`mrisr_cli.pipeline`, the demo, library code) gets the same rule."""
+    half, warning = resolve_half(options.device, options.half)
+    return (options if half == options.half else replace(options, half=half)), warning
 
 
 def autocast_context(device: str, half: bool) -> contextlib.AbstractContextManager[None]:
@@ -309,8 +318,12 @@ def super_resolve(
     options: InferenceOptions | None = None,
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Tile, run, crop and stitch: the network's output for the whole volume (same shape)."""
-    options = options or InferenceOptions()
+    """Tile, run, crop and stitch: the network's output for the whole volume (same shape).
+
+    ``half`` runs only where it is fast (:func:`resolve_options`): on a CPU without native bf16
+    it runs fp32, which is ~90x faster than emulated bf16 (docs/speed.md).
+    """
+    options, _ = resolve_options(options or InferenceOptions())
     grid = TileGrid(tuple(volume.shape), options.patch, options.margin, options.overlap)  # type: ignore[arg-type]
     padded = pad_for_grid(volume.astype(np.float32, copy=False), grid)
     plan = plan_tiles(padded, grid, options)

@@ -43,12 +43,58 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     if above.size == 0:
         return np.zeros(data.shape, dtype=bool)
     threshold = low + FOREGROUND_FRACTION * (float(np.percentile(above, 99)) - low)
+    # Labelling (twice) is most of the time: both run on bounding boxes, which changes nothing
+    # (every voxel outside the box is background connected to the border; see fill_holes).
     mask = data > threshold
+    out = np.zeros(data.shape, dtype=bool)
+    box = bounding_box(mask)
+    mask = largest_component(mask[box])
+    inner = bounding_box(mask)
+    out[box][inner] = fill_holes(mask[inner])
+    return out
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel (the whole array when there is none)."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, n))
+    return tuple(box)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a mask (the first one on a tie).
+
+    One ``bincount`` over the labels: noisy air makes 10^5-10^6 components on a 256^3 head,
+    where ``ndi.sum_labels`` took 5x as long.
+    """
     labels, count = ndi.label(mask)
-    if count > 1:
-        sizes = ndi.sum_labels(mask, labels, index=np.arange(1, count + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
-    return ndi.binary_fill_holes(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(mask)`` (face connectivity), with one labelling of the background.
+
+    A background voxel stays background when its face-connected background component touches
+    the array's border; the others are holes. ``binary_fill_holes`` finds the same components by
+    repeated dilation from the border, 2-3x slower on a 256^3 head. Filling inside the mask's
+    bounding box gives the same holes: a component that reaches the box's border touches either
+    the array's border or background outside the box, which itself reaches the array's border.
+    """
+    background, count = ndi.label(~mask)
+    if count == 0:
+        return mask.copy()
+    outside = np.zeros(count + 1, dtype=bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.take(background, end, axis=axis)] = True
+    outside[0] = False  # label 0: the mask itself
+    return ~outside[background]
 
 
 @dataclass(frozen=True)

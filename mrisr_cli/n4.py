@@ -15,6 +15,8 @@ import numpy as np
 
 from mrisr_cli.errors import MrisrError
 
+#: The intensity span N4 sees (the volume is rescaled to [1, 1 + N4_RANGE] and back).
+N4_RANGE = 1000.0
 #: Shrink factor of the image N4 fits its B-spline field on.
 N4_SHRINK = 4
 #: Iterations per fitting level and the convergence tolerance.
@@ -34,8 +36,12 @@ def n4_correct(
         import ants
     except ImportError as exc:  # pragma: no cover - antspyx is a declared dependency
         raise MrisrError("N4 needs ANTsPy: pip install antspyx (or run with --no-n4)") from exc
+    # N4 models a multiplicative field on positive intensities. The volume is moved to
+    # [1, 1 + N4_RANGE] first, whatever its units: a bare "+1" shift of a scan stored in [0, 1]
+    # made the offset dominate, and N4 returned a negative, inverted image (seen on a real one).
     floor = float(data.min())
-    shifted = np.ascontiguousarray(data - floor + 1.0, dtype=np.float32)
+    scale = N4_RANGE / max(float(data.max()) - floor, 1e-12)
+    shifted = np.ascontiguousarray((data - floor) * scale + 1.0, dtype=np.float32)
     image = ants.from_numpy(shifted, spacing=tuple(float(s) for s in spacing))
     ants_mask = None
     if mask is not None:
@@ -46,5 +52,7 @@ def n4_correct(
         shrink_factor=shrink_factor,
         convergence=dict(convergence or N4_CONVERGENCE),
     )
-    out = corrected.numpy().astype(np.float32) + floor - 1.0
-    return out
+    fixed = corrected.numpy().astype(np.float64)
+    # the field is known up to a constant factor: keep the input's overall level (its units)
+    fixed *= float(shifted.mean(dtype=np.float64)) / max(float(fixed.mean()), 1e-12)
+    return ((fixed - 1.0) / scale + floor).astype(np.float32)

@@ -23,7 +23,12 @@ from mrisr_cli import __version__
 from mrisr_cli.blending import blend_weights, check_alpha
 from mrisr_cli.errors import MrisrError, WeightsError
 from mrisr_cli.grid import plan_grid
-from mrisr_cli.inference import InferenceOptions, ProgressCallback, super_resolve
+from mrisr_cli.inference import (
+    InferenceOptions,
+    ProgressCallback,
+    resolve_options,
+    super_resolve,
+)
 from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.n4 import n4_correct
 from mrisr_cli.volumes import atomic_path, check_output_path, load_volume, save_volume, strip_suffix
@@ -167,8 +172,13 @@ def upsample_file(
     options: UpsampleOptions,
     progress: ProgressCallback | None = None,
 ) -> UpsampleResult:
-    """Super-resolve one file onto the model's grid and write it (atomically) with a sidecar."""
+    """Super-resolve one file onto the model's grid and write it (atomically) with a sidecar.
+
+    ``half`` where it would only be emulated runs fp32 (:func:`~mrisr_cli.inference.super_resolve`
+    decides); the result's warnings then say so.
+    """
     started = time.perf_counter()
+    inference, half_warning = resolve_options(options.inference)
     check_output_path(output_path, overwrite=options.overwrite)
     volume = load_volume(input_path)
     config = generator.weights.degradation
@@ -179,9 +189,7 @@ def upsample_file(
     if use_n4:
         data = n4_correct(data, plan.model_spacing)
     corrected = time.perf_counter()
-    out = upsample_array(
-        plan.permute(data), generator, options=options.inference, progress=progress
-    )
+    out = upsample_array(plan.permute(data), generator, options=inference, progress=progress)
     out = plan.to_output(plan.unpermute(out))
     inferred = time.perf_counter()
     affine = plan.output_affine()
@@ -201,7 +209,7 @@ def upsample_file(
         output_shape=tuple(out.shape),
         resampled=plan.resampled,
         seconds=seconds,
-        warnings=list(plan.warnings),
+        warnings=list(plan.warnings) + ([half_warning] if half_warning else []),
     )
     if options.sidecar:
         write_sidecar(result, generator, options, use_n4)
@@ -211,8 +219,8 @@ def upsample_file(
 def write_sidecar(
     result: UpsampleResult, generator: Generator, options: UpsampleOptions, n4: bool
 ) -> None:
-    """Record what produced an output, next to it."""
-    inference = options.inference
+    """Record what produced an output, next to it: the tiling and precision as they ran."""
+    inference, _ = resolve_options(options.inference)  # half after the fallback, as it ran
     record = {
         "mrisr_version": __version__,
         "torch_version": torch.__version__,
@@ -226,9 +234,11 @@ def write_sidecar(
         "precision": ("fp16" if inference.device.startswith("cuda") else "bf16")
         if inference.half
         else "fp32",
+        "half": inference.half,
         "n4": n4,
         "patch": list(inference.patch),
         "margin": inference.margin,
+        "overlap": inference.overlap,
         "input_shape": list(result.input_shape),
         "output_shape": list(result.output_shape),
         "resampled_to_model_grid": result.resampled,

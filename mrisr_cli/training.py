@@ -28,6 +28,7 @@ Losses (SPEC "Losses and training"; the critic scores how *fake* a patch looks):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from torch import nn
 from mrisr_cli import __version__
 from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, WeightsError
-from mrisr_cli.inference import InferenceOptions, autocast_context, resolve_device, super_resolve
+from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
 from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
 from mrisr_cli.prepare import Manifest, load_manifest
@@ -322,6 +323,15 @@ def critic_loss(
 # --- the trainer ------------------------------------------------------------------------------
 
 
+def training_amp_dtype(device: str) -> torch.dtype:
+    """bf16 where the GPU has it (Ampere and later): fp32's range, so no loss scaling, and the
+    WGAN-GP input gradient cannot overflow (under fp16 it did: NaN at the first critic step on an
+    H200); fp16 with loss scaling on older GPUs; bf16 on the CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -370,9 +380,11 @@ class Trainer:
         self.generator.to(device).train()
         betas = tuple(config.betas)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=config.lr, betas=betas)
-        self.scaler_g = torch.amp.GradScaler("cuda", enabled=self.use_amp and cuda)
+        self.amp_dtype = training_amp_dtype(device)
+        scaled = self.use_amp and cuda and self.amp_dtype == torch.float16
+        self.scaler_g = torch.amp.GradScaler("cuda", enabled=scaled)
         self.opt_d: torch.optim.Optimizer | None = None
-        self.scaler_d = torch.amp.GradScaler("cuda", enabled=self.use_amp and cuda)
+        self.scaler_d = torch.amp.GradScaler("cuda", enabled=scaled)
         if self.critic is not None:
             self.critic.to(device).train()
             self.opt_d = torch.optim.Adam(
@@ -402,7 +414,9 @@ class Trainer:
                 group["lr"] = self.config.critic_lr * factor
 
     def _autocast(self) -> Any:
-        return autocast_context(self.device, self.use_amp)
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype)
 
     def psnr_step(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
         """One Adam step on the L1 loss."""

@@ -46,7 +46,10 @@ def test_upsample_keeps_shape_affine_orientation_and_writes_sidecar(
     affine = np.array([[0, 0, -1.0, 30], [-1.0, 0, 0, 20], [0, 1.0, 0, -10], [0, 0, 0, 1]])
     src = write_nifti(tmp_path / "in.nii.gz", head_phantom((36, 44, 40)), affine, np.uint8)
     out = tmp_path / "out.nii.gz"
-    result = upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH, "--device", "cpu")
+    tiling = ["--margin", "2", "--overlap", "4"]
+    result = upsample(
+        src, out, "--psnr-weights", fast_weights, *SMALL_PATCH, *tiling, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.stderr
     image = nib.load(out)
     assert image.shape == (36, 44, 40)
@@ -57,6 +60,8 @@ def test_upsample_keeps_shape_affine_orientation_and_writes_sidecar(
     assert sidecar["weights"][0]["sha256"] == load_weights(fast_weights).sha256
     assert sidecar["alpha"] == 1.0 and sidecar["precision"] == "fp32"
     assert sidecar["device"] == "cpu" and sidecar["mrisr_version"]
+    assert sidecar["patch"] == [24, 16, 24] and sidecar["margin"] == 2
+    assert sidecar["overlap"] == 4 and sidecar["half"] is False
     assert no_partial_files(tmp_path)
 
 

@@ -8,6 +8,7 @@ and their voxels keep the input's values. Half precision is close (PSNR > 50 dB)
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ from conftest import TINY_RRDG, head_phantom, real_volume
 from torch import nn
 from typer.testing import CliRunner
 
+from mrisr_cli import inference
 from mrisr_cli.fusion import conv_bn_pairs, fold_batchnorm
 from mrisr_cli.inference import (
     CONTENT_BLOCK,
@@ -284,6 +286,89 @@ def test_half_falls_back_to_fp32_on_a_cpu_without_native_bf16(monkeypatch) -> No
     assert resolve_half("cpu", False) == (False, None)
 
 
+def _record_run_dtypes(monkeypatch) -> list[torch.dtype]:
+    """The dtype of every network that super_resolve prepares (and then runs), in order."""
+    seen: list[torch.dtype] = []
+    prepare = inference.prepare_network
+
+    def spy(model: nn.Module, options: InferenceOptions) -> nn.Module:
+        net = prepare(model, options)
+        seen.append(next(net.parameters()).dtype)
+        return net
+
+    monkeypatch.setattr(inference, "prepare_network", spy)
+    return seen
+
+
+def _native_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(inference, "fast_half_available", lambda device: native)
+
+
+def test_library_half_falls_back_to_fp32_for_every_caller(
+    monkeypatch, tmp_path, phantom_file, psnr_weights
+) -> None:
+    """``InferenceOptions(half=True)`` into super_resolve, upsample_array or upsample_file on a
+    CPU without native bf16 runs fp32, as the CLI does: same output, warning and sidecar say so."""
+    from mrisr_cli.pipeline import (
+        UpsampleOptions,
+        load_generator_files,
+        upsample_array,
+        upsample_file,
+    )
+
+    _native_bf16(monkeypatch, False)
+    seen = _record_run_dtypes(monkeypatch)
+    volume = _whole_head_like()
+    model = _tiny_rrdg()
+    fp32 = super_resolve(volume, model, InferenceOptions(patch=PATCH))
+    half = super_resolve(volume, model, InferenceOptions(patch=PATCH, half=True))
+    np.testing.assert_array_equal(half, fp32)
+    generator = load_generator_files(psnr_weights, None).generator(1.0, "cpu")
+    data = head_phantom((30, 24, 32))
+    options = InferenceOptions(patch=PATCH, half=True)
+    np.testing.assert_array_equal(
+        upsample_array(data, generator, options=options),
+        upsample_array(data, generator, options=InferenceOptions(patch=PATCH)),
+    )
+    out = tmp_path / "half.nii.gz"
+    result = upsample_file(phantom_file, out, generator, UpsampleOptions(inference=options))
+    assert seen and set(seen) == {torch.float32}
+    assert any("no native bf16" in w for w in result.warnings)
+    sidecar = json.loads((tmp_path / "half.json").read_text())
+    assert sidecar["half"] is False and sidecar["precision"] == "fp32"
+    assert any("no native bf16" in w for w in sidecar["warnings"])
+
+
+def test_library_half_runs_bf16_where_it_is_native(
+    monkeypatch, tmp_path, phantom_file, fast_weights
+) -> None:
+    """Where bf16 is native (here: pretended) half stays half: the network runs in bf16."""
+    from mrisr_cli.pipeline import UpsampleOptions, load_generator_files, upsample_file
+
+    _native_bf16(monkeypatch, True)
+    seen = _record_run_dtypes(monkeypatch)
+    generator = load_generator_files(fast_weights, None).generator(1.0, "cpu")
+    options = UpsampleOptions(inference=InferenceOptions(patch=PATCH, half=True))
+    result = upsample_file(phantom_file, tmp_path / "bf16.nii.gz", generator, options)
+    assert seen == [torch.bfloat16] and not result.warnings
+    sidecar = json.loads((tmp_path / "bf16.json").read_text())
+    assert sidecar["half"] is True and sidecar["precision"] == "bf16"
+
+
+def test_cli_demo_half_warns_and_runs_fp32_without_native_bf16(
+    monkeypatch, tmp_path, fast_weights
+) -> None:
+    from mrisr_cli.cli import app
+
+    _native_bf16(monkeypatch, False)
+    seen = _record_run_dtypes(monkeypatch)
+    args = ["demo", str(tmp_path / "demo"), "--psnr-weights", str(fast_weights), "--half"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "no native bf16" in result.output and "running in fp32" in result.output
+    assert seen == [torch.float32]
+
+
 def test_cli_half_on_this_cpu_warns_when_it_falls_back(
     tmp_path, phantom_file, psnr_weights
 ) -> None:
@@ -295,6 +380,8 @@ def test_cli_half_on_this_cpu_warns_when_it_falls_back(
     result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
     assert ("no native bf16" in result.output) == (not fast_half_available("cpu"))
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["half"] == fast_half_available("cpu")
 
 
 def test_cli_margin_and_overlap(tmp_path, phantom_file, psnr_weights) -> None:
@@ -330,13 +417,16 @@ def _upsample(data: np.ndarray, model: nn.Module, options: InferenceOptions) -> 
 
 
 @pytest.mark.slow
-def test_bf16_on_cpu_is_within_50_db_of_fp32_on_a_real_crop() -> None:
+def test_bf16_on_cpu_is_within_50_db_of_fp32_on_a_real_crop(monkeypatch) -> None:
     """bf16 (emulated, slow, on CPUs without native support) against fp32 in the input's units."""
+    _native_bf16(monkeypatch, True)  # run bf16 even where super_resolve would fall back to fp32
+    seen = _record_run_dtypes(monkeypatch)
     data = _real_crop()
     model = _tiny_rrdg()
     patch = (33, 24, 33)
     fp32 = _upsample(data, model, InferenceOptions(patch=patch))
     bf16 = _upsample(data, model, InferenceOptions(patch=patch, half=True))
+    assert seen == [torch.float32, torch.bfloat16]
     psnr = _psnr(fp32, bf16)
     print(f"bf16 vs fp32 on a real T1 crop {data.shape}: PSNR {psnr:.1f} dB")
     assert psnr > 50

@@ -13,7 +13,7 @@ timeout $((budget - 75)) python3 tools/train_release.py --pack carry/pack --out 
   --parcellation carry/highres3dnet.pth --device cuda --deadline $((budget - 85)) "${@:2}" 2>&1 | tee -a "$OUT/log.txt"
 left=$((budget - ($(date +%s) - start) - 5))
 echo "bench: ${left} s left" | tee -a "$OUT/log.txt"
-if [ "$left" -gt 25 ]; then
+if [ "$left" -gt 25 ] && [ -z "${SKIP_BENCH:-}" ]; then
   MRISR_DATA=carry/data timeout "$left" python3 benchmarks/bench_upsample.py --devices cuda --parts table 2>&1 | tee -a "$OUT/log.txt"
 fi
 ls -la "$OUT" | tee -a "$OUT/log.txt"

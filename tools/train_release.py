@@ -263,6 +263,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--half-eval", action="store_true", help="fp16 inference on the test split")
     parser.add_argument("--tiny", action="store_true", help="tiny networks: the CPU dry run")
+    parser.add_argument(
+        "--trained",
+        type=Path,
+        help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: the "
+        "PSNR stage and the baselines are not trained again (GAN stage and evaluation only)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -320,10 +326,35 @@ def main() -> int:
         finally:
             save()
 
-    entry = guarded(
-        "rrdg_psnr",
-        lambda: train_stage("rrdg_psnr", base, runs, results, time_limit=args.psnr_seconds),
-    )
+    if args.trained is not None:
+        for name in ("rrdg_psnr", *BASELINES):
+            if (args.trained / f"{name}.safetensors").is_file():
+                shutil.copy(args.trained / f"{name}.safetensors", out / f"{name}.safetensors")
+        best = out / "rrdg_psnr.safetensors"
+        gan = guarded(
+            "rrdg_gan",
+            lambda: train_stage(
+                "rrdg_gan",
+                base,
+                runs,
+                results,
+                stage="gan",
+                init=str(best),
+                lr=args.gan_lr,
+                critic_lr=5 * args.gan_lr,
+                critic_steps=args.critic_steps,
+                critic_warmup=args.critic_warmup,
+                time_limit=args.gan_seconds,
+            ),
+        )
+        if gan is not None:
+            shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
+        entry = None
+    else:
+        entry = guarded(
+            "rrdg_psnr",
+            lambda: train_stage("rrdg_psnr", base, runs, results, time_limit=args.psnr_seconds),
+        )
     if entry is not None:
         steps = entry["steps"]
         best = Path(entry["best"] or entry["last"])
