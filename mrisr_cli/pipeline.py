@@ -96,8 +96,9 @@ def load_generator_files(psnr: Path | None, gan: Path | None) -> GeneratorFiles:
         psnr_default, gan_default = folder / DEFAULT_PSNR_NAME, folder / DEFAULT_GAN_NAME
         if not psnr_default.is_file():
             raise WeightsError(
-                f"no trained weights are installed in {folder} (trained weights are not released "
-                "yet); pass --psnr-weights/--gan-weights or set MRISR_WEIGHTS"
+                f"no trained weights are installed in {folder} (the release ships them in the "
+                "repository's weights/ folder); pass --psnr-weights/--gan-weights or set "
+                "MRISR_WEIGHTS"
             )
         psnr = psnr_default
         gan = gan_default if gan_default.is_file() else None
