@@ -18,6 +18,7 @@ from rich.console import Console
 
 from mrisr_cli import __version__
 from mrisr_cli.cli_evaluate import evaluate_command
+from mrisr_cli.cli_options import AxesOption, FactorOption, InterpolationOption, parse_axes
 from mrisr_cli.errors import MrisrError
 
 app = typer.Typer(
@@ -225,26 +226,19 @@ def degrade(
         Path | None,
         typer.Option(help="Also write the true low-resolution volume (coarser voxels) here."),
     ] = None,
-    factor: Annotated[int, typer.Option(min=1, help="Resolution reduction per degraded axis.")] = 2,
-    axes: Annotated[
-        str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
-    ] = "0,2",
-    interpolation: Annotated[
-        str, typer.Option(help="Back onto the fine grid: linear (authors) or cubic.")
-    ] = "linear",
+    factor: FactorOption = 2,
+    axes: AxesOption = "0,2",
+    interpolation: InterpolationOption = "linear",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing outputs.")
     ] = False,
 ) -> None:
     """Make the paper's low-resolution input from a 1 mm image (k-space crop, two axes)."""
-    try:
-        axis_tuple = tuple(sorted({int(a) for a in axes.split(",")}))
-    except ValueError:
-        raise fail(f"--axes takes axis numbers 0-2 separated by commas, got {axes!r}") from None
     with user_errors():
         from mrisr_cli.degradation import DegradationConfig
         from mrisr_cli.degrade_file import degrade_file
 
+        axis_tuple = parse_axes(axes)
         try:
             config = DegradationConfig(axes=axis_tuple, factor=factor, interpolation=interpolation)
         except ValueError as exc:

@@ -114,8 +114,8 @@ def _run(
     from mrisr_cli.fidelity import read_label_names
     from mrisr_cli.inference import resolve_device
 
-    if not 1 <= len(pred) <= 2:
-        raise MrisrError(f"give --pred once or twice, got {len(pred)} folders")
+    if not pred:
+        raise MrisrError("give at least one --pred folder")
     if out is not None:
         check_report_target(out, overwrite=overwrite)
     resolved = resolve_device(device)

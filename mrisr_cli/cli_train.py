@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from mrisr_cli.cli_options import AxesOption, FactorOption, InterpolationOption, parse_axes
+
 GAN_DEFAULTS = {"epochs": 10, "lr": 1e-5}
 PSNR_DEFAULTS = {"epochs": 100, "lr": 1e-4}
 
@@ -32,15 +34,6 @@ def _parse_json_object(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
-def _parse_axes(text: str) -> tuple[int, ...]:
-    from mrisr_cli.errors import InputError
-
-    try:
-        return tuple(sorted({int(a) for a in text.split(",") if a.strip()}))
-    except ValueError:
-        raise InputError(f"axes take numbers 0-2 separated by commas, got {text!r}") from None
-
-
 def prepare_command(
     src_dir: Annotated[
         Path, typer.Argument(help="Folder of T1 images (searched recursively).", show_default=False)
@@ -56,13 +49,9 @@ def prepare_command(
         str, typer.Option(help="Shares train,val,eval,test, by subject (paper: 780/111/111/111).")
     ] = "0.7,0.1,0.1,0.1",
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
-    factor: Annotated[int, typer.Option(min=1, help="Resolution reduction per degraded axis.")] = 2,
-    axes: Annotated[
-        str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
-    ] = "0,2",
-    interpolation: Annotated[
-        str, typer.Option(help="Back onto the fine grid: linear (authors) or cubic.")
-    ] = "linear",
+    factor: FactorOption = 2,
+    axes: AxesOption = "0,2",
+    interpolation: InterpolationOption = "linear",
     min_extent: Annotated[
         float, typer.Option(min=0.0, help="Smallest field of view (mm) accepted as a brain scan.")
     ] = 64.0,
@@ -94,7 +83,7 @@ def prepare_command(
 
         try:
             degradation = DegradationConfig(
-                axes=_parse_axes(axes),
+                axes=parse_axes(axes),
                 factor=factor,
                 interpolation=interpolation,
                 spacing_mm=spacing,

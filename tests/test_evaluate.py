@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -118,6 +119,25 @@ def test_two_methods_paired_test_prefers_the_sharper(tmp_path: Path) -> None:
         assert test["n"] == 4 and test["better"] == "sharp", key
         assert 0 <= test["p"] < 0.01, key
     assert len(read_rows(out / "subjects.csv")) == 8
+
+
+def test_many_methods_in_one_table(tmp_path: Path) -> None:
+    """Any number of --pred folders (the README's results table has eight); the paired t-test is
+    only for exactly two."""
+    hr, sharp, blurry = dataset(tmp_path, subjects=2)
+    third = tmp_path / "copy"
+    shutil.copytree(sharp, third)
+    out = tmp_path / "report"
+    result = invoke(
+        "--ref", hr, "--pred", sharp, "--pred", blurry, "--pred", third, "--out", out, *FAST
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["sharp", "blurry", "copy"]
+    assert summary["comparison"] is None and "p-value" not in result.stdout
+    psnr = {m: v["metrics"]["psnr"]["mean"] for m, v in summary["methods"].items()}
+    assert psnr["copy"] == pytest.approx(psnr["sharp"]) and psnr["sharp"] > psnr["blurry"]
+    assert len(read_rows(out / "subjects.csv")) == 6
 
 
 def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
