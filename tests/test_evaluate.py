@@ -313,10 +313,15 @@ def test_wrong_parcellation_weights_file(tmp_path: Path) -> None:
     assert "not HighRes3DNet weights" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_too_many_prediction_folders(tmp_path: Path) -> None:
-    hr, sharp, blurry = dataset(tmp_path)
-    result = invoke("--ref", hr, "--pred", sharp, "--pred", blurry, "--pred", sharp)
-    assert result.exit_code == 1 and "--pred once or twice" in result.stderr
+def test_no_prediction_folder(tmp_path: Path) -> None:
+    hr, _, _ = dataset(tmp_path, subjects=1)
+    from mrisr_cli.errors import InputError
+    from mrisr_cli.evaluation import plan
+
+    with pytest.raises(InputError, match="at least one --pred"):
+        plan(hr, [], None)
+    result = invoke("--ref", hr)
+    assert result.exit_code != 0 and "--pred" in result.output
 
 
 def test_existing_report_needs_overwrite(tmp_path: Path) -> None:
