@@ -326,11 +326,8 @@ def main() -> int:
         finally:
             save()
 
-    if args.trained is not None:
-        for name in ("rrdg_psnr", *BASELINES):
-            if (args.trained / f"{name}.safetensors").is_file():
-                shutil.copy(args.trained / f"{name}.safetensors", out / f"{name}.safetensors")
-        best = out / "rrdg_psnr.safetensors"
+    def train_gan(base: TrainConfig, init: Path, seconds: float) -> None:
+        """The GAN stage from ``init`` for ``seconds``; its last weights are the shipped ones."""
         gan = guarded(
             "rrdg_gan",
             lambda: train_stage(
@@ -339,16 +336,22 @@ def main() -> int:
                 runs,
                 results,
                 stage="gan",
-                init=str(best),
+                init=str(init),
                 lr=args.gan_lr,
                 critic_lr=5 * args.gan_lr,
                 critic_steps=args.critic_steps,
                 critic_warmup=args.critic_warmup,
-                time_limit=args.gan_seconds,
+                time_limit=seconds,
             ),
         )
         if gan is not None:
             shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
+
+    if args.trained is not None:
+        for name in ("rrdg_psnr", *BASELINES):
+            if (args.trained / f"{name}.safetensors").is_file():
+                shutil.copy(args.trained / f"{name}.safetensors", out / f"{name}.safetensors")
+        train_gan(base, out / "rrdg_psnr.safetensors", args.gan_seconds)
         entry = None
     else:
         entry = guarded(
@@ -362,24 +365,7 @@ def main() -> int:
         base = replace(base, amp=entry["config"]["amp"])  # the fp32 fallback holds for all
         gan_seconds = min(args.gan_seconds, args.deadline - args.eval_seconds - elapsed() - 20)
         if gan_seconds >= 5:
-            gan = guarded(
-                "rrdg_gan",
-                lambda: train_stage(
-                    "rrdg_gan",
-                    base,
-                    runs,
-                    results,
-                    stage="gan",
-                    init=str(best),
-                    lr=args.gan_lr,
-                    critic_lr=5 * args.gan_lr,
-                    critic_steps=args.critic_steps,
-                    critic_warmup=args.critic_warmup,
-                    time_limit=gan_seconds,
-                ),
-            )
-            if gan is not None:
-                shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
+            train_gan(base, best, gan_seconds)
         for net in BASELINES:
             left = args.deadline - args.eval_seconds - elapsed()
             if left < 15:
