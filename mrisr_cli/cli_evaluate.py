@@ -114,8 +114,6 @@ def _run(
     from mrisr_cli.fidelity import read_label_names
     from mrisr_cli.inference import resolve_device
 
-    if not pred:
-        raise MrisrError("give at least one --pred folder")
     if out is not None:
         check_report_target(out, overwrite=overwrite)
     resolved = resolve_device(device)

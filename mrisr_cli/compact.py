@@ -19,8 +19,9 @@ differ slightly from an uncropped degradation; the foreground is at least ``marg
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,13 @@ import numpy as np
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
 from mrisr_cli.errors import InputError
-from mrisr_cli.intensity import foreground_mask
+from mrisr_cli.intensity import IntensityStats, bounding_box, foreground_mask
 from mrisr_cli.prepare import (
-    CENTRE_STRIDE,
-    MANIFEST_FORMAT,
     MANIFEST_NAME,
-    MANIFEST_VERSION,
     SPLITS,
-    _save_array,
-    dataset_fingerprint,
     load_manifest,
+    save_manifest,
+    write_subject_arrays,
 )
 from mrisr_cli.volumes import atomic_path
 
@@ -49,15 +47,24 @@ DEFAULT_MARGIN = 8
 def foreground_box(
     mask: np.ndarray, margin: int, step: Sequence[int] = (1, 1, 1)
 ) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` grown by ``margin`` voxels, clipped to the volume, starting
-    on a multiple of ``step`` (the degradation factors: the LR grid keeps its phase)."""
-    where = np.argwhere(mask)
-    if where.size == 0:
+    """The bounding box of ``mask`` grown by ``margin`` voxels, starting on a multiple of
+    ``step`` (the degradation factors: the LR grid keeps its phase)."""
+    if not mask.any():
         raise InputError("empty foreground: nothing to crop")
-    low = np.maximum(where.min(axis=0) - margin, 0)
-    low = (low // np.asarray(step)) * np.asarray(step)
-    high = np.minimum(where.max(axis=0) + 1 + margin, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+    box = bounding_box(mask, margin)
+    return tuple(slice(b.start - b.start % f, b.stop) for b, f in zip(box, step, strict=True))
+
+
+def degrade_zscores(
+    hr_z: np.ndarray, config: DegradationConfig, affine: np.ndarray, stats: IntensityStats
+) -> np.ndarray:
+    """The degradation of a z-scored volume, as z-scores with the same statistics.
+
+    The degradation keeps the magnitude of the inverse FFT, as a scanner does: it is not linear
+    in signed z-scores, so it runs in the scan's own (non-negative) units, as in `prepare`.
+    """
+    raw = np.maximum(stats.denormalise(hr_z), 0.0)
+    return stats.normalise(degrade_volume(raw, config, affine=affine))
 
 
 def quantise(volume: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -85,7 +92,6 @@ def pack_dataset(
     manifest = load_manifest(Path(data_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = json.loads((manifest.root / MANIFEST_NAME).read_text())
     subjects = []
     for record in manifest.subjects:
         if record["split"] not in splits:
@@ -110,10 +116,8 @@ def pack_dataset(
         "format": PACK_FORMAT,
         "version": 1,
         "source_fingerprint": manifest.fingerprint,
-        "degradation": raw["degradation"],
-        "spacing_mm": raw["spacing_mm"],
-        "n4": raw["n4"],
-        "split": raw["split"],
+        "degradation": json.loads(manifest.degradation.to_json()),  # spacing and N4 included
+        "split": json.loads((manifest.root / MANIFEST_NAME).read_text())["split"],
         "margin": margin,
         "subjects": subjects,
     }
@@ -122,50 +126,30 @@ def pack_dataset(
     return pack
 
 
-def _unpack_subject(pack_dir: Path, out_dir: Path, entry: dict, degradation: str) -> dict:
+def _unpack_subject(pack_dir: Path, out_dir: Path, degradation: str, entry: dict) -> dict:
     config = DegradationConfig.from_json(degradation)
     with np.load(pack_dir / entry["file"]) as stored:
         hr = dequantise(stored["hr"], float(stored["low"]), float(stored["high"]))
         affine = np.asarray(stored["affine"], dtype=float)
-    # The degradation keeps the magnitude of the inverse FFT, as a scanner does: it is not
-    # linear in signed z-scores, so it runs in the scan's own (non-negative) units, as in prepare.
-    mean, std = float(entry["intensity"]["mean"]), float(entry["intensity"]["std"])
-    raw = np.maximum(hr * np.float32(std) + np.float32(mean), 0.0)
-    lr = (degrade_volume(raw, config, affine=affine) - np.float32(mean)) / np.float32(std)
+    stats = IntensityStats(float(entry["intensity"]["mean"]), float(entry["intensity"]["std"]))
+    lr = degrade_zscores(hr, config, affine, stats)
     mask = foreground_mask(hr)
-    centres = (
-        np.argwhere(mask[::CENTRE_STRIDE, ::CENTRE_STRIDE, ::CENTRE_STRIDE]) * CENTRE_STRIDE
-    ).astype(np.int16)
     folder = out_dir / "subjects" / entry["id"]
     folder.mkdir(parents=True, exist_ok=True)
-    files = {
-        "hr": _save_array(folder / "hr.npy", hr.astype(np.float16)),
-        "lr": _save_array(folder / "lr.npy", lr.astype(np.float16)),
-        "mask": _save_array(folder / "mask.npy", mask.astype(np.uint8)),
-        "centres": _save_array(folder / "centres.npy", centres),
-    }
     record = {k: v for k, v in entry.items() if k not in ("file", "crop_start")}
     record.update(
         shape=[int(n) for n in hr.shape],
         affine=affine.round(6).tolist(),
         foreground_voxels=int(mask.sum()),
         packed={"crop_start": entry["crop_start"], "quantised": "uint8"},
-        files={
-            name: {"path": f"subjects/{entry['id']}/{name}.npy", "sha256": digest}
-            for name, digest in files.items()
-        },
+        files=write_subject_arrays(folder, entry["id"], hr, lr, mask),
     )
     return record
 
 
-def unpack_dataset(
-    pack_dir: Path,
-    out_dir: Path,
-    *,
-    jobs: int = 1,
-    on_subject: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Rebuild a `mrisr train` data folder from a pack; the split is kept as packed."""
+def unpack_dataset(pack_dir: Path, out_dir: Path, *, jobs: int = 1) -> dict[str, Any]:
+    """Rebuild a `mrisr train` data folder from a pack (``jobs`` subjects in parallel processes);
+    the split is kept as packed."""
     pack_dir, out_dir = Path(pack_dir), Path(out_dir)
     try:
         pack = json.loads((pack_dir / PACK_MANIFEST).read_text())
@@ -173,37 +157,14 @@ def unpack_dataset(
         raise InputError(f"{pack_dir}: no readable {PACK_MANIFEST} ({exc})") from exc
     if pack.get("format") != PACK_FORMAT:
         raise InputError(f"{pack_dir / PACK_MANIFEST}: not an mrisr dataset pack")
-    degradation = json.dumps(pack["degradation"], sort_keys=True)
-    degradation = DegradationConfig.from_json(degradation).to_json()
+    config = DegradationConfig.from_json(json.dumps(pack["degradation"]))
+    work = partial(_unpack_subject, pack_dir, out_dir, config.to_json())
     entries = pack["subjects"]
-    records: list[dict] = []
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=min(jobs, len(entries))) as pool:
-            futures = [
-                pool.submit(_unpack_subject, pack_dir, out_dir, e, degradation) for e in entries
-            ]
-            for future in futures:
-                records.append(future.result())
-                if on_subject:
-                    on_subject(records[-1]["id"])
+            records = list(pool.map(work, entries))
     else:
-        for entry in entries:
-            records.append(_unpack_subject(pack_dir, out_dir, entry, degradation))
-            if on_subject:
-                on_subject(records[-1]["id"])
+        records = [work(entry) for entry in entries]
     records.sort(key=lambda r: r["id"])
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "degradation": pack["degradation"],
-        "spacing_mm": pack["spacing_mm"],
-        "n4": pack["n4"],
-        "split": dict(pack["split"], packed_from=pack["source_fingerprint"]),
-        "counts": {name: sum(r["split"] == name for r in records) for name in SPLITS},
-        "fingerprint": dataset_fingerprint(degradation, records),
-        "subjects": records,
-        "failures": [],
-    }
-    with atomic_path(out_dir / MANIFEST_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return manifest
+    split = dict(pack["split"], packed_from=pack["source_fingerprint"])
+    return save_manifest(out_dir, config, split, records, [])

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mrisr_cli import intensity
 from mrisr_cli.errors import DeviceError, InputError
 from mrisr_cli.n4 import n4_correct
 from mrisr_cli.networks.highres3dnet import FEATURE_BLOCKS, NUM_LABELS, HighRes3DNet
@@ -194,15 +195,10 @@ def tiles(
 
 
 def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """The mask's bounding box grown by ``margin`` voxels, clipped to the volume."""
+    """The mask's bounding box grown by ``margin`` voxels; an empty mask is an error here."""
     if not mask.any():
         raise InputError("the evaluation mask is empty; nothing to compare")
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, hits[0] - margin), min(mask.shape[axis], hits[-1] + 1 + margin)))
-    return tuple(box)
+    return intensity.bounding_box(mask, margin)
 
 
 # --- M_h and parcellation Dice ----------------------------------------------------------------

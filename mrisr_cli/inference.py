@@ -125,13 +125,6 @@ def resolve_options(options: InferenceOptions) -> tuple[InferenceOptions, str | 
     return (options if half == options.half else replace(options, half=half)), warning
 
 
-def autocast_context(device: str, half: bool) -> contextlib.AbstractContextManager[None]:
-    """fp16 autocast on CUDA, bf16 on CPU, or nothing (mixed-precision training)."""
-    if not half:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=half_dtype(device))
-
-
 def content_blocks(volume: np.ndarray) -> np.ndarray:
     """Which :data:`CONTENT_BLOCK`-sized cubes of the volume hold more than background.
 

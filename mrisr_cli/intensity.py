@@ -54,12 +54,16 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     return out
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The smallest box holding every True voxel (the whole array when there is none)."""
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel, grown by ``margin`` voxels and clipped to the
+    array (the whole array when there is none)."""
     box = []
     for axis, n in enumerate(mask.shape):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, n))
+        if hit.size:
+            box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+        else:
+            box.append(slice(0, n))
     return tuple(box)
 
 

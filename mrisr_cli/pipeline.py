@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -148,17 +148,7 @@ def upsample_array(
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """Normalise with the array's own foreground, run the network, map back to its units."""
-    # The mask of the bounding box of everything above the minimum, with one voxel of minimum
-    # around it, is the whole volume's mask (same threshold, components and holes): the same
-    # numbers, 2-3x faster on whole-head scans whose air is exactly zero.
-    above = data > data.min()
-    box = []
-    for axis, n in enumerate(data.shape):
-        hit = np.flatnonzero(above.any(axis=tuple(a for a in range(data.ndim) if a != axis)))
-        box.append(slice(max(hit[0] - 1, 0), min(hit[-1] + 2, n)) if hit.size else slice(0, n))
-    mask = np.zeros(data.shape, dtype=bool)
-    mask[tuple(box)] = foreground_mask(data[tuple(box)])
-    stats = foreground_stats(data, mask)
+    stats = foreground_stats(data, foreground_mask(data))  # the mask crops to boxes itself
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
     out = stats.denormalise(out)
     if data.min() >= 0:
@@ -213,15 +203,16 @@ def upsample_file(
         warnings=list(plan.warnings) + ([half_warning] if half_warning else []),
     )
     if options.sidecar:
-        write_sidecar(result, generator, options, use_n4)
+        write_sidecar(result, generator, replace(options, inference=inference), use_n4)
     return result
 
 
 def write_sidecar(
     result: UpsampleResult, generator: Generator, options: UpsampleOptions, n4: bool
 ) -> None:
-    """Record what produced an output, next to it: the tiling and precision as they ran."""
-    inference, _ = resolve_options(options.inference)  # half after the fallback, as it ran
+    """Record what produced an output, next to it: the tiling and precision as they ran
+    (``options.inference`` already resolved by :func:`~mrisr_cli.inference.resolve_options`)."""
+    inference = options.inference
     record = {
         "mrisr_version": __version__,
         "torch_version": torch.__version__,

@@ -201,6 +201,27 @@ def _save_array(path: Path, array: np.ndarray) -> str:
     return sha256_of(path)
 
 
+def write_subject_arrays(
+    folder: Path, subject_id: str, hr_z: np.ndarray, lr_z: np.ndarray, mask: np.ndarray
+) -> dict[str, dict[str, str]]:
+    """The arrays training reads (float16 z-scores, uint8 mask, the patch centres: foreground
+    voxels on a stride-:data:`CENTRE_STRIDE` grid); return their manifest entries."""
+    s = CENTRE_STRIDE
+    arrays = {
+        "hr": hr_z.astype(np.float16),
+        "lr": lr_z.astype(np.float16),
+        "mask": mask.astype(np.uint8),
+        "centres": (np.argwhere(mask[::s, ::s, ::s]) * s).astype(np.int16),
+    }
+    return {
+        name: {
+            "path": f"subjects/{subject_id}/{name}.npy",
+            "sha256": _save_array(folder / f"{name}.npy", array),
+        }
+        for name, array in arrays.items()
+    }
+
+
 def _settings(options: PrepareOptions) -> str:
     return options.degradation.to_json()
 
@@ -256,19 +277,11 @@ def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str)
     mask = foreground_mask(hr)
     if not mask.any():
         raise InputError(f"{scan.path}: no foreground found")
-    s = CENTRE_STRIDE
-    centres = (np.argwhere(mask[::s, ::s, ::s]) * s).astype(np.int16)
     hr_z, lr_z = stats.normalise(hr), stats.normalise(lr)
     if max(float(np.abs(hr_z).max()), float(np.abs(lr_z).max())) > FLOAT16_LIMIT:
         raise InputError(f"{scan.path}: intensities span too many standard deviations to store")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "subject.json").unlink(missing_ok=True)  # not done until rewritten
-    files = {
-        "hr": _save_array(folder / "hr.npy", hr_z.astype(np.float16)),
-        "lr": _save_array(folder / "lr.npy", lr_z.astype(np.float16)),
-        "mask": _save_array(folder / "mask.npy", mask.astype(np.uint8)),
-        "centres": _save_array(folder / "centres.npy", centres),
-    }
     record = {
         "id": scan.id,
         "subject": scan.subject,
@@ -279,10 +292,7 @@ def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str)
         "affine": np.asarray(affine, dtype=float).round(6).tolist(),
         "intensity": {"mean": stats.mean, "std": stats.std},
         "foreground_voxels": int(mask.sum()),
-        "files": {
-            name: {"path": f"subjects/{scan.id}/{name}.npy", "sha256": digest}
-            for name, digest in files.items()
-        },
+        "files": write_subject_arrays(folder, scan.id, hr_z, lr_z, mask),
     }
     with atomic_path(folder / "subject.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
@@ -371,14 +381,25 @@ def write_manifest(
         for o in sorted(outcomes, key=lambda o: str(o.scan.path))
         if o.status == "failed"
     ]
-    config = options.degradation
+    split = {"ratios": list(options.ratios), "seed": options.seed, "by": "subject"}
+    return save_manifest(out_dir, options.degradation, split, subjects, failures)
+
+
+def save_manifest(
+    out_dir: Path,
+    config: DegradationConfig,
+    split: dict[str, Any],
+    subjects: list[dict[str, Any]],
+    failures: list[dict[str, str]],
+) -> dict[str, Any]:
+    """Write ``manifest.json`` (atomically) for subjects whose split is already assigned."""
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "degradation": json.loads(config.to_json()),
         "spacing_mm": config.spacing_mm,
         "n4": config.n4,
-        "split": {"ratios": list(options.ratios), "seed": options.seed, "by": "subject"},
+        "split": split,
         "counts": {name: sum(s["split"] == name for s in subjects) for name in SPLITS},
         "fingerprint": dataset_fingerprint(config.to_json(), subjects),
         "subjects": subjects,

@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mrisr_cli.compact import unpack_dataset
-from mrisr_cli.degradation import degrade_volume
+from mrisr_cli.compact import degrade_zscores, unpack_dataset
+from mrisr_cli.intensity import IntensityStats
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
 from mrisr_cli.prepare import load_manifest
 from mrisr_cli.training import TrainConfig, read_log, train
@@ -141,10 +141,8 @@ def write_test_volumes(data_dir: Path, work: Path, split: str) -> list[str]:
         hr = np.load(folder / "hr.npy").astype(np.float32)
         lr = np.load(folder / "lr.npy").astype(np.float32)
         name = f"{record['id']}.nii.gz"
-        # the degradation works on magnitudes: run it in the scan's units, then z-score back
-        mean, std = record["intensity"]["mean"], record["intensity"]["std"]
-        raw = np.maximum(hr * std + mean, 0.0).astype(np.float32)
-        spline = (degrade_volume(raw, cubic, affine=affine) - mean) / std
+        stats = IntensityStats(record["intensity"]["mean"], record["intensity"]["std"])
+        spline = degrade_zscores(hr, cubic, affine, stats)
         for kind, data in (
             ("hr", hr),
             ("lr", lr),
