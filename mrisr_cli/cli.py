@@ -128,7 +128,7 @@ def upsample(
     n4: Annotated[
         bool | None,
         typer.Option(
-            "--n4/--no-n4", help="N4 bias correction first [default: as the model was trained]."
+            "--n4/--no-n4", help="N4 bias correction first (default: as the model was trained)."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
@@ -143,7 +143,7 @@ def upsample(
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 4,
     patch: Annotated[str, typer.Option(help="Patch size (canonical axes).")] = "64,40,64",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads [default: SLURM/OMP or all cores].")
+        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
     ] = None,
     margin: Annotated[
         int,
@@ -348,14 +348,36 @@ app.command("prepare")(prepare_command)
 app.command("train")(train_command)
 
 
+def _usage_error_line(exc: Exception) -> str | None:
+    """Click's usage errors (bad option values, missing arguments) as one line, or None for other
+    exceptions. Duck-typed: Typer vendors its own Click, older Typers use the ``click`` package."""
+    if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "mrisr"
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    return f"{command}: error: {message}; see '{command} --help'"
+
+
 def main() -> None:
-    """Console-script entry point: a crash becomes one stderr line instead of a traceback."""
+    """Console-script entry point: a crash or a usage error becomes one stderr line instead of a
+    traceback or Typer's multi-line box."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        stderr_console().print("mrisr: aborted")
+        sys.exit(1)
     except KeyboardInterrupt:
         stderr_console().print("mrisr: interrupted")
         sys.exit(130)
     except Exception as exc:
+        usage = _usage_error_line(exc)
+        if usage is not None:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mrisr`: the help, as before
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                stderr_console().print(usage, markup=False, soft_wrap=True)
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if os.environ.get("MRISR_DEBUG"):
             raise
         stderr_console().print(
@@ -364,3 +386,4 @@ def main() -> None:
             markup=False,
         )
         sys.exit(EXIT_INTERNAL_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -226,6 +226,14 @@ def train_command(
             "and a checkpoint that --resume continues.",
         ),
     ] = 0.0,
+    precise_bn: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Training patches over which BatchNorm statistics are recomputed before each "
+            "validation and export (0: keep the running averages).",
+        ),
+    ] = 32,
     deterministic: Annotated[
         bool, typer.Option("--deterministic", help="Deterministic cuDNN kernels (slower).")
     ] = False,
@@ -296,6 +304,7 @@ def train_command(
             log_every=log_every,
             checkpoint_every=checkpoint_every,
             time_limit=time_limit * 60.0,
+            precise_bn=precise_bn,
         )
         configure_threads(worker_threads(threads))
         progress, on_event = _train_display(config, stderr_console(), warn, enabled=is_main)

@@ -15,7 +15,10 @@ Why it is built this way:
   larger batch (BatchNorm becomes SyncBatchNorm on CUDA for the same reason). Only rank 0 writes.
 - **Validated as it is used.** Validation super-resolves whole validation volumes through
   :func:`mrisr_cli.inference.super_resolve`, the stitching code of `mrisr upsample`, and scores
-  them with :mod:`mrisr_cli.metrics`, as `mrisr evaluate` does.
+  them with :mod:`mrisr_cli.metrics`, as `mrisr evaluate` does. Before that, BatchNorm
+  statistics are recomputed with the current weights over ``precise_bn`` fixed training patches
+  (:mod:`mrisr_cli.batchnorm`): the running averages lag fast-moving weights, and eval mode, which
+  validation and `upsample` use, would inherit that lag.
 - **Directly usable weights.** ``best.safetensors`` and ``last.safetensors`` are written with
   :func:`mrisr_cli.weights.save_weights`, with the dataset's degradation settings and the
   training provenance in their metadata: `mrisr upsample --psnr-weights RUN/best.safetensors`.
@@ -49,6 +52,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from mrisr_cli import __version__
+from mrisr_cli.batchnorm import batchnorm_layers, recalibrate_batchnorm, sampler_batches
 from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, WeightsError
 from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
@@ -85,6 +89,7 @@ RESUME_MAY_CHANGE = frozenset(
         "val_batch_size",
         "batch_size",  # compared as the global batch (batch x processes) instead
         "time_limit",
+        "precise_bn",  # only the exported BatchNorm buffers, recomputed from scratch each time
     }
 )
 OPTION_NAMES = {
@@ -134,6 +139,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
     time_limit: float = 0.0  # seconds of training in this call; 0: none
+    precise_bn: int = 32  # training patches for BatchNorm statistics before validation; 0: off
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -944,6 +950,11 @@ def _run(
             # a time limit ends the call like an epoch: validated, exported weights
             if step % config.steps_per_epoch == 0 or (timed_out and step < total):
                 epoch = math.ceil(step / config.steps_per_epoch)
+                if config.precise_bn and batchnorm_layers(trainer.generator):
+                    recalibrate_batchnorm(
+                        trainer.generator,
+                        sampler_batches(sampler, config.precise_bn, config.batch_size, device),
+                    )
                 metrics = validate(trainer.generator, val_subjects, val_options, dist)
                 data_wait = epoch_wait / max(epoch_time, 1e-9)
                 rate = epoch_patches / max(epoch_time, 1e-9)

@@ -375,6 +375,28 @@ def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_p
     assert version.returncode == 0 and version.stdout.startswith("mrisr ")
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["upsample", "a.nii", "b.nii", "--batch-size", "0"], "'--batch-size'"),
+        (["train", "--time-limit", "-1"], "'--time-limit'"),
+        (["evaluate"], "Missing option '--ref'"),
+        (["nosuch"], "No such command"),
+    ],
+)
+def test_console_script_usage_errors_are_one_line(args: list[str], expected: str) -> None:
+    """Typer's range and missing-argument errors get the same one-line format as library errors
+    (not a multi-line box), with click's exit code 2 and nothing on stdout."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mrisr_cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert ": error: " in lines[0] and expected in lines[0] and "--help" in lines[0]
+    assert run.stdout == ""
+
+
 @pytest.mark.slow
 def test_real_t1_whole_volume_keeps_geometry(tmp_path: Path, fast_weights: Path) -> None:
     path = real_volume("t1/S08_stroke_T1.nii.gz")

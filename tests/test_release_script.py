@@ -74,3 +74,23 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
         names = tar.getnames()
     assert "comparison.png" in names and "rrdg_psnr/log.jsonl" in names
     assert len(list(out.iterdir())) <= 7  # fits the 8 files a lent GPU sends back, with the log
+
+    # a later GPU session continues every PSNR-stage network from the files the first one left
+    again = tmp_path / "out2"
+    command[command.index(out)] = again
+    command[command.index("--work") + 1] = tmp_path / "work2"
+    run = subprocess.run(
+        [*map(str, command), "--continue-from", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((again / "results.json").read_text())
+    assert "errors" not in results and "eval_error" not in results, results
+    for name in ("rrdg_psnr", "fsrcnn", "srresnet", "mdcsrn"):
+        first = load_weights(out / f"{name}.safetensors")
+        assert results["continued_from"][name]["sha256"] == first.sha256
+        continued = load_weights(again / f"{name}.safetensors")
+        assert continued.provenance["init"]["sha256"] == first.sha256
+        assert continued.sha256 != first.sha256  # it trained on

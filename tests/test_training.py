@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from mrisr_cli import training
+from mrisr_cli.batchnorm import recalibrate_batchnorm, sampler_batches
 from mrisr_cli.cli import app
 from mrisr_cli.errors import InputError, OutputError, WeightsError
 from mrisr_cli.networks import NetworkConfig, build_network
@@ -391,6 +392,30 @@ def test_time_limit_ends_a_call_with_validated_weights_and_resume_finishes_the_r
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="time-limit"):
         tiny_config(prepared / "data", tmp_path / "c", time_limit=-1.0)
+
+
+def test_exported_batchnorm_statistics_are_those_of_the_exported_weights(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """precise_bn: before validation and export the BatchNorm statistics are recomputed with the
+    weights as they are; without it the file keeps the lagging running averages."""
+    sampler = PatchSampler(
+        open_split(load_manifest(prepared / "data"), "train"),
+        PatchOptions(PATCH, 0.9, (0, 1, 2)),
+        seed=0,
+    )
+    for precise, fresh in ((3, True), (0, False)):
+        result = train(tiny_config(prepared / "data", tmp_path / str(precise), precise_bn=precise))
+        assert result.last_weights is not None
+        exported = load_weights(result.last_weights)
+        model = exported.build()
+        recalibrate_batchnorm(model, sampler_batches(sampler, 3, 2, "cpu"))
+        same = [
+            torch.allclose(v, exported.state[k], rtol=1e-5, atol=1e-6)
+            for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var"))
+        ]
+        assert same and all(same) == fresh, (precise, same)
 
 
 def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(

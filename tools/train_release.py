@@ -265,7 +265,14 @@ def main() -> int:
         "--trained",
         type=Path,
         help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: the "
-        "PSNR stage and the baselines are not trained again (GAN stage and evaluation only)",
+        "PSNR stage and the baselines are not trained again (GAN stage and evaluation only; "
+        "with --gan-seconds 0 the folder's rrdg_gan.safetensors is evaluated, nothing trains)",
+    )
+    parser.add_argument(
+        "--continue-from",
+        type=Path,
+        help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: every "
+        "PSNR-stage network starts from its file there (the schedule adds up across GPU sessions)",
     )
     args = parser.parse_args()
 
@@ -345,16 +352,41 @@ def main() -> int:
         if gan is not None:
             shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
 
+    def earlier(name: str) -> str | None:
+        """``--continue-from``'s file for ``name``, recorded in the results (None: from scratch)."""
+        if args.continue_from is None:
+            return None
+        path = args.continue_from / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"--continue-from: no {path}")
+        from mrisr_cli.weights import load_weights
+
+        previous = load_weights(path)
+        results.setdefault("continued_from", {})[name] = {
+            "path": str(path),
+            "sha256": previous.sha256,
+            "steps_before": previous.provenance.get("step"),
+        }
+        return str(path)
+
     if args.trained is not None:
-        for name in ("rrdg_psnr", *BASELINES):
+        for name in ("rrdg_psnr", *BASELINES, "rrdg_gan"):
             if (args.trained / f"{name}.safetensors").is_file():
                 shutil.copy(args.trained / f"{name}.safetensors", out / f"{name}.safetensors")
-        train_gan(base, out / "rrdg_psnr.safetensors", args.gan_seconds)
+        if args.gan_seconds > 0:  # else the folder's GAN model, if any, is evaluated as it is
+            train_gan(base, out / "rrdg_psnr.safetensors", args.gan_seconds)
         entry = None
     else:
         entry = guarded(
             "rrdg_psnr",
-            lambda: train_stage("rrdg_psnr", base, runs, results, time_limit=args.psnr_seconds),
+            lambda: train_stage(
+                "rrdg_psnr",
+                base,
+                runs,
+                results,
+                time_limit=args.psnr_seconds,
+                init=earlier("rrdg_psnr"),
+            ),
         )
     if entry is not None:
         steps = entry["steps"]
@@ -378,6 +410,7 @@ def main() -> int:
                     runs,
                     results,
                     network=NetworkConfig(net, params(net)),
+                    init=earlier(net),
                     epochs=1,
                     steps_per_epoch=steps,
                     time_limit=min(left, 1.5 * entry["seconds"]),
