@@ -105,7 +105,10 @@ def run_upsample_jobs(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    # not on a terminal (a pipe, a SLURM log) a bar shows nothing and leaves a blank line
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
         for alpha in dict.fromkeys(job.alpha for job in jobs):
             generator = files.generator(alpha, options.inference.device)

@@ -207,15 +207,23 @@ def upsample(
             n4=n4,
             overwrite=overwrite,
         )
+        # one console for the progress bar and the lines printed while it runs: rich then
+        # prints them above the bar instead of leaving a blank line where the bar was
+        console = stderr_console()
         failures = run_upsample_jobs(
-            jobs, files, options, console=stderr_console(), warn=warn, error=_error_line
+            jobs,
+            files,
+            options,
+            console=console,
+            warn=lambda message: _line(console, "warning", message),
+            error=lambda message: _line(console, "error", message),
         )
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
 
-def _error_line(message: str) -> None:
-    stderr_console().print(f"mrisr: error: {message}", markup=False, soft_wrap=True)
+def _line(console: Console, kind: str, message: str) -> None:
+    console.print(f"mrisr: {kind}: {message}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -311,13 +319,15 @@ def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar over patches, as a (done, total) callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    console = stderr_console()
     with Progress(
         f"[progress.description]{label}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=stderr_console(),
+        console=console,
         transient=True,
+        disable=not console.is_terminal,
     ) as progress:
         task = progress.add_task(label, total=None)
 

@@ -108,6 +108,7 @@ def prepare_command(
             TimeRemainingColumn(),
             console=console,
             transient=False,
+            disable=not console.is_terminal,
         ) as progress:
             task = progress.add_task("preparing", total=None)
 
@@ -366,6 +367,7 @@ def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tu
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        disable=not console.is_terminal,
     )
     task = progress.add_task(f"{config.stage} {config.network.name}", total=None, status="")
 

@@ -30,8 +30,8 @@ def upsample(*args: str | Path) -> object:
 
 def assert_one_line_error(result: object, needle: str) -> None:
     assert result.exit_code != 0  # type: ignore[attr-defined]
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]  # type: ignore[attr-defined]
-    assert len(lines) == 1, result.stderr  # type: ignore[attr-defined]
+    lines = result.stderr.rstrip("\n").splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1, result.stderr  # exactly one line, no blank one after it
     assert lines[0].startswith("mrisr: error:") and needle in lines[0], lines[0]
     assert "Traceback" not in result.stderr  # type: ignore[attr-defined]
 

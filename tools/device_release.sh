@@ -2,6 +2,8 @@
 # One call on a lent GPU: train the shipped weights, score the test split, time upsample.
 # Expects (ignored, carried): .whl/ (nibabel wheel), carry/pack (dataset pack),
 # carry/highres3dnet.pth, carry/data/t1/S06_brainchop_t1_crop.nii.gz. Writes under $OUT.
+# Later sessions continue the last call's weights instead of starting again (carry them too):
+#   bash tools/device_release.sh 560 --psnr-seconds 300 --continue-from carry/trained
 set -uo pipefail
 budget=${1:-560}
 start=$(date +%s)
