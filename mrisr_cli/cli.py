@@ -41,14 +41,19 @@ def stdout_console() -> Console:
     return Console(highlight=False)
 
 
+def report_line(kind: str, message: str, console: Console | None = None) -> None:
+    """One ``mrisr: <kind>: <message>`` line on stderr (or on ``console``, a live display's)."""
+    (console or stderr_console()).print(f"mrisr: {kind}: {message}", markup=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
     """Print one error line on stderr and return the Exit to raise."""
-    stderr_console().print(f"mrisr: error: {message}", markup=False, soft_wrap=True)
+    report_line("error", message)
     return typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    stderr_console().print(f"mrisr: warning: {message}", markup=False, soft_wrap=True)
+    report_line("warning", message)
 
 
 @contextmanager
@@ -215,15 +220,11 @@ def upsample(
             files,
             options,
             console=console,
-            warn=lambda message: _line(console, "warning", message),
-            error=lambda message: _line(console, "error", message),
+            warn=lambda message: report_line("warning", message, console),
+            error=lambda message: report_line("error", message, console),
         )
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
-
-
-def _line(console: Console, kind: str, message: str) -> None:
-    console.print(f"mrisr: {kind}: {message}", markup=False, soft_wrap=True)
 
 
 @app.command()
