@@ -119,20 +119,14 @@ def test_recalibration_tool_writes_the_file_and_scores_it(tmp_path: Path) -> Non
     import subprocess
     import sys
 
-    from mrisr_cli.prepare import PrepareOptions, prepare_dataset
-    from tests.test_prepare import NO_N4, head, save
+    from tests.test_prepare import NO_N4, prepared_heads
 
-    for k in range(2):
-        volume = np.zeros((84, 80, 86), np.float32)
-        volume[8:76, 7:73, 8:78] = head(k)
-        save(tmp_path / "src" / f"sub-0{k + 1}_T1w.nii.gz", volume)
-    options = PrepareOptions(NO_N4.degradation, ratios=(0.5, 0.5, 0.0, 0.0))
-    prepare_dataset(tmp_path / "src", tmp_path / "data", options)
+    data = prepared_heads(tmp_path, 2, (0.5, 0.5, 0.0, 0.0))
     torch.manual_seed(3)
     source = tmp_path / "in.safetensors"
     save_weights(source, build_network(TINY_RRDG).state_dict(), TINY_RRDG, NO_N4.degradation)
     tool = Path(__file__).resolve().parents[1] / "tools" / "recalibrate_batchnorm.py"
-    command = [sys.executable, str(tool), "--data", str(tmp_path / "data"), "--weights"]
+    command = [sys.executable, str(tool), "--data", str(data), "--weights"]
     command += [str(source), "--out", str(tmp_path / "out.safetensors"), "--patches", "2"]
     command += ["--batch-size", "1", "--check", "2", "--threads", "1"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)

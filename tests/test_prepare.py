@@ -46,6 +46,18 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path
     return path
 
 
+def prepared_heads(root: Path, count: int, ratios: tuple[float, float, float, float]) -> Path:
+    """``count`` synthetic heads in air (84x80x86) through `prepare_dataset` with the split
+    ``ratios``, in ``root/prepared``; the small training set of the tool and script tests."""
+    for k in range(count):
+        volume = np.zeros((84, 80, 86), np.float32)
+        volume[8:76, 7:73, 8:78] = head(k)
+        save(root / "src" / f"sub-0{k + 1}_T1w.nii.gz", volume)
+    options = PrepareOptions(NO_N4.degradation, ratios=ratios)
+    prepare_dataset(root / "src", root / "prepared", options)
+    return root / "prepared"
+
+
 def invoke(*args: str | Path):
     result = CliRunner().invoke(app, ["prepare", *map(str, args)])
     if result.exception and not isinstance(result.exception, SystemExit):

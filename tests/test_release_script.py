@@ -13,26 +13,18 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mrisr_cli.compact import pack_dataset
-from mrisr_cli.prepare import PrepareOptions, prepare_dataset
 from mrisr_cli.weights import load_weights
-from tests.test_prepare import NO_N4, head, save
+from tests.test_prepare import prepared_heads
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_release_script_runs_every_stage(tmp_path: Path) -> None:
-    for k in range(4):
-        volume = np.zeros((84, 80, 86), np.float32)
-        volume[8:76, 7:73, 8:78] = head(k)
-        save(tmp_path / "src" / f"sub-0{k + 1}_T1w.nii.gz", volume)
-    options = PrepareOptions(NO_N4.degradation, ratios=(0.5, 0.25, 0.0, 0.25))
-    prepare_dataset(tmp_path / "src", tmp_path / "prepared", options)
-    pack_dataset(tmp_path / "prepared", tmp_path / "pack")
+    pack_dataset(prepared_heads(tmp_path, 4, (0.5, 0.25, 0.0, 0.25)), tmp_path / "pack")
     out = tmp_path / "out"
     command = [
         sys.executable,
