@@ -212,8 +212,8 @@ def upsample(
             n4=n4,
             overwrite=overwrite,
         )
-        # one console for the progress bar and the lines printed while it runs: rich then
-        # prints them above the bar instead of leaving a blank line where the bar was
+        # one console for the progress bar and the lines printed while it runs, so that on a
+        # terminal rich prints them above the bar instead of through it
         console = stderr_console()
         failures = run_upsample_jobs(
             jobs,
