@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, upsample_file
 from mrisr_cli.volumes import check_output_path, is_volume_path, strip_suffix
@@ -99,16 +99,7 @@ def run_upsample_jobs(
 ) -> int:
     """Run every job (one generator per alpha); return how many failed."""
     failures = 0
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    # not on a terminal (a pipe, a SLURM log) a bar shows nothing and leaves a blank line
-    with Progress(
-        *columns, console=console, transient=True, disable=not console.is_terminal
-    ) as progress:
+    with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
         for alpha in dict.fromkeys(job.alpha for job in jobs):
             generator = files.generator(alpha, options.inference.device)

@@ -14,11 +14,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from mrisr_cli import __version__
 from mrisr_cli.cli_evaluate import evaluate_command
-from mrisr_cli.cli_options import AxesOption, FactorOption, InterpolationOption, parse_axes
+from mrisr_cli.cli_options import (
+    AxesOption,
+    FactorOption,
+    InterpolationOption,
+    parse_axes,
+    parse_triple,
+)
+from mrisr_cli.console import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_USER_ERROR,
+    fail,
+    progress_bar,
+    report_line,
+    stderr_console,
+    stdout_console,
+    user_errors,
+    warn,
+)
 from mrisr_cli.errors import MrisrError
 
 app = typer.Typer(
@@ -28,47 +44,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-EXIT_USER_ERROR = 1
-EXIT_INTERNAL_ERROR = 3
-
-
-def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
-def stdout_console() -> Console:
-    return Console(highlight=False)
-
-
-def report_line(kind: str, message: str, console: Console | None = None) -> None:
-    """One ``mrisr: <kind>: <message>`` line on stderr (or on ``console``, a live display's)."""
-    (console or stderr_console()).print(f"mrisr: {kind}: {message}", markup=False, soft_wrap=True)
-
-
-def fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
-    """Print one error line on stderr and return the Exit to raise."""
-    report_line("error", message)
-    return typer.Exit(code)
-
-
-def warn(message: str) -> None:
-    report_line("warning", message)
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors (and GPU out-of-memory) into one stderr line and exit code 1."""
-    try:
-        yield
-    except MrisrError as exc:
-        raise fail(str(exc)) from None
-    except MemoryError:
-        raise fail("out of memory; try a smaller --batch-size or a machine with more RAM") from None
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise fail("out of GPU memory; try a smaller --batch-size or --device cpu") from None
-        raise
 
 
 def _version(value: bool) -> None:
@@ -95,16 +70,6 @@ def _parse_alphas(text: str) -> list[float]:
     if not values or any(not 0.0 <= a <= 1.0 for a in values):
         raise fail(f"--alpha must lie in [0, 1] (1 = PSNR model, 0 = GAN model), got {text!r}")
     return values
-
-
-def _parse_triple(text: str, what: str) -> tuple[int, int, int]:
-    try:
-        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) < 1:
-        raise fail(f"{what} takes three positive integers like 64,40,64, got {text!r}")
-    return parts  # type: ignore[return-value]
 
 
 @app.command()
@@ -178,7 +143,8 @@ def upsample(
 ) -> None:
     """Super-resolve T1-weighted volumes: mrisr upsample in.nii.gz out.nii.gz --alpha 0.5"""
     alphas = _parse_alphas(alpha)
-    patch_size = _parse_triple(patch, "--patch")
+    with user_errors():
+        patch_size = parse_triple(patch, "--patch")
     if len(paths) < 2:
         raise fail("give at least one input and an output: mrisr upsample IN OUT")
     core = min(patch_size) - 2 * margin
@@ -318,18 +284,7 @@ def demo(
 @contextmanager
 def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar over patches, as a (done, total) callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    console = stderr_console()
-    with Progress(
-        f"[progress.description]{label}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as progress:
+    with progress_bar(stderr_console()) as progress:
         task = progress.add_task(label, total=None)
 
         def advance(done: int, total: int) -> None:

@@ -15,18 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mrisr_cli.errors import MrisrError
+from mrisr_cli.console import progress_bar, report_line, stderr_console, user_errors
 
 if TYPE_CHECKING:
     from mrisr_cli.evaluation import Evaluation
-
-
-def _err() -> Console:
-    return Console(stderr=True, highlight=False)
-
-
-def _line(kind: str, message: str) -> None:
-    _err().print(f"mrisr: {kind}: {message}", markup=False, soft_wrap=True)
 
 
 def evaluate_command(
@@ -78,15 +70,12 @@ def evaluate_command(
     ] = False,
 ) -> None:
     """Compare super-resolved volumes with their references: mrisr evaluate --ref hr --pred sr"""
-    try:
+    with user_errors():
         evaluation = _run(
             ref, pred, mask, parcellation_weights, tissue, n4, out, jobs, device, overwrite
         )
-    except MrisrError as exc:
-        _line("error", str(exc))
-        raise typer.Exit(1) from None
     if not evaluation.evaluated:
-        _line("error", "no pair could be evaluated")
+        report_line("error", "no pair could be evaluated")
         raise typer.Exit(1)
 
 
@@ -102,8 +91,6 @@ def _run(
     device: str,
     overwrite: bool,
 ) -> Evaluation:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from mrisr_cli.evaluation import (
         EvaluationOptions,
         check_inputs,
@@ -119,16 +106,8 @@ def _run(
     resolved = resolve_device(device)
     options = EvaluationOptions(weights=weights, tissue=tissue, n4=n4, device=resolved)
     check_inputs(ref, pred, mask, options)  # fatal problems before the progress bar starts
-    console = _err()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as bar:
+    console = stderr_console()
+    with progress_bar(console) as bar:
         task = bar.add_task("evaluating", total=None)
 
         def progress(subject: str, done: int, total: int) -> None:
@@ -138,9 +117,9 @@ def _run(
             ref, pred, mask_dir=mask, options=options, jobs=jobs, progress=progress
         )
     for note in evaluation.notes:
-        _line("note", note)
+        report_line("note", note)
     for result in evaluation.errors:
-        _line("error", f"{result.method}/{result.subject}: {result.error}")
+        report_line("error", f"{result.method}/{result.subject}: {result.error}")
     if evaluation.evaluated:
         # Piped or captured output gets a wide table: numbers must never be cut to fit 80 columns.
         stdout = Console(highlight=False)

@@ -26,3 +26,14 @@ def parse_axes(text: str) -> tuple[int, ...]:
         raise InputError(
             f"--axes takes axis numbers 0-2 separated by commas, got {text!r}"
         ) from None
+
+
+def parse_triple(text: str, what: str) -> tuple[int, int, int]:
+    """'64,40,64' or '64x40x64' -> (64, 40, 64); anything else is one InputError line."""
+    try:
+        parts = tuple(int(p) for p in text.lower().replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise InputError(f"{what} takes three positive integers like 64,40,64, got {text!r}")
+    return parts  # type: ignore[return-value]

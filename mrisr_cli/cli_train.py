@@ -12,7 +12,21 @@ from typing import Annotated, Any
 
 import typer
 
-from mrisr_cli.cli_options import AxesOption, FactorOption, InterpolationOption, parse_axes
+from mrisr_cli.cli_options import (
+    AxesOption,
+    FactorOption,
+    InterpolationOption,
+    parse_axes,
+    parse_triple,
+)
+from mrisr_cli.console import (
+    EXIT_USER_ERROR,
+    fail,
+    progress_bar,
+    stderr_console,
+    user_errors,
+    warn,
+)
 
 GAN_DEFAULTS = {"epochs": 10, "lr": 1e-5}
 PSNR_DEFAULTS = {"epochs": 100, "lr": 1e-4}
@@ -63,10 +77,8 @@ def prepare_command(
     ] = None,
 ) -> None:
     """Make a training set from a folder of T1 scans (resampled, degraded, normalised, split)."""
-    from mrisr_cli.cli import stderr_console, user_errors, warn
-
     with user_errors():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+        from rich.progress import TimeRemainingColumn
 
         from mrisr_cli.degradation import DegradationConfig
         from mrisr_cli.errors import InputError
@@ -101,15 +113,7 @@ def prepare_command(
         count = configure_threads(threads)
         console = stderr_console()
         outcomes: list[SubjectOutcome] = []
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-            disable=not console.is_terminal,
-        ) as progress:
+        with progress_bar(console, TimeRemainingColumn(), transient=False) as progress:
             task = progress.add_task("preparing", total=None)
 
             def on_start(total: int) -> None:
@@ -246,15 +250,6 @@ def train_command(
     (several GPUs: torchrun --nproc_per_node=N -m mrisr_cli train ...)."""
     import os
 
-    from mrisr_cli.cli import (
-        EXIT_USER_ERROR,
-        _parse_triple,
-        fail,
-        stderr_console,
-        user_errors,
-        warn,
-    )
-
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     with user_errors():
         from mrisr_cli.errors import InputError
@@ -266,8 +261,8 @@ def train_command(
 
         if stage not in STAGES:
             raise InputError(f"--stage must be psnr or gan, not {stage!r}")
-        patch_size = _parse_triple(patch, "--patch")
-        val_size = _parse_triple(val_patch, "--val-patch")
+        patch_size = parse_triple(patch, "--patch")
+        val_size = parse_triple(val_patch, "--val-patch")
         defaults = GAN_DEFAULTS if stage == "gan" else PSNR_DEFAULTS
         params = _parse_json_object(net_params, "--net-params")
         if params is None and init is not None:
@@ -338,14 +333,7 @@ def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tu
     """A rich progress bar and the event callback that feeds it (rank 0 only)."""
     import contextlib
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import Progress, TextColumn, TimeRemainingColumn
 
     class _LazyProgress(Progress):
         """Shown from the first training event on, so that errors in the settings (found
@@ -359,15 +347,12 @@ def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tu
 
     if not enabled:
         return contextlib.nullcontext(), None
-    progress = _LazyProgress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    progress = progress_bar(
+        console,
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=console,
-        disable=not console.is_terminal,
+        transient=False,
+        kind=_LazyProgress,
     )
     task = progress.add_task(f"{config.stage} {config.network.name}", total=None, status="")
 
