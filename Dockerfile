@@ -3,7 +3,7 @@
 # mrisr: 3D T1 brain MRI super-resolution, as a container for workstations and HPC clusters.
 #
 #   docker build -t mrisr:0.1.0 .
-#   docker run --rm --gpus all -v "$PWD":/data mrisr:0.1.0 upsample in.nii.gz out.nii.gz
+#   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD":/data mrisr:0.1.0 upsample in.nii.gz out.nii.gz
 #   apptainer build mrisr.sif Singularity.def        # SIF for clusters, from this image
 #
 # Base image and CUDA: a dated Debian bookworm tag (pins the whole OS layer to one day) with

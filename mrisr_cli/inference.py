@@ -188,8 +188,32 @@ def _prepare(model: nn.Module, options: InferenceOptions) -> nn.Module:
             if isinstance(module, nn.Conv3d):
                 module.register_forward_hook(_channels_last_output)
     if options.compile:
-        net = torch.compile(net, dynamic=False)  # type: ignore[assignment]
+        net = _Compiled(net)
     return net
+
+
+class _Compiled(nn.Module):
+    """``torch.compile`` of ``net``, whose compile failures become one line for the user.
+
+    Compiling needs a C++ compiler (and, for CUDA, Python's headers for Triton), which slim
+    images such as mrisr's own container do not have; torch reports that as a long traceback.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = torch.compile(net, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._dynamo.exc import BackendCompilerFailed
+
+        try:
+            return self.net(x)
+        except BackendCompilerFailed as exc:
+            reason = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise DeviceError(
+                f"--compile failed ({reason.strip()}); run without --compile: compiling needs "
+                "a C++ compiler, and Python headers for CUDA"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from mrisr_cli import inference
+from mrisr_cli.errors import DeviceError
 from mrisr_cli.fusion import conv_bn_pairs, fold_batchnorm
 from mrisr_cli.inference import (
     CONTENT_BLOCK,
@@ -469,6 +470,25 @@ def test_compiled_network_gives_the_same_output() -> None:
     eager = super_resolve(volume, model, InferenceOptions(patch=PATCH))
     compiled = super_resolve(volume, model, InferenceOptions(patch=PATCH, compile=True))
     assert float(np.abs(compiled - eager).max()) < 1e-4
+
+
+def test_compile_without_a_compiler_is_one_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slim images (mrisr's container) have no C++ compiler: --compile must say so in one line."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
+    torch._dynamo.reset()
+    expected = r"^--compile failed \(.*C\+\+ compiler.*\); run"
+    try:
+        with pytest.raises(DeviceError, match=expected) as err:
+            super_resolve(
+                np.random.rand(30, 20, 30).astype(np.float32),
+                _tiny_rrdg(),
+                InferenceOptions(patch=PATCH, compile=True),
+            )
+    finally:
+        torch._dynamo.reset()
+    assert "\n" not in str(err.value)
 
 
 def test_prepared_network_leaves_the_model_alone() -> None:
