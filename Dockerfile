@@ -56,8 +56,11 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 # torch first and alone: its multi-GB layer stays cached while mrisr's sources change.
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0
 
+# The wheel carries the weights too (package data, for `pip install` users); the runtime stage
+# keeps its own verified copy in /opt/mrisr/weights and points MRISR_WEIGHTS at it.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
+COPY weights/ weights/
 COPY mrisr_cli/ mrisr_cli/
 RUN pip install --no-cache-dir .
 

@@ -39,11 +39,17 @@ DEFAULT_GAN_NAME = "rrdg_gan.safetensors"
 
 
 def default_weights_dir() -> Path:
-    """``$MRISR_WEIGHTS``, else the ``weights/`` folder beside the package (source checkout)."""
+    """``$MRISR_WEIGHTS``; else the checkout's ``weights/`` folder (a source or editable install);
+    else the copy that a wheel installs inside the package, ``mrisr_cli/shipped_weights``."""
     env = os.environ.get("MRISR_WEIGHTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "weights"
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "weights"
+    installed = package / "shipped_weights"
+    if (checkout / DEFAULT_PSNR_NAME).is_file() or not installed.is_dir():
+        return checkout
+    return installed
 
 
 @dataclass

@@ -10,7 +10,6 @@ replayed in a fresh venv followed by the image's smoke test.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import io
 import json
@@ -187,9 +186,9 @@ def test_oci_labels(dockerfile: Dockerfile) -> None:
     for key in OCI_LABELS:
         assert dockerfile.labels.get(f"org.opencontainers.image.{key}"), key
     assert dockerfile.labels["org.opencontainers.image.version"] == VERSION
-    assert dockerfile.labels["org.opencontainers.image.licenses"] == PYPROJECT["project"][
-        "license"
-    ].get("text")
+    licence = dockerfile.labels["org.opencontainers.image.licenses"]
+    assert licence == PYPROJECT["project"]["license"]  # an SPDX expression in both
+    assert (REPO / "LICENSE").read_text().startswith(f"{licence} License")
 
 
 def test_runtime_env_is_safe_for_read_only_images(dockerfile: Dockerfile) -> None:
@@ -294,15 +293,44 @@ def test_weights_check_step_behaves(
     assert (result.returncode == 0) is passes, result.stdout + result.stderr
 
 
-def _dockerignore_excludes(patterns: list[str], name: str) -> bool:
-    """Whether a top-level context entry is left out (last matching pattern wins, as in Docker)."""
+def _docker_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker matches it: from the context root, ``*`` and ``?``
+    within one path element, ``**`` across elements."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Whether a context path is left out: the last pattern matching it or one of its parent
+    folders wins, as in Docker."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: k + 1]) for k in range(len(parts))]
     excluded = False
     for pattern in patterns:
         negate = pattern.startswith("!")
-        bare = pattern.lstrip("!").strip("/")
-        if fnmatch.fnmatchcase(name, bare):
+        regex = _docker_pattern(pattern.lstrip("!").strip("/"))
+        if any(regex.match(c) for c in candidates):
             excluded = not negate
     return excluded
+
+
+def test_dockerignore_matcher_follows_docker() -> None:
+    assert _dockerignore_excludes(["*.nii.gz"], "a.nii.gz")
+    assert not _dockerignore_excludes(["*.nii.gz"], "mrisr_cli/example/a.nii.gz")  # root only
+    assert _dockerignore_excludes(["**/*.pyc"], "mrisr_cli/networks/x.pyc")
+    assert _dockerignore_excludes(["*", "!mrisr_cli/", "tests"], "tests/test_x.py")
+    assert not _dockerignore_excludes(["*", "!mrisr_cli/"], "mrisr_cli/cli.py")
 
 
 def test_dockerignore_keeps_the_context_small(dockerfile: Dockerfile) -> None:
@@ -310,14 +338,19 @@ def test_dockerignore_keeps_the_context_small(dockerfile: Dockerfile) -> None:
     patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     for name in (".venv", ".git", "data", "runs", ".pytest_cache", ".ruff_cache", "mrisr.sif"):
         assert _dockerignore_excludes(patterns, name), f"{name} must be excluded"
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.split()
     for stage in dockerfile.stages:
         for value in stage.values("COPY"):
             flags, sources, _ = _copy_args(value)
             if any(f.startswith("--from") for f in flags):
                 continue
             for source in sources:
-                top = source.strip("/").split("/")[0]
-                assert not _dockerignore_excludes(patterns, top), f"COPY {source} is excluded"
+                root = source.strip("/")
+                needed = [f for f in tracked if f == root or f.startswith(root + "/")] or [root]
+                for path in needed:  # every committed file COPY needs, the demo volume included
+                    assert not _dockerignore_excludes(patterns, path), f"COPY {source}: {path}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -739,3 +772,7 @@ def test_dockerfile_install_replayed_in_fresh_venv(dockerfile: Dockerfile, tmp_p
     if selftest.returncode == 2 and "No such command" in output:
         pytest.skip("`mrisr selftest` does not exist yet (install replay and --version passed)")
     assert selftest.returncode == 0, output[-3000:]
+    # `pip install .` (not editable) carries the shipped weights inside the package
+    shipped = sorted(p.name for p in (REPO / "weights").glob("*.safetensors"))
+    for name in shipped:
+        assert name in output, f"the installed package does not find {name}: {output[-2000:]}"
