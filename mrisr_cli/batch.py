@@ -15,7 +15,7 @@ from rich.console import Console
 
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
-from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, upsample_file
+from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, sidecar_path, upsample_file
 from mrisr_cli.volumes import check_output_path, is_volume_path, strip_suffix
 
 
@@ -29,11 +29,16 @@ class UpsampleJob:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders replaced by the images directly inside them (sorted)."""
+    """Files as given; folders replaced by the images directly inside them (sorted), hidden
+    files left out (macOS ``._`` files, the ``.name.part`` files of an interrupted write)."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_volume_path(p))
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and is_volume_path(p) and not p.name.startswith(".")
+            )
             if not found:
                 raise InputError(f"{path}: folder holds no .nii/.nii.gz/.mgz images")
             files.extend(found)
@@ -49,19 +54,29 @@ def _alpha_tag(alpha: float) -> str:
 
 
 def plan_jobs(
-    inputs: list[Path], output: Path, alphas: list[float], *, overwrite: bool
+    inputs: list[Path],
+    output: Path,
+    alphas: list[float],
+    *,
+    overwrite: bool,
+    output_is_folder: bool = False,
+    sidecars: bool = True,
 ) -> list[UpsampleJob]:
-    """Map inputs x alphas to output paths: a file for one input, else a folder."""
+    """Map inputs x alphas to output paths: a file for one input, else a folder (also when
+    ``output_is_folder``, e.g. it was typed with a trailing slash).
+
+    Every output and its JSON sidecar is checked before anything is written; a missing output
+    folder is made only once the whole plan holds.
+    """
     files = expand_inputs(inputs)
-    into_folder = len(files) > 1 or any(p.is_dir() for p in inputs) or output.is_dir()
+    alphas = list(dict.fromkeys(alphas))  # "0.5,0.50" asks for one output
+    into_folder = (
+        output_is_folder or len(files) > 1 or any(p.is_dir() for p in inputs) or output.is_dir()
+    )
     jobs: list[UpsampleJob] = []
     if into_folder:
         if output.exists() and not output.is_dir():
             raise OutputError(f"{output}: several inputs need an output folder, this is a file")
-        if not output.exists():
-            if not output.parent.is_dir():
-                raise OutputError(f"{output.parent}: output folder does not exist")
-            output.mkdir()
         for path in files:
             for alpha in alphas:
                 tag = _alpha_tag(alpha) if len(alphas) > 1 else ""
@@ -70,21 +85,35 @@ def plan_jobs(
                 )
     else:
         if not output.name.lower().endswith((".nii", ".nii.gz")):
-            raise OutputError(f"{output}: output file must end in .nii or .nii.gz")
+            raise OutputError(
+                f"{output}: output file must end in .nii or .nii.gz (a folder: end it with /)"
+            )
         for alpha in alphas:
             target = output
             if len(alphas) > 1:
                 suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
                 target = output.with_name(f"{strip_suffix(output.name)}{_alpha_tag(alpha)}{suffix}")
             jobs.append(UpsampleJob(files[0], target, alpha))
-    outputs = [job.output for job in jobs]
-    if len(set(outputs)) != len(outputs):
-        raise OutputError("two inputs would write the same output name; rename one of them")
-    resolved_inputs = {p.resolve() for p in files}
+    writers: dict[Path, Path] = {}
     for job in jobs:
-        if job.output.resolve() in resolved_inputs:
-            raise OutputError(f"{job.output}: output would overwrite an input")
-        check_output_path(job.output, overwrite=overwrite)
+        first = writers.setdefault(job.output, job.input)
+        if first != job.input:
+            raise OutputError(
+                f"{first} and {job.input} would both write {job.output}; rename one of them"
+            )
+    resolved_inputs = {p.resolve() for p in files}
+    targets = [job.output for job in jobs]
+    if sidecars:
+        targets += [sidecar_path(job.output) for job in jobs]
+    for target in targets:
+        if target.resolve() in resolved_inputs:
+            raise OutputError(f"{target}: output would overwrite an input")
+    if into_folder and not output.exists():
+        # nothing can exist in a folder still to be made: check only that it can be made
+        check_output_path(output, overwrite=False)
+        output.mkdir()
+    for target in targets:
+        check_output_path(target, overwrite=overwrite)
     return jobs
 
 

@@ -7,6 +7,7 @@ Heavy imports (torch, ANTs) happen inside the commands so that `mrisr --help` is
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,9 +76,10 @@ def _parse_alphas(text: str) -> list[float]:
 @app.command()
 def upsample(
     paths: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="Input image(s) or folder(s), then the output file (one input) or folder.",
+            help="Input image(s) or folder(s), then the output file (one input) or folder "
+            "(a missing folder: end it with /).",
             show_default=False,
         ),
     ],
@@ -159,7 +161,13 @@ def upsample(
         from mrisr_cli.threads import configure_threads
 
         configure_threads(threads)
-        jobs = plan_jobs(paths[:-1], paths[-1], alphas, overwrite=overwrite)
+        jobs = plan_jobs(
+            [Path(p) for p in paths[:-1]],
+            Path(paths[-1]),
+            alphas,
+            overwrite=overwrite,
+            output_is_folder=paths[-1].endswith(("/", os.sep)),
+        )
         resolved = resolve_device(device)
         half, half_warning = resolve_half(resolved, half)
         if half_warning:
@@ -177,6 +185,7 @@ def upsample(
             ),
             n4=n4,
             overwrite=overwrite,
+            run_warnings=(half_warning,) if half_warning else (),
         )
         # one console for the progress bar and the lines printed while it runs, so that on a
         # terminal rich prints them above the bar instead of through it
@@ -325,17 +334,39 @@ def _usage_error_line(exc: Exception) -> str | None:
     return f"{command}: error: {message}; see '{command} --help'"
 
 
+#: The signal that stopped the command, set by :func:`_stop_on_signal` (None: not stopped).
+_stopped_by: signal.Signals | None = None
+
+
+def _stop_on_signal(signum: int, frame: object) -> None:
+    """Ctrl-C, and SIGTERM (SLURM's time limit, ``docker stop``), unwind the command like
+    KeyboardInterrupt, so temporary files are removed; in a worker process, the default action."""
+    global _stopped_by
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _stopped_by = signal.Signals(signum)
+    raise KeyboardInterrupt
+
+
+_MAIN_PID = os.getpid()
+
+
 def main() -> None:
     """Console-script entry point: a crash or a usage error becomes one stderr line instead of a
-    traceback or Typer's multi-line box."""
+    traceback or Typer's multi-line box; a stop by signal says so in one line."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_on_signal)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
         stderr_console().print("mrisr: aborted")
         sys.exit(1)
     except KeyboardInterrupt:
-        stderr_console().print("mrisr: interrupted")
-        sys.exit(130)
+        code = 130
     except Exception as exc:
         usage = _usage_error_line(exc)
         if usage is not None:
@@ -350,6 +381,10 @@ def main() -> None:
             f"mrisr: internal error: {type(exc).__name__}: {exc} "
             "(please report it; MRISR_DEBUG=1 shows the traceback)",
             markup=False,
+            soft_wrap=True,
         )
         sys.exit(EXIT_INTERNAL_ERROR)
+    if _stopped_by is not None:  # Typer turns the KeyboardInterrupt into exit code 130
+        report_line("error", f"stopped by {_stopped_by.name}; unfinished outputs were removed")
+        sys.exit(128 + _stopped_by.value)
     sys.exit(code if isinstance(code, int) else 0)

@@ -126,6 +126,8 @@ class UpsampleOptions:
     n4: bool | None = None  # None: as the model was trained
     overwrite: bool = False
     sidecar: bool = True
+    #: warnings about the whole run (the caller prints them once), recorded in every sidecar
+    run_warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -152,12 +154,18 @@ def upsample_array(
     *,
     options: InferenceOptions,
     progress: ProgressCallback | None = None,
+    nonnegative: bool | None = None,
 ) -> np.ndarray:
-    """Normalise with the array's own foreground, run the network, map back to its units."""
+    """Normalise with the array's own foreground, run the network, map back to its units.
+
+    ``nonnegative`` clips the output at 0; by default it does when ``data`` has no negative
+    value. Callers that bias-corrected ``data`` pass the original image's answer: N4 moves an
+    exact-zero background slightly below 0, and a magnitude image must not come out negative.
+    """
     stats = foreground_stats(data, foreground_mask(data))  # the mask crops to boxes itself
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
     out = stats.denormalise(out)
-    if data.min() >= 0:
+    if data.min() >= 0 if nonnegative is None else nonnegative:
         np.maximum(out, 0.0, out=out)
     return out
 
@@ -177,6 +185,8 @@ def upsample_file(
     started = time.perf_counter()
     inference, half_warning = resolve_options(options.inference)
     check_output_path(output_path, overwrite=options.overwrite)
+    if options.sidecar:
+        check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
     volume = load_volume(input_path)
     config = generator.weights.degradation
     plan = plan_grid(volume.affine, volume.data.shape, config)  # type: ignore[arg-type]
@@ -186,7 +196,13 @@ def upsample_file(
     if use_n4:
         data = n4_correct(data, plan.model_spacing)
     corrected = time.perf_counter()
-    out = upsample_array(plan.permute(data), generator, options=inference, progress=progress)
+    out = upsample_array(
+        plan.permute(data),
+        generator,
+        options=inference,
+        progress=progress,
+        nonnegative=bool(volume.data.min() >= 0),
+    )
     out = plan.to_output(plan.unpermute(out))
     inferred = time.perf_counter()
     affine = plan.output_affine()
@@ -241,10 +257,10 @@ def write_sidecar(
         "output_shape": list(result.output_shape),
         "resampled_to_model_grid": result.resampled,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-        "warnings": result.warnings,
+        "warnings": [*options.run_warnings, *result.warnings],
     }
     path = sidecar_path(result.output)
-    with atomic_path(path, overwrite=True) as tmp:
+    with atomic_path(path, overwrite=options.overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -11,14 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import head_phantom, real_volume, write_nifti
+from conftest import NO_N4, TINY_FAST, head_phantom, real_volume, write_nifti
 from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
 from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.networks import build_network
 from mrisr_cli.volumes import canonical_reorientation
-from mrisr_cli.weights import load_weights
+from mrisr_cli.weights import load_weights, save_weights
 
 runner = CliRunner()
 SMALL_PATCH = ["--patch", "24,16,24"]
@@ -116,6 +117,147 @@ def test_folder_of_inputs_to_output_folder(tmp_path: Path, fast_weights: Path) -
     assert result.exit_code == 0, result.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["sub-00_T1w.json", "sub-00_T1w.nii.gz", "sub-01_T1w.json", "sub-01_T1w.nii.gz"]
+
+
+def test_hidden_files_in_an_input_folder_are_not_inputs(tmp_path: Path, fast_weights: Path) -> None:
+    """macOS ``._`` files and the ``.name.part`` file of an interrupted write are not scans."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_nifti(src / "sub-01_T1w.nii.gz", head_phantom((30, 20, 30)))
+    (src / "._sub-01_T1w.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    (src / ".sub-01_T1w.nii.gz.k3.part.nii.gz").write_bytes(b"half")
+    result = upsample(src, tmp_path / "out", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "sub-01_T1w.json",
+        "sub-01_T1w.nii.gz",
+    ]
+
+
+def test_an_existing_sidecar_is_not_replaced(tmp_path: Path, fast_weights: Path) -> None:
+    """BIDS keeps an image's metadata in a .json beside it: writing sub-01_T1w.nii.gz next to
+    sub-01_T1w.nii must not silently replace sub-01_T1w.json."""
+    src = write_nifti(tmp_path / "sub-01_T1w.nii", head_phantom((30, 20, 30)))
+    bids = tmp_path / "sub-01_T1w.json"
+    bids.write_text('{"RepetitionTime": 2.3}')
+    out = tmp_path / "sub-01_T1w.nii.gz"
+    result = upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert_one_line_error(result, "sub-01_T1w.json: already exists")
+    assert bids.read_text() == '{"RepetitionTime": 2.3}' and not out.exists()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "sub-01_T1w.json").write_text("{}")
+    assert_one_line_error(upsample(src, folder, "--psnr-weights", fast_weights), "already exists")
+    assert sorted(p.name for p in folder.iterdir()) == ["sub-01_T1w.json"]
+
+
+def test_a_refused_plan_makes_no_output_folder(tmp_path: Path, fast_weights: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_nifti(tmp_path / name / "sub.nii.gz", head_phantom((30, 20, 30)))
+    new = tmp_path / "new"
+    result = upsample(
+        tmp_path / "a/sub.nii.gz", tmp_path / "b/sub.nii.gz", new, "--psnr-weights", fast_weights
+    )
+    assert_one_line_error(result, "would both write")
+    assert str(tmp_path / "a/sub.nii.gz") in result.stderr
+    assert str(tmp_path / "b/sub.nii.gz") in result.stderr
+    assert not new.exists()
+
+
+def test_trailing_slash_names_a_new_folder_and_repeated_alphas_count_once(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    out = tmp_path / "new"
+    result = upsample(
+        phantom_file, f"{out}/", "--psnr-weights", fast_weights, "--alpha", "1,1.0", *SMALL_PATCH
+    )
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["phantom.json", "phantom.nii.gz"]
+
+
+def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
+    tmp_path: Path, phantom_file: Path
+) -> None:
+    """N4 moves the exact-zero background slightly below zero (about -0.014 on this phantom):
+    the clip must follow the input image, not the corrected array. The network here answers a
+    constant far below the image's range, so an unclipped output would be negative."""
+    model = build_network(TINY_FAST)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.zero_()
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        last.bias.fill_(-10.0)
+    weights = tmp_path / "negative.safetensors"
+    save_weights(weights, model.state_dict(), TINY_FAST, NO_N4)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", weights, "--n4", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
+
+
+def test_half_falling_back_to_fp32_is_recorded_in_the_sidecar(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    from mrisr_cli.inference import fast_half_available
+
+    if fast_half_available("cpu"):
+        pytest.skip("this CPU runs bf16 natively: --half does not fall back")
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", fast_weights, "--half", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((tmp_path / "o.json").read_text())
+    assert record["precision"] == "fp32" and not record["half"]
+    assert any(w.startswith("--half:") and "fp32" in w for w in record["warnings"])
+    assert result.stderr.count("--half:") == 1  # printed once for the run
+
+
+_KILL_WHILE_WRITING = """
+import os, signal, sys
+from contextlib import contextmanager
+from mrisr_cli import volumes
+real = volumes.atomic_path
+
+@contextmanager
+def atomic_path(path, *, overwrite):
+    with real(path, overwrite=overwrite) as tmp:
+        yield tmp
+        if tmp.name.endswith(".nii.gz"):  # written, not yet renamed: a SLURM time limit hits
+            os.kill(os.getpid(), signal.SIGTERM)
+
+volumes.atomic_path = atomic_path
+from mrisr_cli.cli import main
+sys.argv = ["mrisr", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_while_writing_leaves_nothing_and_says_so(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILL_WHILE_WRITING,
+            "upsample",
+            str(phantom_file),
+            str(out / "o.nii.gz"),
+            "--psnr-weights",
+            str(fast_weights),
+            *SMALL_PATCH,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 128 + 15, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "mrisr: error: stopped by SIGTERM; unfinished outputs were removed"
+    ]
+    assert list(out.iterdir()) == []
 
 
 def test_true_lowres_input_is_written_on_the_fine_grid(tmp_path: Path, fast_weights: Path) -> None:
