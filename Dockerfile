@@ -45,7 +45,10 @@ ENV VIRTUAL_ENV=/opt/mrisr/venv \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# bookworm's ensurepip brings pip 23.0.1: pin a current pip so every build resolves the same way.
+# bookworm's ensurepip brings pip 23.0.1: pin a current pip, so every build uses the same
+# installer. Only pip and torch are pinned: mrisr's other dependencies (and torch's own) resolve
+# to the newest versions that pyproject.toml (and torch's requirements) allow on the day of the
+# build, so two builds on different days can differ.
 RUN python3.11 -m venv "$VIRTUAL_ENV" \
  && pip install --no-cache-dir pip==26.3
 

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Lint the container files offline: hadolint on the Dockerfile, shellcheck on the shell scripts and
-# on the shell sections of Singularity.def. Exits non-zero on any finding.
+# Lint the container files offline: hadolint on the Dockerfile, shellcheck on the shell scripts
+# (examples/, .ci/, tools/) and on the shell sections of Singularity.def. Exits non-zero on any
+# finding.
 #
 #   bash .ci/lint_containers.sh
 #
@@ -39,7 +40,8 @@ echo "hadolint $(hadolint --version | head -n 1)"
 hadolint --no-color --failure-threshold style Dockerfile || status=1
 
 shopt -s nullglob
-scripts=(examples/*.sh .ci/*.sh)
+# .ci/run has no .sh suffix; tools/*.sh are the scripts run on lent GPU machines.
+scripts=(examples/*.sh .ci/*.sh .ci/run tools/*.sh)
 echo "shellcheck $(shellcheck --version | sed -n 's/^version: //p') on ${scripts[*]}"
 shellcheck "${scripts[@]}" || status=1
 

@@ -5,11 +5,14 @@
 #   mkdir -p logs
 #   sbatch --array=1-"$(wc -l < subjects.txt)"%20 examples/slurm_upsample.sh subjects.txt /data/sr
 #
-# Each line of the list is one input NIfTI path (blank lines and lines starting with # are
-# skipped). Task N reads line N and writes OUTDIR/<input name without .nii[.gz]>_sr.nii.gz, so
-# input file names must be unique (BIDS names are). A subject whose output already exists is
-# skipped: resubmitting the same array after a failure redoes only what is missing. "%20" caps
-# how many tasks run at once.
+# Each line of the list is one input image path (.nii.gz, .nii, .mgz or .mgh; blank lines and
+# lines starting with # are skipped). Task N reads line N and writes
+# OUTDIR/<input name without its suffix>_sr.nii.gz, or, for several alphas (MRISR_ARGS="--alpha
+# 0,1"), one <name>_sr_alpha-<alpha>.nii.gz per alpha, as mrisr names them. Input file names must
+# be unique (BIDS names are). A subject whose outputs all exist is skipped: resubmitting the same
+# array after a failure redoes only what is missing (a subject with only some of its alphas done
+# is redone whole, with --overwrite). Symbolic links (DataLad/git-annex datasets) are followed:
+# the file they point to is what the container reads. "%20" caps how many tasks run at once.
 #
 # Settings from the environment: SIF (default: mrisr.sif), MRISR_ARGS (extra options for
 # `mrisr upsample`, e.g. "--alpha 0.5"), SINGULARITY (default: singularity; apptainer works too).
@@ -38,25 +41,72 @@ if [[ -z "${in//[[:space:]]/}" || "$in" == \#* ]]; then
     exit 0
 fi
 if [[ ! -f "$in" ]]; then
-    echo "task $task: input not found: $in" >&2
+    hint=""
+    if [[ -L "$in" ]]; then
+        hint=" (a symbolic link to a missing file: in a DataLad dataset, run datalad get first)"
+    fi
+    echo "task $task: input not found: $in$hint" >&2
     exit 1
 fi
 
+# The output name comes from the listed name: a git-annex link points to a file named by its hash.
 name=$(basename "$in")
-name=${name%.gz}
-name=${name%.nii}
+lower=${name,,}
+for suffix in .nii.gz .nii .mgz .mgh; do
+    if [[ "$lower" == *"$suffix" ]]; then
+        name=${name:0:${#name}-${#suffix}}
+        break
+    fi
+done
+
+read -r -a extra <<< "${MRISR_ARGS:-}"
+
+# The outputs mrisr will write: OUT for one alpha, else OUT's name + _alpha-<alpha as %g> for each
+# distinct alpha (mrisr_cli/batch.py, plan_jobs).
+alpha_text=1
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    case ${extra[i]} in
+        --alpha) alpha_text=${extra[i + 1]:-} ;;
+        --alpha=*) alpha_text=${extra[i]#--alpha=} ;;
+    esac
+done
+IFS=, read -r -a alphas <<< "$alpha_text"
+tags=()
+for alpha in "${alphas[@]}"; do
+    [[ -n "$alpha" ]] || continue
+    tag=$(LC_ALL=C printf '%g' "$alpha" 2> /dev/null) || {
+        echo "task $task: --alpha $alpha_text: not a list of numbers" >&2
+        exit 1
+    }
+    [[ " ${tags[*]} " == *" $tag "* ]] || tags+=("$tag")
+done
 mkdir -p "$outdir"
-out="$outdir/${name}_sr.nii.gz"
-if [[ -e "$out" ]]; then
-    echo "task $task: $out exists; skipping $in"
+out_dir=$(cd "$outdir" && pwd -P)
+out="$out_dir/${name}_sr.nii.gz"
+outputs=("$out")
+if ((${#tags[@]} > 1)); then
+    outputs=()
+    for tag in "${tags[@]}"; do
+        outputs+=("$out_dir/${name}_sr_alpha-$tag.nii.gz")
+    done
+fi
+missing=0
+for output in "${outputs[@]}"; do
+    [[ -e "$output" ]] || missing=$((missing + 1))
+done
+if ((missing == 0)); then
+    echo "task $task: ${outputs[*]} exist; skipping $in"
     exit 0
+fi
+if ((missing < ${#outputs[@]})); then
+    echo "task $task: only some alphas of $in are done; redoing them all"
+    extra+=(--overwrite)
 fi
 
 # Bind the input's folder read-only and the output folder read-write, at the same paths inside.
-in_dir=$(cd "$(dirname "$in")" && pwd -P)
-out_dir=$(cd "$outdir" && pwd -P)
-in="$in_dir/$(basename "$in")"
-out="$out_dir/${name}_sr.nii.gz"
+# The input is resolved first: a link's own folder would not hold the file it points to.
+in=$(readlink -f "$in")
+in_dir=$(dirname "$in")
 bind_args=(-B "$out_dir")
 if [[ "$in_dir" != "$out_dir" ]]; then
     bind_args=(-B "$in_dir:$in_dir:ro" "${bind_args[@]}")
@@ -68,8 +118,6 @@ env_args=(--env "SLURM_CPUS_PER_TASK=$threads")
 if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     env_args+=(--env "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
 fi
-
-read -r -a extra <<< "${MRISR_ARGS:-}"
 
 echo "task $task on $(hostname): $in -> $out"
 "$singularity" exec --nv --cleanenv --no-home \

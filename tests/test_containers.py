@@ -581,6 +581,100 @@ def test_slurm_upsample_other_lines(subjects: Path, tmp_path: Path) -> None:
     assert "not found" in missing.stderr
 
 
+def _one_line_list(tmp_path: Path, line: str) -> Path:
+    listing = tmp_path / "subjects.txt"
+    listing.write_text(line + "\n")
+    _fake_bin(tmp_path)
+    return listing
+
+
+def test_slurm_upsample_follows_links(tmp_path: Path) -> None:
+    """A DataLad/git-annex dataset: the listed file is a relative link to a hash-named file."""
+    key = "SHA256E-s0--0a1b2c.nii.gz"
+    target = tmp_path / "ds" / ".git" / "annex" / "objects" / "Xx" / "Yy" / key / key
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"")
+    anat = tmp_path / "ds" / "sub-03" / "anat"
+    anat.mkdir(parents=True)
+    link = anat / "sub-03_T1w.nii.gz"
+    link.symlink_to(os.path.relpath(target, anat))
+    listing = _one_line_list(tmp_path, str(link))
+    out = tmp_path / "sr"
+
+    done = _run_example(
+        "slurm_upsample.sh", [str(listing), str(out)], {"SLURM_ARRAY_TASK_ID": "1"}, tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    (call,) = _calls(tmp_path)
+    real_dir = str(target.parent.resolve())
+    assert f"{real_dir}:{real_dir}:ro" in call, "the link's target folder is bound"
+    upsample = call[call.index("upsample") :]
+    assert upsample[1:3] == [str(target.resolve()), str(out.resolve() / "sub-03_T1w_sr.nii.gz")]
+
+    target.unlink()  # content not fetched (`datalad get` not run): a dangling link
+    gone = _run_example(
+        "slurm_upsample.sh", [str(listing), str(out)], {"SLURM_ARRAY_TASK_ID": "1"}, tmp_path
+    )
+    assert gone.returncode != 0
+    assert "not found" in gone.stderr and "datalad get" in gone.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "mrisr_args", "alphas"),
+    [
+        ("sub-04_T1w.mgz", "", [1.0]),
+        ("sub-05_T1w.MGH", "--alpha 0.5", [0.5]),
+        ("sub-01_T1w.nii.gz", "--alpha 0,1", [0.0, 1.0]),
+        ("sub-02_T1w.nii", "--half --alpha=0,.50,1", [0.0, 0.5, 1.0]),
+        ("sub-06_T1w.nii.gz", "--alpha 0.5,0.50", [0.5, 0.5]),  # one alpha: no tag
+    ],
+)
+def test_slurm_upsample_names_and_skips_as_mrisr_writes(
+    tmp_path: Path, name: str, mrisr_args: str, alphas: list[float]
+) -> None:
+    """The outputs the script looks for are the ones mrisr's own plan writes for its OUT."""
+    from mrisr_cli.batch import plan_jobs
+    from mrisr_cli.volumes import strip_suffix
+
+    source = tmp_path / "in" / name
+    source.parent.mkdir()
+    source.write_bytes(b"")
+    out = (tmp_path / "sr").resolve()
+    out.mkdir()
+    out_arg = out / f"{strip_suffix(name)}_sr.nii.gz"
+    written = [job.output for job in plan_jobs([source], out_arg, alphas, overwrite=False)]
+    listing = _one_line_list(tmp_path, str(source))
+    env = {"SLURM_ARRAY_TASK_ID": "1", "MRISR_ARGS": mrisr_args}
+
+    def run() -> subprocess.CompletedProcess[str]:
+        done = _run_example("slurm_upsample.sh", [str(listing), str(out)], env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    run()
+    (call,) = _calls(tmp_path)
+    assert call[call.index("upsample") + 2] == str(out_arg)
+    assert "--overwrite" not in call
+    if out_arg not in written:
+        out_arg.unlink()  # the stand-in makes OUT; for several alphas, mrisr does not
+    for path in written:
+        path.touch()  # what mrisr writes
+
+    if len(written) > 1:  # a task stopped after its first alpha: redo them all
+        for path in written[1:]:
+            path.unlink()
+        run()
+        assert len(_calls(tmp_path)) == 2
+        assert _calls(tmp_path)[-1][-1] == "--overwrite"
+        for path in written:
+            path.touch()
+
+    calls = len(_calls(tmp_path))
+    again = run()
+    assert "skipping" in again.stdout
+    assert len(_calls(tmp_path)) == calls, "finished outputs are not computed again"
+
+
 @pytest.mark.parametrize("cuda", ["0,1,2,3", None])
 def test_slurm_train_starts_torchrun_per_node(tmp_path: Path, cuda: str | None) -> None:
     _fake_bin(tmp_path)

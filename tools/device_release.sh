@@ -18,4 +18,5 @@ echo "bench: ${left} s left" | tee -a "$OUT/log.txt"
 if [ "$left" -gt 25 ] && [ -z "${SKIP_BENCH:-}" ]; then
   MRISR_DATA=carry/data timeout "$left" python3 benchmarks/bench_upsample.py --devices cuda --parts table 2>&1 | tee -a "$OUT/log.txt"
 fi
-ls -la "$OUT" | tee -a "$OUT/log.txt"
+# What comes back: every file and folder under $OUT with its mode and size in bytes.
+find "$OUT" -mindepth 1 -printf '%M %12s  %P\n' | sort -k3 | tee -a "$OUT/log.txt"
