@@ -65,12 +65,23 @@ def evaluate_command(
         int, typer.Option(min=1, help="Subjects evaluated in parallel (CPU worker processes).")
     ] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads in all, shared by the --jobs workers (default: SLURM/OMP or all "
+            "cores).",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing report files.")
     ] = False,
 ) -> None:
     """Compare super-resolved volumes with their references: mrisr evaluate --ref hr --pred sr"""
     with user_errors():
+        from mrisr_cli.threads import configure_threads
+
+        configure_threads(threads)
         evaluation = _run(
             ref, pred, mask, parcellation_weights, tissue, n4, out, jobs, device, overwrite
         )

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -72,13 +71,18 @@ class Pairing:
 
 
 def list_volumes(folder: Path, what: str) -> list[Path]:
-    """The image files of a folder, sorted; an unusable or empty folder is an InputError."""
+    """The image files of a folder, sorted, hidden ones left out (macOS ``._`` files, the
+    ``.name.part`` files of an interrupted write); an unusable or empty folder is an InputError."""
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{what} folder {folder}: does not exist")
     if not folder.is_dir():
         raise InputError(f"{what} folder {folder}: is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_volume_path(p))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and is_volume_path(p) and not p.name.startswith(".")  # ._x, .x.part
+    )
     if not files:
         raise InputError(f"{what} folder {folder}: no images (.nii, .nii.gz, .mgz, .mgh) in it")
     return files
@@ -108,10 +112,21 @@ def name_score(ref_stem: str, other_stem: str) -> int:
 
 
 def match_files(refs: Sequence[Path], others: Sequence[Path]) -> Pairing:
-    """Pair each reference with the file whose name shares its longest stem (unique best only)."""
-    ref_stems = {strip_suffix(p.name): p for p in refs}
+    """Pair each reference with the file whose name shares its longest stem (unique best only).
+
+    References that share a stem (``X.nii`` and ``X.nii.gz``) cannot be told apart: both are
+    left out, with a note.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for path in refs:
+        by_stem.setdefault(strip_suffix(path.name), []).append(path)
+    ref_stems = {stem: paths[0] for stem, paths in by_stem.items() if len(paths) == 1}
     best_for_other: dict[Path, str] = {}
-    ambiguous: list[str] = []
+    ambiguous: list[str] = [
+        f"{', '.join(p.name for p in paths)} share the name {stem}: left out"
+        for stem, paths in by_stem.items()
+        if len(paths) > 1
+    ]
     ambiguous_names: set[str] = set()
     for other in others:
         stem = strip_suffix(other.name)
@@ -542,9 +557,11 @@ def _run_tasks(
         return results
     import multiprocessing
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import torch
+
     workers = min(jobs, total)
-    worker_options = replace(options, threads=max(1, (cpus or 1) // workers))
+    # the process's thread count (--threads, SLURM, or the affinity mask) shared by the workers
+    worker_options = replace(options, threads=max(1, torch.get_num_threads() // workers))
     # spawn, not fork: forking a process whose OpenMP/torch threads are running can deadlock.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -792,6 +809,11 @@ def write_report(
     written.append(path)
 
     written += write_figures(evaluation, out_dir / "figures", overwrite=overwrite)
+    # an earlier report's files that this one does not replace would mix two runs: remove them
+    stale = [out_dir / n for n in REPORT_FILES] + sorted((out_dir / "figures").glob("*.png"))
+    for path in stale:
+        if path not in written:
+            path.unlink(missing_ok=True)
     return written
 
 

@@ -203,6 +203,9 @@ def test_name_matching_rules() -> None:
     assert pairing.unmatched == ("other.nii.gz",) and pairing.unmatched_refs == ("sub-02_T1w.nii",)
     tied = match_files([Path("a_T1w.nii"), Path("a_T2w.nii")], [Path("a.nii")])
     assert not tied.matches and tied.ambiguous and not tied.unmatched
+    twins = match_files([Path("x.nii"), Path("x.nii.gz"), Path("y.nii")], [Path("x_sr.nii")])
+    assert not twins.matches and twins.unmatched_refs == ("y.nii",)
+    assert twins.ambiguous == ("x.nii, x.nii.gz share the name x: left out",)
 
 
 def test_automatic_mask_keeps_dark_csf_and_drops_noisy_air() -> None:
@@ -332,6 +335,34 @@ def test_existing_report_needs_overwrite(tmp_path: Path) -> None:
     again = invoke(*args)
     assert again.exit_code == 1 and "--overwrite" in again.stderr
     assert invoke(*args, "--overwrite").exit_code == 0
+
+
+def test_overwriting_a_report_leaves_no_file_of_the_earlier_run(tmp_path: Path) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=3)
+    out = tmp_path / "report"
+    assert invoke("--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", *FAST).exit_code == 0
+    (out / "parcellation_dice.csv").write_text("method,subject\nold,sub-09\n")  # an older run's
+    (hr / "sub-02_T1w.nii.gz").unlink()
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", "--overwrite"]
+    assert invoke(*args, *FAST).exit_code == 0
+    assert not (out / "parcellation_dice.csv").exists()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["boxplots.png", "slices_sub-00_T1w.png", "slices_sub-01_T1w.png"]
+
+
+def test_hidden_files_are_not_predictions(tmp_path: Path) -> None:
+    """A leftover ``.x.part.nii.gz`` or a macOS ``._x`` file must not tie with the real one."""
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    real = sharp / "sub-00_desc-sr_T1w.nii.gz"
+    shutil.copy(real, sharp / ".sub-00_desc-sr_T1w.nii.gz.k3j2.part.nii.gz")
+    (sharp / "._sub-01_desc-sr_T1w.nii.gz").write_bytes(b"\x00\x05\x16\x07")
+    out = tmp_path / "report"
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", "--threads", "1"]
+    result = invoke(*args, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "matched equally" not in result.output and "._" not in result.output
+    rows = read_rows(out / "subjects.csv")
+    assert [(r["subject"], r["error"]) for r in rows] == [("sub-00_T1w", ""), ("sub-01_T1w", "")]
 
 
 def test_mask_folder_with_a_missing_and_a_wrong_mask(tmp_path: Path) -> None:
