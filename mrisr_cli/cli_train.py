@@ -7,6 +7,8 @@ numpy, torch and the CLI helpers are imported inside the commands.
 
 from __future__ import annotations
 
+import math
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +29,14 @@ from mrisr_cli.console import (
     user_errors,
     warn,
 )
+
+
+class Stage(StrEnum):
+    """The two training stages (a choice, so a typo is a usage error)."""
+
+    psnr = "psnr"
+    gan = "gan"
+
 
 GAN_DEFAULTS = {"epochs": 10, "lr": 1e-5}
 PSNR_DEFAULTS = {"epochs": 100, "lr": 1e-4}
@@ -158,7 +168,7 @@ def _run_params(out: Path) -> dict[str, Any] | None:
 
 def train_command(
     stage: Annotated[
-        str, typer.Option(help="psnr (L1) or gan (WGAN-GP, from --init PSNR weights).")
+        Stage, typer.Option(help="psnr (L1) or gan (WGAN-GP, from --init PSNR weights).")
     ],
     data: Annotated[Path, typer.Option(help="Data folder made by `mrisr prepare`.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint, log, weights.")],
@@ -255,15 +265,19 @@ def train_command(
         from mrisr_cli.errors import InputError
         from mrisr_cli.networks import NetworkConfig
         from mrisr_cli.threads import configure_threads
-        from mrisr_cli.training import STAGES, TrainConfig, train, worker_threads
+        from mrisr_cli.training import TrainConfig, train, worker_threads
         from mrisr_cli.training import resume as resume_run
         from mrisr_cli.weights import load_weights
 
-        if stage not in STAGES:
-            raise InputError(f"--stage must be psnr or gan, not {stage!r}")
+        for name, value in (("--lr", lr), ("--critic-lr", critic_lr)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise InputError(f"{name} must be a positive number, got {value}")
+        for name, value in (("--lambda-adv", lambda_adv), ("--lambda-gp", lambda_gp)):
+            if not (math.isfinite(value) and value >= 0):
+                raise InputError(f"{name} must be a number >= 0, got {value}")
         patch_size = parse_triple(patch, "--patch")
         val_size = parse_triple(val_patch, "--val-patch")
-        defaults = GAN_DEFAULTS if stage == "gan" else PSNR_DEFAULTS
+        defaults = GAN_DEFAULTS if stage is Stage.gan else PSNR_DEFAULTS
         params = _parse_json_object(net_params, "--net-params")
         if params is None and init is not None:
             found = load_weights(init)
@@ -273,7 +287,7 @@ def train_command(
         critic = _parse_json_object(critic_params, "--critic-params") or {}
         rate = lr if lr is not None else float(defaults["lr"])
         config = TrainConfig(
-            stage=stage,
+            stage=stage.value,
             data=str(data),
             out=str(out),
             network=NetworkConfig(net, params or {}),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -112,11 +113,23 @@ def find_scans(src_dir: Path) -> list[Scan]:
     if not paths:
         raise InputError(f"{src_dir}: no NIfTI or MGH images found (.nii, .nii.gz, .mgz, .mgh)")
     stems = [_safe_name(strip_suffix(p.name)) for p in paths]
-    scans = []
+    ids = []
     for path, stem in zip(paths, stems, strict=True):
-        scan_id = stem
         if stems.count(stem) > 1:  # same name in several folders: prefix the folders
-            scan_id = _safe_name(str(path.relative_to(src_dir).parent / stem).replace("/", "_"))
+            stem = _safe_name(str(path.relative_to(src_dir).parent / stem).replace("/", "_"))
+        ids.append(stem)
+    # still shared (x.nii.gz beside x.mgz, or names that _safe_name maps alike): number them
+    # in path order, which is stable from one run to the next
+    taken = set(ids)
+    for index, scan_id in enumerate(ids):
+        if ids.count(scan_id) > 1 and ids.index(scan_id) != index:
+            number = 2
+            while f"{scan_id}-{number}" in taken:
+                number += 1
+            ids[index] = f"{scan_id}-{number}"
+            taken.add(ids[index])
+    scans = []
+    for path, scan_id in zip(paths, ids, strict=True):
         match = re.search(r"sub-[A-Za-z0-9]+", path.name)
         scans.append(Scan(path=path, id=scan_id, subject=match.group(0) if match else scan_id))
     return scans
@@ -308,7 +321,7 @@ def parse_ratios(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or min(values) < 0 or values[0] <= 0:
+    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values) or values[0] <= 0:
         raise InputError(
             f"--split takes four shares train,val,eval,test like 0.7,0.1,0.1,0.1, got {text!r}"
         )

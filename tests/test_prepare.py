@@ -185,6 +185,10 @@ def test_bad_options(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "--split takes four shares" in result.output
     result = invoke(tmp_path / "src", tmp_path / "out", "--interpolation", "nearest")
     assert result.exit_code == 1 and "interpolation must be one of" in result.output
+    for split in ("0.7,0.1,0.1,nan", "0.7,inf,0,0"):  # refused before any scan is processed
+        result = invoke(tmp_path / "src", tmp_path / "out", "--split", split, "--no-n4")
+        assert result.exit_code == 1 and "--split takes four shares" in result.output
+        assert not (tmp_path / "out" / "subjects").exists()
 
 
 def test_split_is_by_subject_deterministic_and_the_papers_ratio() -> None:
@@ -196,6 +200,26 @@ def test_split_is_by_subject_deterministic_and_the_papers_ratio() -> None:
     assert one == assign_splits(list(reversed(subjects)), (0.7, 0.1, 0.1, 0.1), seed=1)
     assert one != assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=2)
     assert sorted(one.values()).count("train") == 28
+
+
+def test_scans_with_the_same_name_get_distinct_ids(tmp_path: Path) -> None:
+    """x.nii.gz beside x.mgz, names that differ only in characters ids cannot hold, and the
+    same name in two folders: each scan keeps its own folder and manifest entry."""
+    src = tmp_path / "src"
+    save(src / "sub-02_T1w.nii.gz", head(0))
+    nib.save(nib.MGHImage(head(1), np.eye(4)), str(src / "sub-02_T1w.mgz"))
+    save(src / "a b.nii.gz", head(2))
+    save(src / "a_b.nii.gz", head(3))
+    save(src / "site1" / "scan.nii.gz", head(4))
+    save(src / "site2" / "scan.nii.gz", head(5))
+    manifest = prepare_dataset(src, tmp_path / "out", NO_N4)
+    ids = sorted(r["id"] for r in manifest["subjects"])
+    assert ids == ["a_b", "a_b-2", "site1_scan", "site2_scan", "sub-02_T1w", "sub-02_T1w-2"]
+    for record in manifest["subjects"]:  # every file on disk is the one its entry describes
+        hr = tmp_path / "out" / "subjects" / record["id"] / "hr.npy"
+        assert sha256_of(hr) == record["files"]["hr"]["sha256"]
+    again = prepare_dataset(src, tmp_path / "out", NO_N4)  # a rerun finds them all done
+    assert sorted(r["id"] for r in again["subjects"]) == ids
 
 
 def test_sessions_of_one_subject_share_a_split(tmp_path: Path) -> None:

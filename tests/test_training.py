@@ -502,14 +502,21 @@ def test_init_of_another_network_or_other_data(prepared: Path, tmp_path: Path) -
 
 def test_bad_training_options(prepared: Path, tmp_path: Path) -> None:
     data, run = prepared / "data", tmp_path / "run"
-    result = invoke(*train_args(data, run, "--stage", "wgan"))
-    assert result.exit_code == 1 and "--stage must be psnr or gan" in result.output
+    result = invoke(*train_args(data, run, "--stage", "wgan"))  # a choice: a usage error
+    assert result.exit_code == 2 and "--stage" in result.output
+    for option, value in (("--lr", "nan"), ("--critic-lr", "-1"), ("--lambda-gp", "inf")):
+        result = invoke(*train_args(data, run, "--stage", "psnr", option, value))
+        assert result.exit_code == 1 and f"{option} must be" in result.output, result.output
     result = invoke(*train_args(data, run, "--stage", "psnr", "--net", "unet"))
     assert result.exit_code == 1 and "--net must be one of" in result.output
     result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", "[1]"))
     assert result.exit_code == 1 and "--net-params takes a JSON object" in result.output
     result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", '{"width": 3}'))
     assert result.exit_code == 1 and "bad hyper-parameters for network 'rrdg'" in result.output
+    negative = '{"features": -1}'  # torch's RuntimeError, not an internal error
+    result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", negative))
+    assert result.exit_code == 1 and "bad hyper-parameters for network 'rrdg'" in result.output
+    assert not run.exists()  # nothing started
 
 
 # --- several processes ------------------------------------------------------------------------

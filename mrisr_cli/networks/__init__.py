@@ -60,7 +60,7 @@ def build_network(config: NetworkConfig) -> nn.Module:
         raise WeightsError(f"unknown network {config.name!r} (known: {known})") from None
     try:
         return builder(**config.params)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative size
         raise WeightsError(f"bad hyper-parameters for network {config.name!r}: {exc}") from exc
 
 
