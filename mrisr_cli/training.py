@@ -885,7 +885,8 @@ def _run(
 
     def export(name: str, at: int, metrics: dict[str, float]) -> Path:
         path = out / name
-        info = dict(provenance, step=at, epoch=at // config.steps_per_epoch, validation=metrics)
+        epoch = math.ceil(at / config.steps_per_epoch)  # as the log counts it
+        info = dict(provenance, step=at, epoch=epoch, validation=metrics)
         try:
             save_weights(
                 path,

@@ -381,10 +381,12 @@ def test_time_limit_ends_a_call_with_validated_weights_and_resume_finishes_the_r
     first = train(config)
     assert first.status == "time-limit" and first.step == 1
     assert first.last_weights is not None and first.last_weights.is_file()
-    assert load_weights(first.last_weights).provenance["step"] == 1
+    provenance = load_weights(first.last_weights).provenance
+    assert provenance["step"] == 1
     assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 1
-    events = [r["event"] for r in read_log(tmp_path / "b" / LOG)]
-    assert events[-2:] == ["epoch", "time-limit"]
+    records = read_log(tmp_path / "b" / LOG)
+    assert [r["event"] for r in records][-2:] == ["epoch", "time-limit"]
+    assert provenance["epoch"] == records[-2]["epoch"] == 1  # the epoch step 1 fell in
     second = training.resume(replace(config, time_limit=0.0))
     assert second.status == "done" and second.step == 4
     a = load_file(str(tmp_path / "a" / "last.safetensors"))
