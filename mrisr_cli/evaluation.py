@@ -607,7 +607,8 @@ def _settings(options: EvaluationOptions, mask_dir: Path | None, jobs: int) -> d
         "mask": str(mask_dir)
         if mask_dir
         else "automatic, from the reference: voxels above "
-        "min + 0.1 x (99th percentile - min), largest component, holes filled",
+        "min + 0.1 x (99th percentile of the voxels above min - min), largest component, "
+        "holes filled",
         "tissue": TISSUE_RULE if options.tissue else None,
         "m_h": MH_RULE if options.weights else None,
         "parcellation_weights": str(options.weights) if options.weights else None,
