@@ -7,11 +7,15 @@ temporary file in the target folder and renamed, so a crash never leaves a half-
 
 from __future__ import annotations
 
+import gzip
+import logging
 import os
+import re
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +64,11 @@ def load_volume(path: Path) -> Volume:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
-    try:
-        image = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for foreign files
-        reason = _short(exc).replace(str(path), "it")
-        raise InputError(f"{path}: not a NIfTI/MGH image ({reason})") from exc
+    with _nibabel_header_fixes() as fixes:
+        try:
+            image = nib.load(str(path))
+        except Exception as exc:  # nibabel raises many types for foreign files
+            raise InputError(f"{path}: {_unreadable_reason(path, exc)}") from exc
     if not isinstance(image, nib.spatialimages.SpatialImage):
         raise InputError(f"{path}: not a volumetric image")
     shape = image.shape
@@ -72,18 +76,42 @@ def load_volume(path: Path) -> Volume:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(image.shape)}")
+    # without an sform the geometry comes from pixdim, whose zeros nibabel has turned into 1 mm
+    zero_pixdim = any("pixdim[1,2,3] should be non-zero" in fix for fix in fixes)
+    if (
+        zero_pixdim
+        and isinstance(image.header, nib.Nifti1Header)
+        and not image.header["sform_code"]
+    ):
+        raise InputError(f"{path}: the header gives a voxel size of 0 mm (pixdim)")
+    check_affine(image.affine, str(path))
     try:
         data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise InputError(f"{path}: file is truncated or corrupt ({_short(exc)})") from exc
+        raise InputError(f"{path}: {_unreadable_reason(path, exc, header_read=True)}") from exc
     check_finite_and_nonempty(data, str(path))
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_qform(image.affine, code=1)
-    header.set_sform(image.affine, code=1)
     if isinstance(image.header, nib.Nifti1Header):
         header = image.header.copy()
+    else:  # MGH: its affine is scanner RAS
+        header = nib.Nifti1Header()
+        header.set_data_shape(shape)
+        header.set_qform(image.affine, code=1)
+        header.set_sform(image.affine, code=1)
     return Volume(data=data, affine=image.affine.copy(), header=header, path=path)
+
+
+def check_affine(affine: np.ndarray, what: str) -> None:
+    """Refuse a voxel-to-world affine that is not finite, has a voxel size of 0 or is singular
+    (checked in this order, so that no numpy warning is raised on the way)."""
+    if not np.isfinite(affine).all():
+        raise InputError(f"{what}: the header's voxel-to-world affine has NaN or infinite entries")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not (zooms > 0).all():
+        sizes = " x ".join(f"{z:g}" for z in zooms)
+        raise InputError(f"{what}: the header gives voxel sizes of {sizes} mm (one is 0)")
+    # |det| of the affine with unit columns: 1 for orthogonal axes, 0 when two are parallel
+    if abs(float(np.linalg.det(affine[:3, :3] / zooms))) < 1e-6:
+        raise InputError(f"{what}: the header's voxel-to-world affine is not invertible")
 
 
 def check_finite_and_nonempty(data: np.ndarray, what: str) -> None:
@@ -100,6 +128,106 @@ def check_finite_and_nonempty(data: np.ndarray, what: str) -> None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+# the first 4 bytes of an image file (after decompression) and the size of the header they start:
+# sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2) in either byte order, or MGH's big-endian version 1
+HEADER_SIZES = {
+    (348).to_bytes(4, "little"): 348,
+    (348).to_bytes(4, "big"): 348,
+    (540).to_bytes(4, "little"): 540,
+    (540).to_bytes(4, "big"): 540,
+    (1).to_bytes(4, "big"): 284,
+}
+TRUNCATED_OR_CORRUPT = "file is truncated or corrupt"
+
+
+def _unreadable_reason(path: Path, exc: BaseException, *, header_read: bool = False) -> str:
+    """Why ``path`` could not be read, in words, without repeating its name: truncation and
+    corruption are told apart from files that are not images at all (or, once nibabel has read
+    a header, ``header_read``, from other damage)."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(2)
+        start, size, problem = _contents(path, gzipped=magic == GZIP_MAGIC)
+    except OSError as error:
+        return f"cannot be read ({error.strerror or _without_path(_short(error), path)})"
+    lower = path.name.lower()
+    if lower.endswith((".gz", ".mgz")) and magic != GZIP_MAGIC and size:
+        suffix = ".mgz" if lower.endswith(".mgz") else ".gz"
+        return f"not a NIfTI/MGH image (named {suffix} but not gzip-compressed)"
+    if problem:
+        return f"{TRUNCATED_OR_CORRUPT} ({problem})"
+    if size == 0:
+        return "not a NIfTI/MGH image (the file is empty)"
+    if start in HEADER_SIZES and size < HEADER_SIZES[start]:
+        return f"{TRUNCATED_OR_CORRUPT} (truncated: {size} bytes end inside the header)"
+    expected = re.search(r"Expected (\d+) bytes, got (\d+) bytes", str(exc))
+    if expected:
+        wanted, found = expected.groups()
+        return f"{TRUNCATED_OR_CORRUPT} (truncated: {found} of {wanted} bytes of image data)"
+    if isinstance(exc, EOFError | zlib.error):
+        header_read = True
+    reason = _without_path(_short(exc), path)
+    if header_read:
+        return f"{TRUNCATED_OR_CORRUPT} ({reason})"
+    if "Cannot work out file type" in str(exc):
+        return "not a NIfTI/MGH image (the contents are not a NIfTI or MGH header)"
+    return f"not a NIfTI/MGH image ({reason})"
+
+
+def _contents(path: Path, *, gzipped: bool) -> tuple[bytes, int, str | None]:
+    """The first 4 bytes and the size of a file's contents (decompressed, a gzip stream being
+    read through to its end and checksum), and what is wrong with that stream, if anything."""
+    if not gzipped:
+        with path.open("rb") as handle:
+            return handle.read(4), path.stat().st_size, None
+    start, size = b"", 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                start = start or chunk[:4]
+                size += len(chunk)
+    except EOFError:
+        return start, size, "truncated: the compressed data end before their end-of-stream marker"
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        return start, size, f"corrupt: {_without_path(_short(exc), path)}"
+    return start, size, None
+
+
+def _without_path(text: str, path: Path) -> str:
+    """``text`` with mentions of ``path`` (quoted or not, after "of"/"from") taken out."""
+    pattern = rf"""\s*(?:\b(?:of|from|in)\s+)?["']?{re.escape(str(path))}["']?"""
+    return re.sub(pattern, "", text).strip() or text
+
+
+class _ThreadRecords(logging.Filter):
+    """Keeps (and stops) the log records of one thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextmanager
+def _nibabel_header_fixes() -> Iterator[list[str]]:
+    """Collect what nibabel logs (to stderr, by default) about headers it repairs while reading,
+    instead of letting it print: library code never prints."""
+    logger = logging.getLogger("nibabel.global")
+    records = _ThreadRecords()
+    logger.addFilter(records)
+    try:
+        yield records.messages
+    finally:
+        logger.removeFilter(records)
 
 
 # --- orientation -------------------------------------------------------------------------
@@ -152,9 +280,43 @@ def check_output_path(path: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{folder}: output folder is not writable")
 
 
+def _read_umask() -> int | None:
+    """The process umask from ``/proc/self/status`` (Linux), without changing it; else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    found = _read_umask()
+    if found is not None:
+        return found
+    # no /proc: set and restore it once, at import (before any thread of ours runs)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+UMASK_AT_IMPORT = _umask_at_import()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the umask (read now where possible)."""
+    umask = _read_umask()
+    return 0o666 & ~(UMASK_AT_IMPORT if umask is None else umask)
+
+
 @contextmanager
 def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only on success."""
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    The file gets the mode of any new file (``0o666`` less the umask), not ``mkstemp``'s 0600.
+    """
     path = Path(path)
     check_output_path(path, overwrite=overwrite)
     folder = path.parent if str(path.parent) else Path(".")
@@ -171,6 +333,9 @@ def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
         yield tmp
         if path.exists() and not overwrite:
             raise OutputError(f"{path}: appeared while writing (use --overwrite to replace it)")
+        # after the writer, which may have made the file anew (safetensors does, as 0600)
+        with suppress(OSError):  # a file system without POSIX modes keeps what it gave
+            os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -186,19 +351,57 @@ def save_volume(
     dtype: np.dtype | type = np.float32,
     overwrite: bool = False,
 ) -> None:
-    """Write a NIfTI with the given geometry, atomically; data are stored as ``dtype``."""
+    """Write a NIfTI with the given geometry, atomically; data are stored as ``dtype``.
+
+    ``header`` is the input's: its qform and sform (and their codes) are kept, moved onto the
+    output's grid when that differs (see :func:`carry_transforms`). Spatial and time units it
+    leaves undefined (an MGH input) are written as mm and seconds.
+    """
     header = header.copy() if header is not None else nib.Nifti1Header()
     array = np.asarray(data, dtype=dtype)
+    carry_transforms(header, affine, array.shape)
     header.set_data_shape(array.shape)
     header.set_data_dtype(array.dtype)
-    image = nib.Nifti1Image(array, affine, header)
+    spatial, temporal = header.get_xyzt_units()
+    header.set_xyzt_units(
+        "mm" if spatial == "unknown" else spatial, "sec" if temporal == "unknown" else temporal
+    )
+    image = nib.Nifti1Image(array, header.get_best_affine(), header)
     image.header.set_slope_inter(1.0, 0.0)
-    qcode = int(header["qform_code"]) or 1
-    scode = int(header["sform_code"]) or 1
-    image.set_qform(affine, code=qcode)
-    image.set_sform(affine, code=scode)
     with atomic_path(Path(path), overwrite=overwrite) as tmp:
         try:
             nib.save(image, str(tmp))
         except OSError as exc:
             raise OutputError(f"{path}: could not write ({_short(exc)})") from exc
+
+
+def carry_transforms(header: nib.Nifti1Header, affine: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Set ``header``'s qform and sform for an output of ``shape`` whose voxel-to-world affine
+    (in the space of the header's best transform, the one mrisr reads) is ``affine``.
+
+    On the header's own grid both transforms and their codes stay as they are: an input whose
+    qform (scanner) and sform (e.g. MNI, code 4) differ keeps both, and a code 0 stays 0. On
+    another grid of the same space (a true low-resolution input written on the finer grid, or
+    its low-resolution version written by ``mrisr degrade``) the same voxel-to-voxel change,
+    ``inv(best) @ affine``, is applied to both transforms, codes kept. A header with neither
+    transform gets ``affine`` as both, code 1 (scanner), as mrisr always wrote it.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    qcode = int(header["qform_code"])
+    scode = int(header["sform_code"])
+    if not qcode and not scode:
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
+        return
+    best = header.get_best_affine()
+    same_shape = tuple(header.get_data_shape()[:3]) == tuple(shape[:3])
+    if same_shape and np.allclose(affine, best, rtol=0.0, atol=1e-5):
+        return
+    change = np.linalg.inv(best) @ affine  # output voxel -> input voxel
+    if scode:  # the sform is the best transform: it becomes ``affine`` itself
+        header.set_sform(affine, code=scode)
+        # a code-0 qform is not read; set it all the same so that pixdim holds the new zooms
+        qform = header.get_qform() @ change if qcode else affine
+        header.set_qform(qform, code=qcode)
+    else:  # the qform is the best transform; the sform (code 0) is not read
+        header.set_qform(affine, code=qcode)
