@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from nibabel import orientations as ornt
+
 from mrisr_cli.degradation import DegradationConfig, degrade_volume, lowres_affine, lowres_volume
+from mrisr_cli.errors import OutputError
 from mrisr_cli.volumes import canonical_reorientation, check_output_path, load_volume, save_volume
 
 
@@ -16,7 +20,12 @@ def degrade_file(
     lowres_path: Path | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write the degraded volume on the input grid (and optionally the true low-res volume)."""
+    """Write the degraded volume on the input grid (and optionally the true low-res volume).
+
+    The low-resolution volume is written in the input's axis order (same orientation codes), so
+    that ``mrisr upsample`` puts it back on exactly the grid of the degraded volume.
+    """
+    check_distinct_paths(hr_path, lr_path, lowres_path)
     check_output_path(lr_path, overwrite=overwrite)
     if lowres_path is not None:
         check_output_path(lowres_path, overwrite=overwrite)
@@ -27,5 +36,33 @@ def degrade_file(
     save_volume(lr_path, reo.undo(degraded), volume.affine, volume.header, overwrite=overwrite)
     if lowres_path is not None:
         low = lowres_volume(canonical, config)
-        affine = lowres_affine(reo.canonical_affine, canonical.shape, config.factors())
-        save_volume(lowres_path, low, affine, None, overwrite=overwrite)
+        canonical_affine = lowres_affine(reo.canonical_affine, canonical.shape, config.factors())
+        # back to the input's axis order: the same flips and permutation, on the smaller shape
+        affine = canonical_affine @ ornt.inv_ornt_aff(reo.from_canonical, low.shape)
+        save_volume(lowres_path, reo.undo(low), affine, volume.header, overwrite=overwrite)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when two paths name one file (after symlinks; hard links too, where both exist)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct_paths(hr_path: Path, lr_path: Path, lowres_path: Path | None) -> None:
+    """Refuse, before anything is written, outputs that are the same file as each other or as
+    the input (writing the first would clobber the other or fail half-way)."""
+    if _same_file(lr_path, hr_path):
+        raise OutputError(f"{lr_path}: the output is the input file; choose another name")
+    if lowres_path is None:
+        return
+    if _same_file(lowres_path, hr_path):
+        raise OutputError(f"{lowres_path}: --keep-lowres is the input file; choose another name")
+    if _same_file(lowres_path, lr_path):
+        raise OutputError(
+            f"{lowres_path}: --keep-lowres names the same file as the degraded output; "
+            "choose another name"
+        )

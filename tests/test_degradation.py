@@ -7,7 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import head_phantom, real_volume, write_nifti
+import torch
+from conftest import NO_N4, head_phantom, real_volume, write_nifti
 from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
@@ -19,6 +20,9 @@ from mrisr_cli.degradation import (
     lowres_volume,
     resample_onto_grid,
 )
+from mrisr_cli.networks import build_network
+from mrisr_cli.selftest import TINY_RRDG
+from mrisr_cli.weights import save_weights
 
 
 def spec_window(size: int, rate: float) -> np.ndarray:
@@ -143,17 +147,16 @@ def test_degrade_cli_keeps_geometry_and_writes_lowres(tmp_path: Path) -> None:
     assert lr.shape == (40, 44, 36)
     np.testing.assert_allclose(lr.affine, affine)
     assert lr.get_data_dtype() == np.float32
-    # canonical axes 0 (L-R) and 2 (I-S) are halved: voxel axes 0 and 2 of the RAS-ordered file
-    assert sorted(low.header.get_zooms()) == [1.0, 2.0, 2.0]
-    assert low.shape == (20, 36, 22)  # canonical (L-R, P-A, I-S) = (40, 36, 44), halved on 0, 2
-    # the low-resolution file, put back on the fine grid in the same way, is the degraded image
-    from mrisr_cli.volumes import canonical_reorientation
-
-    reo = canonical_reorientation(affine, (40, 44, 36))
+    # canonical axes 0 (L-R) and 2 (I-S) are halved; the file keeps the input's axis order (LIA):
+    # voxel axes 0 (L-R) and 1 (I-S)
+    assert nib.aff2axcodes(low.affine) == nib.aff2axcodes(affine) == ("L", "I", "A")
+    assert low.shape == (20, 22, 36)
+    np.testing.assert_allclose(low.header.get_zooms(), (2.0, 2.0, 1.0))
+    # the low-resolution file, put back on the fine grid by its own affine, is the degraded image
     back = resample_onto_grid(
-        np.asarray(low.dataobj, dtype=np.float32), low.affine, (40, 36, 44), reo.canonical_affine
+        np.asarray(low.dataobj, dtype=np.float32), low.affine, (40, 44, 36), affine
     )
-    np.testing.assert_allclose(reo.undo(back), np.asarray(lr.dataobj), atol=1e-4)
+    np.testing.assert_allclose(back, np.asarray(lr.dataobj), atol=1e-4)
 
 
 def test_degrade_cli_refuses_existing_output(tmp_path: Path) -> None:
@@ -163,6 +166,118 @@ def test_degrade_cli_refuses_existing_output(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "already exists" in result.stderr
     assert (tmp_path / "lr.nii.gz").read_bytes() == b"keep me"
+
+
+LIA = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -30], [0, -1.0, 0, 15], [0, 0, 0, 1]])
+
+
+def degrade_then_upsample(tmp_path: Path, hr_path: Path) -> tuple[nib.Nifti1Image, ...]:
+    """`mrisr degrade HR LR --keep-lowres LOW`, then `mrisr upsample LOW SR` with a tiny random
+    network: returns the LR, LOW and SR images."""
+    lr, low, sr = (tmp_path / f"{name}.nii.gz" for name in ("lr", "low", "sr"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["degrade", str(hr_path), str(lr), "--keep-lowres", str(low)])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "tiny.safetensors"
+    save_weights(weights, build_network(TINY_RRDG).state_dict(), TINY_RRDG, NO_N4)
+    result = runner.invoke(
+        app,
+        ["upsample", str(low), str(sr), "--psnr-weights", str(weights), "--threads", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    return nib.load(lr), nib.load(low), nib.load(sr)
+
+
+@pytest.mark.parametrize("shape", [(40, 44, 36), (41, 43, 37)], ids=["even", "odd"])
+@pytest.mark.parametrize("kind", ["mgz", "nifti"])
+def test_kept_lowres_of_a_non_ras_input_upsamples_onto_the_degraded_grid(
+    tmp_path: Path, shape: tuple[int, int, int], kind: str
+) -> None:
+    """README: the --keep-lowres volume "put through `mrisr upsample` lands on exactly the grid
+    of the degraded image". It held only for RAS inputs while the volume was written in RAS
+    order: an LIA input gave an SR in RAS order, on another grid."""
+    torch.manual_seed(0)
+    if kind == "mgz":
+        hr_path = tmp_path / "hr.mgz"
+        nib.save(nib.MGHImage(head_phantom(shape), LIA), hr_path)
+    else:
+        hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom(shape), LIA)
+    lr, low, sr = degrade_then_upsample(tmp_path, hr_path)
+    assert nib.aff2axcodes(low.affine) == nib.aff2axcodes(lr.affine) == ("L", "I", "A")
+    assert sr.shape == lr.shape == shape
+    np.testing.assert_allclose(sr.affine, lr.affine, atol=1e-5)
+    assert nib.aff2axcodes(sr.affine) == ("L", "I", "A")
+
+
+def test_kept_lowres_and_its_upsampling_carry_qform_and_sform_with_their_codes(
+    tmp_path: Path,
+) -> None:
+    """A scanner qform (code 1) and a different sform (code 4, e.g. MNI) both survive the trip
+    through the coarser grid and back, moved by the same voxel-to-voxel change."""
+    torch.manual_seed(0)
+    mni = LIA.copy()
+    mni[:3, 3] = (-7.0, 12.0, -4.0)
+    image = nib.Nifti1Image(head_phantom((41, 43, 37)), LIA)
+    image.set_qform(LIA, code=1)
+    image.set_sform(mni, code=4)
+    hr_path = tmp_path / "hr.nii.gz"
+    nib.save(image, hr_path)
+    lr, low, sr = degrade_then_upsample(tmp_path, hr_path)
+    change = np.linalg.inv(mni) @ low.header.get_sform()  # LOW voxel -> HR voxel
+    np.testing.assert_allclose(low.header.get_qform(), LIA @ change, atol=1e-5)
+    for out in (lr, sr):
+        assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 4)
+        np.testing.assert_allclose(out.header.get_qform(), LIA, atol=1e-5)
+        np.testing.assert_allclose(out.header.get_sform(), mni, atol=1e-5)
+
+
+def test_kept_lowres_of_a_real_lia_mgz_upsamples_onto_the_degraded_grid(tmp_path: Path) -> None:
+    source = nib.load(real_volume("t1/S16_kevinaquino_T1.mgz"))
+    assert nib.aff2axcodes(source.affine) == ("L", "I", "A")
+    crop = source.slicer[100:141, 90:133, 100:137]  # odd lengths, real header
+    hr_path = tmp_path / "hr.mgz"
+    nib.save(crop, hr_path)
+    torch.manual_seed(0)
+    lr, low, sr = degrade_then_upsample(tmp_path, hr_path)
+    assert low.shape == (20, 21, 37)
+    assert sr.shape == lr.shape == (41, 43, 37)
+    np.testing.assert_allclose(sr.affine, lr.affine, atol=1e-4)
+    np.testing.assert_allclose(lr.affine, crop.affine, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("lr_name", "low_name", "needle"),
+    [
+        ("lr.nii.gz", "lr.nii.gz", "same file as the degraded output"),
+        ("hr.nii.gz", None, "the output is the input file"),
+        ("lr.nii.gz", "hr.nii.gz", "--keep-lowres is the input file"),
+        ("lr.nii.gz", "./sub/../lr.nii.gz", "same file as the degraded output"),
+    ],
+    ids=["lowres-is-lr", "lr-is-input", "lowres-is-input", "same-file-other-spelling"],
+)
+def test_degrade_refuses_outputs_that_are_the_same_file_before_writing(
+    tmp_path: Path, lr_name: str, low_name: str | None, needle: str
+) -> None:
+    (tmp_path / "sub").mkdir()
+    hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom())
+    before = hr_path.read_bytes()
+    args = ["degrade", str(hr_path), str(tmp_path / lr_name), "--overwrite"]
+    if low_name is not None:
+        args += ["--keep-lowres", str(tmp_path / low_name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mrisr: error:") and needle in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hr.nii.gz", "sub"]  # nothing written
+    assert hr_path.read_bytes() == before
+
+
+def test_degrade_refuses_a_symlink_to_the_input(tmp_path: Path) -> None:
+    hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom())
+    (tmp_path / "link.nii.gz").symlink_to(hr_path)
+    args = ["degrade", str(hr_path), str(tmp_path / "link.nii.gz"), "--overwrite"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "the output is the input file" in result.stderr
 
 
 @pytest.mark.slow

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import head_phantom
 
 from mrisr_cli.degradation import DegradationConfig
+from mrisr_cli.degrade_file import degrade_file
 from mrisr_cli.errors import InputError
 from mrisr_cli.grid import plan_grid
 
@@ -67,3 +71,22 @@ def test_too_coarse_is_refused_and_odd_spacings_warn() -> None:
     iso = plan_grid(affine_with((1.6, 1.6, 1.6)), (30, 30, 30), CONFIG)
     assert any("coarse along 3 axes" in w for w in iso.warnings)
     assert iso.model_shape == (48, 48, 48)
+
+
+@pytest.mark.parametrize("shape", [(40, 44, 36), (41, 43, 37), (41, 42, 39)])
+def test_plan_for_a_kept_lowres_file_is_the_grid_of_the_degraded_file(
+    tmp_path: Path, shape: tuple[int, int, int]
+) -> None:
+    """`mrisr degrade --keep-lowres` writes the low-resolution volume in the input's axis order;
+    the plan for it returns exactly the degraded file's grid (shape, affine, axis order)."""
+    lia = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -30], [0, -1.0, 0, 15], [0, 0, 0, 1]])
+    hr = tmp_path / "hr.mgz"
+    nib.save(nib.MGHImage(head_phantom(shape), lia), hr)
+    degrade_file(hr, tmp_path / "lr.nii.gz", CONFIG, lowres_path=tmp_path / "low.nii.gz")
+    low = nib.load(tmp_path / "low.nii.gz")
+    assert nib.aff2axcodes(low.affine) == ("L", "I", "A")
+    plan = plan_grid(low.affine, low.shape, CONFIG)
+    assert plan.coarse_axes == (0, 2) and plan.permutation == (0, 1, 2)
+    out = plan.to_output(np.zeros(plan.model_shape, np.float32))
+    assert out.shape == shape
+    np.testing.assert_allclose(plan.output_affine(), lia, atol=1e-5)
