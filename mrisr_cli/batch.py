@@ -16,7 +16,7 @@ from rich.console import Console
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, sidecar_path, upsample_file
-from mrisr_cli.volumes import check_output_path, is_volume_path, strip_suffix
+from mrisr_cli.volumes import check_output_path, image_files, strip_suffix
 
 
 @dataclass(frozen=True)
@@ -29,16 +29,12 @@ class UpsampleJob:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders replaced by the images directly inside them (sorted), hidden
-    files left out (macOS ``._`` files, the ``.name.part`` files of an interrupted write)."""
+    """Files as given; folders replaced by the images directly inside them
+    (:func:`~mrisr_cli.volumes.image_files`: sorted, hidden files left out)."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and is_volume_path(p) and not p.name.startswith(".")
-            )
+            found = image_files(path)
             if not found:
                 raise InputError(f"{path}: folder holds no .nii/.nii.gz/.mgz images")
             files.extend(found)

@@ -26,7 +26,7 @@ import numpy as np
 from mrisr_cli import __version__
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.intensity import foreground_mask
-from mrisr_cli.volumes import atomic_path, is_volume_path, load_volume, strip_suffix
+from mrisr_cli.volumes import atomic_path, image_files, load_volume, strip_suffix
 
 AFFINE_TOLERANCE_MM = 1e-3
 UNRELIABLE_BACKGROUND = 0.5  # parcellation background share of the mask that flags a failure
@@ -71,18 +71,14 @@ class Pairing:
 
 
 def list_volumes(folder: Path, what: str) -> list[Path]:
-    """The image files of a folder, sorted, hidden ones left out (macOS ``._`` files, the
-    ``.name.part`` files of an interrupted write); an unusable or empty folder is an InputError."""
+    """The image files of a folder (:func:`~mrisr_cli.volumes.image_files`: sorted, hidden
+    files left out); an unusable or empty folder is an InputError."""
     folder = Path(folder)
     if not folder.exists():
         raise InputError(f"{what} folder {folder}: does not exist")
     if not folder.is_dir():
         raise InputError(f"{what} folder {folder}: is not a folder")
-    files = sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and is_volume_path(p) and not p.name.startswith(".")  # ._x, .x.part
-    )
+    files = image_files(folder)
     if not files:
         raise InputError(f"{what} folder {folder}: no images (.nii, .nii.gz, .mgz, .mgh) in it")
     return files

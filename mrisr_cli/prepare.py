@@ -43,7 +43,7 @@ from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.volumes import (
     atomic_path,
     canonical_reorientation,
-    is_volume_path,
+    image_files,
     load_volume,
     obliquity_degrees,
     strip_suffix,
@@ -105,11 +105,7 @@ def find_scans(src_dir: Path) -> list[Scan]:
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
         raise InputError(f"{src_dir}: not a folder")
-    paths = sorted(
-        p
-        for p in src_dir.rglob("*")
-        if p.is_file() and is_volume_path(p) and not p.name.startswith(".")
-    )
+    paths = image_files(src_dir, recursive=True)
     if not paths:
         raise InputError(f"{src_dir}: no NIfTI or MGH images found (.nii, .nii.gz, .mgz, .mgh)")
     stems = [_safe_name(strip_suffix(p.name)) for p in paths]

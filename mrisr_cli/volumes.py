@@ -48,6 +48,15 @@ def is_volume_path(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
+def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The images in ``folder`` (and below it with ``recursive``), sorted. Hidden files are left
+    out: macOS ``._`` files and the ``.name.part`` files of an interrupted write are not scans."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(
+        p for p in found if p.is_file() and is_volume_path(p) and not p.name.startswith(".")
+    )
+
+
 def strip_suffix(name: str) -> str:
     """File name without its image suffix: ``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
     lower = name.lower()
