@@ -227,7 +227,8 @@ def degrade(
             config = DegradationConfig(axes=axis_tuple, factor=factor, interpolation=interpolation)
         except ValueError as exc:
             raise MrisrError(str(exc)) from None
-        degrade_file(hr, lr, config, lowres_path=keep_lowres, overwrite=overwrite)
+        for message in degrade_file(hr, lr, config, lowres_path=keep_lowres, overwrite=overwrite):
+            warn(message)
     stderr_console().print(f"wrote {lr}" + (f" and {keep_lowres}" if keep_lowres else ""))
 
 

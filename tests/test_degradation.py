@@ -168,6 +168,17 @@ def test_degrade_cli_refuses_existing_output(tmp_path: Path) -> None:
     assert (tmp_path / "lr.nii.gz").read_bytes() == b"keep me"
 
 
+def test_degrade_warns_about_an_input_that_is_not_1mm(tmp_path: Path) -> None:
+    hr_path = write_nifti(tmp_path / "hr.nii.gz", head_phantom(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    result = CliRunner().invoke(app, ["degrade", str(hr_path), str(tmp_path / "lr.nii.gz")])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("mrisr: warning:") and "voxels of 2x2x2 mm" in lines[0]
+    near = write_nifti(tmp_path / "n.nii.gz", head_phantom(), np.diag([0.94, 0.94, 1.2, 1.0]))
+    quiet = CliRunner().invoke(app, ["degrade", str(near), str(tmp_path / "lr2.nii.gz")])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr  # "1 mm" scans are 0.8-1.2
+
+
 LIA = np.array([[-1.0, 0, 0, 20], [0, 0, 1.0, -30], [0, -1.0, 0, 15], [0, 0, 0, 1]])
 
 
