@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mrisr_cli.errors import WeightsError
@@ -16,7 +17,7 @@ from mrisr_cli.networks.srresnet import SRResNet3D
 
 # network name -> (paper's #param, allowed relative difference)
 PAPER_COUNTS: dict[str, tuple[int, float]] = {
-    "rrdg": (2_650_129, 0.001),
+    "rrdg": (2_650_129, 0.0),
     "fsrcnn": (64_893, 0.0),
     "srresnet": (2_004_620, 0.05),
     "mdcsrn": (625_969, 0.05),
@@ -36,6 +37,53 @@ def test_parameter_counts_match_the_paper() -> None:
         print(f"{name:<10} {ours:>11,} {paper:>11,} {rel:>+10.3%}")
     for name, ours, paper, rel, tolerance in rows:
         assert abs(rel) <= tolerance, f"{name}: {ours:,} parameters vs the paper's {paper:,}"
+
+
+def _authors_rrdg(model: RRDG, x: torch.Tensor) -> torch.Tensor:
+    """The authors' RRDBGenerator forward (eval mode), written out with the model's tensors:
+    conv-BN-LeakyReLU(0.2) x4 then conv-BN without activation, dense concatenation, residual
+    scale 0.2 in every dense block and RRDB, trunk conv + BN, the global feature residual, then
+    conv, LeakyReLU, conv to one channel."""
+
+    def conv(layer: nn.Conv3d, t: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(t, layer.weight, layer.bias, padding=1)
+
+    def bn(layer: nn.BatchNorm3d, t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            t, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, 1e-5
+        )
+
+    def dense_block(block: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        inputs = [t]
+        for i in range(5):
+            out = bn(block.norms[i], conv(block.convs[i].conv, torch.cat(inputs, 1)))
+            if i < 4:
+                inputs.append(F.leaky_relu(out, 0.2))
+        return t + 0.2 * out
+
+    features = conv(model.conv_first, x)
+    trunk = features
+    for rrdb in model.rrdbs:
+        inner = trunk
+        for block in rrdb.dense_blocks:
+            inner = dense_block(block, inner)
+        trunk = trunk + 0.2 * inner
+    trunk = bn(model.trunk_norm, conv(model.trunk_conv, trunk))
+    return conv(model.conv_last, F.leaky_relu(conv(model.conv_hr, features + trunk), 0.2))
+
+
+def test_rrdg_computes_the_authors_layout() -> None:
+    torch.manual_seed(0)
+    model = RRDG(features=8, blocks=2, growth=4).eval()
+    for module in model.modules():  # statistics away from 0/1, so BatchNorm placement matters
+        if isinstance(module, nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 1, 10, 8, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _authors_rrdg(model, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -80,9 +128,15 @@ def test_discriminator_scores_each_sample(norm: str) -> None:
     disc = build_network(NetworkConfig("patch_discriminator", {"norm": norm}))
     batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     assert not any(isinstance(m, batch_norms) for m in disc.modules())
-    out = disc(torch.randn(2, 1, 16, 16, 16))
+    batch = torch.randn(2, 1, 16, 16, 16)
+    out = disc(batch)
     assert out.shape == (2,)
     assert isinstance(disc, PatchDiscriminator)
+    changed = batch.clone()
+    changed[1] = torch.randn(1, 16, 16, 16)  # per-sample norms: sample 0's score stays put
+    again = disc(changed)
+    torch.testing.assert_close(again[0], out[0])
+    assert not torch.allclose(again[1], out[1])
 
 
 def test_discriminator_takes_training_patches() -> None:

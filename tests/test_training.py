@@ -155,6 +155,34 @@ def test_gradient_penalty_is_two_sided_per_sample(norm: float, penalty: float) -
         critic_loss(critic, real, fake, torch.rand(3, 1, 1, 1), lambda_gp=10.0)
 
 
+def test_generator_loss_is_l1_plus_lambda_times_the_critic_score_and_lowers_it(
+    tmp_path: Path,
+) -> None:
+    """Paper eq. 1 with the critic's sign (eq. 2: D scores "how fake"): L_G = L1 + lambda D(sr),
+    D(sr) of the generator's own output, and a step with a large lambda lowers that score."""
+    lam = 50.0
+    config = tiny_config(tmp_path / "data", tmp_path / "run", stage="gan", lambda_adv=lam)
+    trainer = training.Trainer(config)
+    critic = LinearCritic((1, *PATCH), norm=1.0)
+    trainer.critic = trainer.d_train = critic
+    torch.manual_seed(1)
+    lr, hr = torch.randn(2, 1, *PATCH), torch.randn(2, 1, *PATCH)
+    for group in trainer.opt_g.param_groups:
+        group["lr"] = 0.0  # first the loss's value, with the weights left as they are
+    sr = trainer.generator(lr).detach()
+    values = trainer.generator_step(lr, hr)
+    l1 = torch.nn.functional.l1_loss(sr, hr)
+    assert values["g_adv"].item() == pytest.approx(critic(sr).mean().item(), rel=1e-5)
+    assert values["g_loss"].item() == pytest.approx((l1 + lam * critic(sr).mean()).item(), rel=1e-5)
+    for group in trainer.opt_g.param_groups:
+        group["lr"] = 1e-3
+    before = values["g_adv"].item()
+    trainer.generator_step(lr, hr)
+    after = trainer.generator_step(lr, hr)["g_adv"].item()
+    assert after < before
+    assert all(p.requires_grad for p in critic.parameters())  # unfrozen after the step
+
+
 def test_gradient_penalty_uses_each_samples_own_interpolate() -> None:
     """With a critic whose gradient depends on its input, a wrong broadcast changes the value."""
     critic = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten())
