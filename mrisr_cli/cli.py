@@ -87,7 +87,8 @@ def upsample(
         str,
         typer.Option(
             help="Blend theta = alpha*PSNR + (1-alpha)*GAN (equation 3 of the paper): 1 = PSNR "
-            "model (most faithful), 0 = GAN model (most texture). Several, e.g. 0,0.5,1, write "
+            "model (most faithful), 0 = GAN model (most texture); the caption of the paper's "
+            "Fig. 5 says the opposite, equation 3 is followed. Several, e.g. 0,0.5,1, write "
             "one output each.",
         ),
     ] = "1",

@@ -50,6 +50,16 @@ def evaluate_command(
             "parcellation Dice; without it those columns are left out.",
         ),
     ] = None,
+    parcellation_context: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Voxels of context HighRes3DNet sees around each of its tiles and around the "
+            "mask's box. 43, its receptive radius, gives exactly one pass over the "
+            "box, at several times the memory and time; less is an approximation "
+            "(docs/evaluate.md).",
+        ),
+    ] = 8,
     tissue: Annotated[
         bool, typer.Option("--tissue/--no-tissue", help="Dice of 3-class tissue segmentations.")
     ] = True,
@@ -83,7 +93,17 @@ def evaluate_command(
 
         configure_threads(threads)
         evaluation = _run(
-            ref, pred, mask, parcellation_weights, tissue, n4, out, jobs, device, overwrite
+            ref,
+            pred,
+            mask,
+            parcellation_weights,
+            parcellation_context,
+            tissue,
+            n4,
+            out,
+            jobs,
+            device,
+            overwrite,
         )
     if not evaluation.evaluated:
         report_line("error", "no pair could be evaluated")
@@ -95,6 +115,7 @@ def _run(
     pred: list[Path],
     mask: Path | None,
     weights: Path | None,
+    context: int,
     tissue: bool,
     n4: bool,
     out: Path | None,
@@ -115,7 +136,9 @@ def _run(
     if out is not None:
         check_report_target(out, overwrite=overwrite)
     resolved = resolve_device(device)
-    options = EvaluationOptions(weights=weights, tissue=tissue, n4=n4, device=resolved)
+    options = EvaluationOptions(
+        weights=weights, tissue=tissue, n4=n4, device=resolved, border=context, margin=context
+    )
     check_inputs(ref, pred, mask, options)  # fatal problems before the progress bar starts
     console = stderr_console()
     with progress_bar(console) as bar:

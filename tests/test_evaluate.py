@@ -158,6 +158,13 @@ def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
     assert labels and {r["subject"] for r in labels} == {"sub-00_T1w"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["n4"] is True and "1 / mean|f(HR)|" in summary["settings"]["m_h"]
+    assert summary["settings"]["highres3dnet_tiles"] == {"window": 112, "border": 8, "margin": 8}
+    # SHAPE fits one tile: more context changes only the crop around the mask, which is recorded
+    wide = tmp_path / "wide"
+    args = ["--parcellation-weights", weights, "--parcellation-context", "43", "--out", wide]
+    assert invoke("--ref", hr, "--pred", sharp, *args).exit_code == 0
+    tiles = json.loads((wide / "summary.json").read_text())["settings"]["highres3dnet_tiles"]
+    assert tiles == {"window": 112, "border": 43, "margin": 43}
 
 
 def test_parallel_jobs_give_the_same_numbers(tmp_path: Path) -> None:
