@@ -1,8 +1,9 @@
 """`mrisr demo`: the main job on the embedded example, with numbers and a picture.
 
 The example (a coronal slab of an MIT-licensed T1, see ``example/README.md``) is degraded with
-the model's own k-space settings, super-resolved with the installed (or given) weights, and
-compared with the original; a PNG shows the same coronal slice of HR, LR and SR side by side.
+the model's own k-space settings and written as ``lr.nii.gz``; that file goes through exactly what
+`mrisr upsample lr.nii.gz sr.nii.gz` does (N4 where the model was trained with it, the sidecar),
+and the result is compared with the original; a PNG shows the same coronal slice of HR, LR and SR.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
+from mrisr_cli.errors import OutputError
 from mrisr_cli.inference import InferenceOptions, ProgressCallback
 from mrisr_cli.intensity import foreground_mask
 from mrisr_cli.metrics import normalise_pair, psnr, ssim
-from mrisr_cli.pipeline import Generator, upsample_array
+from mrisr_cli.pipeline import Generator, UpsampleOptions, sidecar_path, upsample_file
 from mrisr_cli.volumes import atomic_path, check_output_path, load_volume, save_volume
 
 EXAMPLE_NAME = "brainchop_t1_coronal_slab.nii.gz"
@@ -73,8 +75,15 @@ def run_demo(
     """Degrade, super-resolve (when a generator is given), score and draw the example."""
     names = {key: out_dir / f"{key}.nii.gz" for key in ("hr", "lr", "sr")}
     names_png = out_dir / "demo.png"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in (*names.values(), names_png):
+    outputs = [names["hr"], names["lr"], names_png]
+    if generator is not None:
+        outputs += [names["sr"], sidecar_path(names["sr"])]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(f"{out_dir}: cannot create the output folder ({reason})") from exc
+    for path in outputs:
         check_output_path(path, overwrite=overwrite)
     volume = load_volume(example_path())
     config = generator.weights.degradation if generator else DegradationConfig()
@@ -88,11 +97,15 @@ def run_demo(
         report.files[key] = names[key]
     report.scores["lr"] = _scores(hr, lr, mask)
     if generator is not None:
-        sr = upsample_array(lr, generator, options=options, progress=progress)
-        save_volume(names["sr"], sr, volume.affine, volume.header, overwrite=overwrite)
+        upsample = UpsampleOptions(inference=options, overwrite=overwrite)
+        upsample_file(names["lr"], names["sr"], generator, upsample, progress)
+        sr = load_volume(names["sr"]).data
         report.files["sr"] = names["sr"]
         report.scores["sr"] = _scores(hr, sr, mask)
         pictures[f"SR (alpha {generator.alpha:g})"] = sr
+    elif overwrite:  # an earlier run's SR beside this run's HR and LR would mix two runs
+        for path in (names["sr"], sidecar_path(names["sr"])):
+            path.unlink(missing_ok=True)
     save_slices_png(names_png, pictures, overwrite=overwrite)
     report.files["png"] = names_png
     return report

@@ -1,0 +1,78 @@
+"""`mrisr demo` (README's first command): its SR is what `mrisr upsample` makes of its LR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_FAST
+from typer.testing import CliRunner
+
+from mrisr_cli.cli import app
+from mrisr_cli.degradation import DegradationConfig
+from mrisr_cli.networks import build_network
+from mrisr_cli.weights import save_weights
+
+FAST = ["--device", "cpu", "--threads", "1"]
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [*map(str, args)])
+
+
+@pytest.fixture
+def n4_weights(tmp_path: Path) -> Path:
+    """A tiny random network whose file says it was trained on N4-corrected data, as the
+    shipped ones do."""
+    torch.manual_seed(3)
+    path = tmp_path / "n4.safetensors"
+    save_weights(path, build_network(TINY_FAST).state_dict(), TINY_FAST, DegradationConfig())
+    return path
+
+
+def test_demo_sr_is_what_upsample_makes_of_its_lr(tmp_path: Path, n4_weights: Path) -> None:
+    demo = tmp_path / "demo"
+    result = invoke("demo", demo, "--psnr-weights", n4_weights, *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in demo.iterdir()) == [
+        "demo.png",
+        "hr.nii.gz",
+        "lr.nii.gz",
+        "sr.json",
+        "sr.nii.gz",
+    ]
+    again = tmp_path / "again.nii.gz"
+    result = invoke("upsample", demo / "lr.nii.gz", again, "--psnr-weights", n4_weights, *FAST)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(demo / "sr.nii.gz").dataobj), np.asarray(nib.load(again).dataobj)
+    )
+
+
+def test_demo_into_a_file_is_one_error_line(tmp_path: Path, n4_weights: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    result = invoke("demo", blocker, "--psnr-weights", n4_weights, *FAST)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mrisr: error:") and "afile" in lines[0]
+
+
+def test_demo_without_weights_leaves_no_sr_of_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MRISR_WEIGHTS", str(tmp_path / "none"))
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "sr.nii.gz").write_bytes(b"an unrelated file")
+    result = invoke("demo", demo, *FAST)  # nothing is written to sr.nii.gz: not a clash
+    assert result.exit_code == 0, result.output
+    assert "the demo shows the degradation only" in result.output
+    assert (demo / "sr.nii.gz").read_bytes() == b"an unrelated file"
+    (demo / "sr.json").write_text("{}")
+    result = invoke("demo", demo, "--overwrite", *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in demo.iterdir()) == ["demo.png", "hr.nii.gz", "lr.nii.gz"]
