@@ -1,4 +1,5 @@
-"""`mrisr demo` (README's first command): its SR is what `mrisr upsample` makes of its LR."""
+"""`mrisr demo` (README's first command): its HR is bias-corrected as `mrisr prepare` corrects a
+model's training data, and its SR is what `mrisr upsample --no-n4` makes of its LR."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def n4_weights(tmp_path: Path) -> Path:
 
 
 def test_demo_sr_is_what_upsample_makes_of_its_lr(tmp_path: Path, n4_weights: Path) -> None:
+    from mrisr_cli.demo import example_path
+    from mrisr_cli.n4 import n4_correct
+
     demo = tmp_path / "demo"
     result = invoke("demo", demo, "--psnr-weights", n4_weights, *FAST)
     assert result.exit_code == 0, result.output
@@ -45,11 +49,15 @@ def test_demo_sr_is_what_upsample_makes_of_its_lr(tmp_path: Path, n4_weights: Pa
         "sr.nii.gz",
     ]
     again = tmp_path / "again.nii.gz"
-    result = invoke("upsample", demo / "lr.nii.gz", again, "--psnr-weights", n4_weights, *FAST)
+    args = ["--psnr-weights", n4_weights, "--no-n4", *FAST]
+    result = invoke("upsample", demo / "lr.nii.gz", again, *args)
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(
         np.asarray(nib.load(demo / "sr.nii.gz").dataobj), np.asarray(nib.load(again).dataobj)
     )
+    original = nib.load(example_path())
+    corrected = n4_correct(np.asarray(original.dataobj, dtype=np.float32), (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(np.asarray(nib.load(demo / "hr.nii.gz").dataobj), corrected)
 
 
 def test_demo_into_a_file_is_one_error_line(tmp_path: Path, n4_weights: Path) -> None:
