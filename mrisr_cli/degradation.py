@@ -24,6 +24,7 @@ which would stretch the image by ``(n - 1) / (m - 1)``; so the same code serves 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -50,10 +51,21 @@ class DegradationConfig:
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Types as well as values: these settings also come from weights files' metadata,
+        where ``"n4": "false"`` would otherwise read as true."""
         if self.interpolation not in INTERPOLATION_ORDERS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATION_ORDERS)}")
-        if self.factor < 1 or any(a not in (0, 1, 2) for a in self.axes):
-            raise ValueError("factor must be >= 1 and axes within 0..2")
+        if not _is_int(self.factor) or self.factor < 1:
+            raise ValueError(f"factor must be an integer >= 1, got {self.factor!r}")
+        axes = tuple(self.axes)
+        if not all(_is_int(a) and a in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+            raise ValueError(f"axes must be distinct axis numbers within 0..2, got {self.axes!r}")
+        for name in ("unfilter_window", "filter_window", "window_power", "spacing_mm"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.n4, bool):
+            raise ValueError(f"n4 must be true or false, got {self.n4!r}")
 
     def to_json(self) -> str:
         raw = asdict(self)
@@ -72,6 +84,14 @@ class DegradationConfig:
     def factors(self) -> tuple[int, int, int]:
         """Down-sampling factor per canonical axis, e.g. (2, 1, 2)."""
         return tuple(self.factor if a in self.axes else 1 for a in range(3))  # type: ignore[return-value]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def hann_about_centre(size: int, length: float) -> np.ndarray:

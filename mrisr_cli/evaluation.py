@@ -273,10 +273,10 @@ def _preview(ref_n: np.ndarray, pred_n: np.ndarray, mask: np.ndarray, affine: np
 
 def evaluate_subject(task: SubjectTask, options: EvaluationOptions) -> list[PairResult]:
     """Every prediction of one subject; failures are recorded per pair, never raised."""
-    if options.threads:
-        import torch
+    if options.threads:  # a worker's share: torch, ITK (N4) and OpenMP, not only torch
+        from mrisr_cli.threads import configure_threads
 
-        torch.set_num_threads(options.threads)
+        configure_threads(options.threads)
     results = [
         PairResult(method, task.subject, task.ref.name, pred.name) for method, pred in task.preds
     ]

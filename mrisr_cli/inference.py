@@ -83,6 +83,15 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError("--device cuda was asked for, but no CUDA GPU is available")
+        try:
+            index = torch.device(name).index
+        except RuntimeError:
+            raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+        count = torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise DeviceError(
+                f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
         return name
     if name != "cpu":
         raise DeviceError(f"unknown device {name!r} (use auto, cpu or cuda)")
@@ -267,6 +276,8 @@ def _run_batches(
     inputs = [torch.empty((size, *grid.patch), pin_memory=True) for _ in range(2)]
     outputs = [torch.empty((size, *grid.core), pin_memory=True) for _ in range(2)]
     pending: tuple[torch.cuda.Event, torch.Tensor, list[Start]] | None = None
+    # the stream the copies and kernels of ``device`` run on: for cuda:N, not the current device's
+    stream = torch.cuda.current_stream(torch.device(device))
     for k, batch in enumerate(_batches(starts, size)):
         host_in, host_out = inputs[k % 2], outputs[k % 2]
         view = host_in.numpy()
@@ -277,7 +288,7 @@ def _run_batches(
         out = net(x)[:, 0, m : m + grid.core[0], m : m + grid.core[1], m : m + grid.core[2]]
         host_out.copy_(out.float(), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
         if pending is not None:
             pending[0].synchronize()
             yield pending[2], pending[1][: len(pending[2])].numpy()

@@ -39,9 +39,15 @@ def n4_correct(
     # N4 models a multiplicative field on positive intensities. The volume is moved to
     # [1, 1 + N4_RANGE] first, whatever its units: a bare "+1" shift of a scan stored in [0, 1]
     # made the offset dominate, and N4 returned a negative, inverted image (seen on a real one).
-    floor = float(data.min())
-    scale = N4_RANGE / max(float(data.max()) - floor, 1e-12)
-    shifted = np.ascontiguousarray((data - floor) * scale + 1.0, dtype=np.float32)
+    # in float64: a float32 volume spanning +-3e38 would overflow in float32, and one spanning
+    # 1e-30 would be rounded away
+    values = np.asarray(data, dtype=np.float64)
+    floor = float(values.min())
+    span = float(values.max()) - floor
+    if span <= 0:  # a constant image has no field to correct
+        return np.array(data, dtype=np.float32)
+    scale = N4_RANGE / span
+    shifted = np.ascontiguousarray((values - floor) * scale + 1.0, dtype=np.float32)
     image = ants.from_numpy(shifted, spacing=tuple(float(s) for s in spacing))
     ants_mask = None
     if mask is not None:

@@ -164,7 +164,13 @@ def upsample_array(
     """
     stats = foreground_stats(data, foreground_mask(data))  # the mask crops to boxes itself
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
-    out = stats.denormalise(out)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
+        out = stats.denormalise(out)
+    if not np.isfinite(out).all():
+        raise MrisrError(
+            "the network's output holds NaN or infinite values (an fp16 overflow: try without "
+            "--half)"
+        )
     if data.min() >= 0 if nonnegative is None else nonnegative:
         np.maximum(out, 0.0, out=out)
     return out

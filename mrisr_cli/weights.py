@@ -46,9 +46,9 @@ class WeightsFile:
         try:
             model.load_state_dict(self.state, strict=True)
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
             raise WeightsError(
-                f"{self.path}: tensors do not fit network {self.network.name!r} ({first})"
+                f"{self.path}: tensors do not fit network {self.network.name!r} "
+                f"({_mismatch(model.state_dict(), self.state)})"
             ) from exc
         return model.eval()
 
@@ -92,6 +92,25 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between a network's tensors and a file's, named, in a few words."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and expected[k].shape != found[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of another shape, e.g. {k} {tuple(found[k].shape)} "
+            f"instead of {tuple(expected[k].shape)}"
+        )
+    return "; ".join(parts) or "the tensors do not load"
+
+
 def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
     """Read and check a weights file; every failure is one WeightsError line."""
     path = Path(path)
@@ -117,6 +136,9 @@ def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFil
     degradation = DegradationConfig.from_json(metadata.get("degradation", ""))
     if expect_network is not None and network.name != expect_network:
         raise WeightsError(f"{path}: holds a {network.name!r} network, expected {expect_network!r}")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise WeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]})")
     try:
         provenance = json.loads(metadata.get("provenance", "{}"))
     except ValueError:

@@ -196,6 +196,23 @@ def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
     assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
 
 
+def test_a_non_finite_network_output_is_an_error_not_a_file(
+    tmp_path: Path, phantom_file: Path
+) -> None:
+    """An output that overflows (fp16 on a GPU, or weights like these) must not be written."""
+    model = build_network(TINY_FAST)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.zero_()
+        [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1].bias.fill_(3e38)
+    weights = tmp_path / "overflow.safetensors"
+    save_weights(weights, model.state_dict(), TINY_FAST, NO_N4)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", weights, *SMALL_PATCH)
+    assert_one_line_error(result, "NaN or infinite values")
+    assert not out.exists() and no_partial_files(tmp_path)
+
+
 def test_half_falling_back_to_fp32_is_recorded_in_the_sidecar(
     tmp_path: Path, fast_weights: Path, phantom_file: Path
 ) -> None:

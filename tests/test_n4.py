@@ -26,3 +26,18 @@ def test_n4_keeps_units_and_flattens_a_field(units: float) -> None:
     # the same correction in any units
     reference = n4_correct(clean * field, (1.0, 1.0, 1.0))
     assert np.abs(fixed / units - reference).max() < 0.01 * reference.max()
+
+
+@pytest.mark.parametrize("span", [1e-30, 3e38])
+def test_n4_is_computed_where_float32_would_fail(span: float) -> None:
+    """A float32 volume spanning +-1.5e38 overflowed in the shift; one spanning 1e-30 was rounded
+    to a constant and came back as zeros."""
+    clean = head(0).astype(np.float64)
+    volume = (clean / clean.max() * span - span / 2).astype(np.float32)
+    fixed = n4_correct(volume, (1.0, 1.0, 1.0))
+    assert np.isfinite(fixed).all()
+    assert np.corrcoef(fixed.ravel().astype(np.float64), volume.ravel())[0, 1] > 0.95
+
+
+def test_n4_of_a_constant_image_is_the_image() -> None:
+    np.testing.assert_array_equal(n4_correct(np.full((8, 8, 8), 5.0), (1.0, 1.0, 1.0)), 5.0)

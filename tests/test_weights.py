@@ -64,8 +64,24 @@ def test_weights_of_another_network_are_refused(tmp_path: Path) -> None:
     fsrcnn = build_network(NetworkConfig("fsrcnn", {}))
     lying = tmp_path / "lying.safetensors"
     save_weights(lying, fsrcnn.state_dict(), TINY_RRDG, NO_N4)
-    with pytest.raises(WeightsError, match="do not fit network 'rrdg'"):
+    with pytest.raises(WeightsError, match="do not fit network 'rrdg'") as err:
         load_weights(lying).build()
+    assert "missing, e.g. conv_first.weight" in str(err.value)  # the mismatch, named
+    state = build_network(TINY_RRDG).state_dict()
+    state["conv_last.weight"] = torch.zeros(2, 4, 3, 3, 3)
+    misshaped = tmp_path / "misshaped.safetensors"
+    save_weights(misshaped, state, TINY_RRDG, NO_N4)
+    with pytest.raises(WeightsError, match=r"conv_last.weight \(2, 4, 3, 3, 3\) instead of"):
+        load_weights(misshaped).build()
+
+
+def test_non_finite_tensors_are_refused(tmp_path: Path) -> None:
+    state = build_network(TINY_RRDG).state_dict()
+    state["conv_first.bias"][0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_weights(path, state, TINY_RRDG, NO_N4)
+    with pytest.raises(WeightsError, match=r"1 tensor\(s\) hold NaN or infinite values"):
+        load_weights(path)
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -109,3 +125,25 @@ def test_blending_refuses_different_networks_and_bad_alpha(
         blend_weights(load_weights(psnr_weights), load_weights(other), 0.5)
     with pytest.raises(MrisrError, match=r"\[0, 1\]"):
         blend_states({}, {}, 1.5)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("n4", "false"), ("factor", 2.5), ("axes", [0, 0, 2]), ("axes", [True, 2])]
+)
+def test_degradation_settings_of_the_wrong_type_are_refused(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """``"n4": "false"`` is a non-empty string: read as is, it meant N4 on."""
+    import json
+
+    from mrisr_cli.weights import read_metadata
+
+    good = tiny_weights(tmp_path / "good.safetensors", seed=0)
+    metadata = read_metadata(good)
+    settings = json.loads(metadata["degradation"])
+    settings[key] = value
+    metadata["degradation"] = json.dumps(settings)
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_weights(good).state, str(bad), metadata=metadata)
+    with pytest.raises(WeightsError, match="degradation settings are not readable"):
+        load_weights(bad)
