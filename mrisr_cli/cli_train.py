@@ -7,7 +7,6 @@ numpy, torch and the CLI helpers are imported inside the commands.
 
 from __future__ import annotations
 
-import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -262,19 +261,12 @@ def train_command(
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     with user_errors():
-        from mrisr_cli.errors import InputError
         from mrisr_cli.networks import NetworkConfig
         from mrisr_cli.threads import configure_threads
         from mrisr_cli.training import TrainConfig, train, worker_threads
         from mrisr_cli.training import resume as resume_run
         from mrisr_cli.weights import load_weights
 
-        for name, value in (("--lr", lr), ("--critic-lr", critic_lr)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise InputError(f"{name} must be a positive number, got {value}")
-        for name, value in (("--lambda-adv", lambda_adv), ("--lambda-gp", lambda_gp)):
-            if not (math.isfinite(value) and value >= 0):
-                raise InputError(f"{name} must be a number >= 0, got {value}")
         patch_size = parse_triple(patch, "--patch")
         val_size = parse_triple(val_patch, "--val-patch")
         defaults = GAN_DEFAULTS if stage is Stage.gan else PSNR_DEFAULTS

@@ -152,10 +152,19 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0 or self.critic_lr <= 0:
-            raise InputError("learning rates must be positive")
-        if self.critic_warmup < 0 or self.lambda_adv < 0 or self.lambda_gp < 0:
-            raise InputError("--critic-warmup, --lambda-adv and --lambda-gp cannot be negative")
+        # written so that NaN fails too (every comparison with NaN is false)
+        for name in ("lr", "critic_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                option = name.replace("_", "-")
+                raise InputError(f"--{option} must be a positive number, got {value}")
+        for name in ("lambda_adv", "lambda_gp"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                option = name.replace("_", "-")
+                raise InputError(f"--{option} must be a number >= 0, got {value}")
+        if self.critic_warmup < 0:
+            raise InputError("--critic-warmup cannot be negative")
         if self.time_limit < 0:
             raise InputError("--time-limit cannot be negative")
         if any(p < 8 for p in self.patch):
