@@ -56,7 +56,6 @@ def plan_jobs(
     *,
     overwrite: bool,
     output_is_folder: bool = False,
-    sidecars: bool = True,
 ) -> list[UpsampleJob]:
     """Map inputs x alphas to output paths: a file for one input, else a folder (also when
     ``output_is_folder``, e.g. it was typed with a trailing slash).
@@ -98,9 +97,7 @@ def plan_jobs(
                 f"{first} and {job.input} would both write {job.output}; rename one of them"
             )
     resolved_inputs = {p.resolve() for p in files}
-    targets = [job.output for job in jobs]
-    if sidecars:
-        targets += [sidecar_path(job.output) for job in jobs]
+    targets = [job.output for job in jobs] + [sidecar_path(job.output) for job in jobs]
     for target in targets:
         if target.resolve() in resolved_inputs:
             raise OutputError(f"{target}: output would overwrite an input")

@@ -54,8 +54,9 @@ def run_selftest(device: str = "cpu") -> str:
         affine = np.diag([1.0, 1.0, 1.0, 1.0])
         # ANTsPy is there and runs (a short fit: this checks the installation, not the field)
         quick = {"iters": [5, 5], "tol": 1e-4}
-        corrected = n4_correct(phantom(), (1.0, 1.0, 1.0), convergence=quick)
-        if corrected.shape != phantom().shape or not np.isfinite(corrected).all():
+        head = phantom()
+        corrected = n4_correct(head, (1.0, 1.0, 1.0), convergence=quick)
+        if corrected.shape != head.shape or not np.isfinite(corrected).all():
             raise MrisrError("selftest: N4 bias correction returned an invalid image")
         save_volume(folder / "hr.nii.gz", corrected, affine)
         config = DegradationConfig(n4=False)
@@ -66,7 +67,7 @@ def run_selftest(device: str = "cpu") -> str:
         options = UpsampleOptions(inference=InferenceOptions(device=device, batch_size=2))
         result = upsample_file(folder / "lr.nii.gz", folder / "sr.nii.gz", generator, options)
         out = load_volume(folder / "sr.nii.gz")
-        if out.data.shape != phantom().shape or not np.allclose(out.affine, affine):
+        if out.data.shape != head.shape or not np.allclose(out.affine, affine):
             raise MrisrError("selftest: output geometry differs from the input's")
         return (
             f"{result.output_shape} phantom through N4, degradation and a tiny random RRDG on "
