@@ -9,7 +9,9 @@ every library that runs threads.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from mrisr_cli.errors import MrisrError
 
@@ -24,15 +26,46 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 )
 
 
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The CPU bandwidth limit of this container's cgroup, rounded up; None where there is none.
+
+    ``docker run --cpus 4``, Kubernetes CPU limits and systemd's ``CPUQuota`` do not shrink the
+    affinity mask: a 4-CPU container on a 64-core host sees 64 CPUs, and 64 threads sharing 4 CPUs'
+    worth of time run slower than 4. The quota is read where a container sees its own cgroup:
+    ``cpu.max`` (cgroup v2, ``"max 100000"`` or ``"400000 100000"``) or ``cpu/cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us`` (cgroup v1, -1 for none), as joblib's loky does.
+    """
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota == "max":
+            return None
+        quota_us, period_us = int(quota), int(period)
+    except (OSError, ValueError):  # no cgroup files (macOS, Windows, a bare host), or odd content
+        return None
+    if quota_us <= 0 or period_us <= 0:
+        return None
+    return max(1, math.ceil(quota_us / period_us))
+
+
 def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, which honours cgroups and ``taskset``.
+    """CPUs this process may use: its affinity mask (``taskset``, cpusets, SLURM's binding),
+    capped by the container's CPU quota (:func:`cgroup_cpu_limit`).
 
     ``os.cpu_count()`` (the whole machine) is only the fallback where affinity is not available.
     """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        count = min(count, limit)
+    return max(1, count)
 
 
 def _count_from_env(name: str) -> int | None:
@@ -53,18 +86,21 @@ def resolve_thread_count(threads: int | None = None) -> int:
     """The thread count to use, without applying it.
 
     In order: the explicit argument (``--threads``), ``SLURM_CPUS_PER_TASK`` (what the job asked
-    for), ``OMP_NUM_THREADS`` (what the user or the launcher, e.g. torchrun, set), then the CPUs in
-    this process's affinity mask.
+    for), ``OMP_NUM_THREADS`` (what the user or the launcher, e.g. torchrun, set), then the CPUs
+    this process may use (:func:`available_cpus`). The two variables are capped by those CPUs: they
+    are inherited by job steps and containers that got fewer, and more threads than CPUs only
+    slow the work down. An explicit ``--threads`` is taken as given.
     """
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise MrisrError(f"the number of threads must be a positive integer, got {threads!r}")
         return threads
+    cpus = available_cpus()
     for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
         value = _count_from_env(name)
         if value is not None:
-            return value
-    return available_cpus()
+            return min(value, cpus)
+    return cpus
 
 
 def configure_threads(threads: int | None = None) -> int:

@@ -8,10 +8,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from mrisr_cli import threads as threads_module
 from mrisr_cli.errors import MrisrError
 from mrisr_cli.threads import (
     THREAD_ENV_VARS,
     available_cpus,
+    cgroup_cpu_limit,
     configure_threads,
     resolve_thread_count,
 )
@@ -32,6 +34,13 @@ def clean_thread_env(monkeypatch: pytest.MonkeyPatch):
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(sitk_before)
 
 
+@pytest.fixture
+def sixteen_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that may use 16 CPUs, whatever this machine has (CI has 2)."""
+    monkeypatch.setattr(threads_module, "available_cpus", lambda: 16)
+
+
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_explicit_count_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "5")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
@@ -39,6 +48,7 @@ def test_explicit_count_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -
     assert torch.get_num_threads() == 3
 
 
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_slurm_wins_over_omp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
@@ -46,12 +56,14 @@ def test_slurm_wins_over_omp(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.get_num_threads() == 2
 
 
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_omp_used_without_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert configure_threads() == 3
     assert torch.get_num_threads() == 3
 
 
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_omp_nested_list_uses_first_level(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "2,4")
     assert resolve_thread_count() == 2
@@ -59,12 +71,15 @@ def test_omp_nested_list_uses_first_level(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_falls_back_to_cpu_affinity() -> None:
     expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = cgroup_cpu_limit()
+    expected = min(expected, limit) if limit is not None else expected
     assert available_cpus() == expected
     assert configure_threads() == expected
     assert torch.get_num_threads() == expected
 
 
 @pytest.mark.parametrize("bad", ["", "zero", "0", "-3", "1.5"])
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_unusable_slurm_value_falls_through(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", bad)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -77,6 +92,7 @@ def test_bad_explicit_count_is_a_user_error(bad: int) -> None:
         configure_threads(bad)
 
 
+@pytest.mark.usefixtures("sixteen_cpus")
 def test_sets_env_for_children_and_simpleitk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
     assert configure_threads() == 2
@@ -91,3 +107,53 @@ def test_can_be_called_again_with_another_count() -> None:
     assert configure_threads(2) == 2
     assert torch.get_num_threads() == 2
     assert os.environ["OMP_NUM_THREADS"] == "2"
+
+
+def test_environment_counts_are_capped_by_the_cpus_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job step or container that got 4 CPUs but inherited SLURM_CPUS_PER_TASK=32 uses 4."""
+    monkeypatch.setattr(threads_module, "available_cpus", lambda: 4)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    assert resolve_thread_count() == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert resolve_thread_count() == 4
+    assert resolve_thread_count(8) == 8  # --threads is taken as given
+
+
+def _cgroup_v1(root, quota: str, period: str = "100000"):
+    (root / "cpu").mkdir(parents=True)
+    (root / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (root / "cpu" / "cpu.cfs_period_us").write_text(period + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("400000 100000\n", 4), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None)],
+)
+def test_cgroup_v2_quota(tmp_path, content: str, expected: int | None) -> None:
+    """docker --cpus 4 writes "400000 100000"; 1.5 CPUs round up to 2; "max" is no limit."""
+    (tmp_path / "cpu.max").write_text(content)
+    assert cgroup_cpu_limit(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("quota", "expected"), [("300000", 3), ("-1", None)])
+def test_cgroup_v1_quota(tmp_path, quota: str, expected: int | None) -> None:
+    assert cgroup_cpu_limit(_cgroup_v1(tmp_path, quota)) == expected
+
+
+@pytest.mark.parametrize("content", ["", "garbage\n", "100000\n", "0 100000\n", "100 0\n"])
+def test_unreadable_cgroup_quota_is_no_limit(tmp_path, content: str) -> None:
+    (tmp_path / "cpu.max").write_text(content)
+    assert cgroup_cpu_limit(tmp_path) is None
+    assert cgroup_cpu_limit(tmp_path / "absent") is None
+
+
+def test_container_quota_caps_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-CPU container on a host whose cores are all in the affinity mask gets 2 threads."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: 2)
+    assert available_cpus() == 2
+    assert resolve_thread_count() == 2
+    monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: None)
+    assert available_cpus() == 64
