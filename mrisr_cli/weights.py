@@ -41,7 +41,19 @@ class WeightsFile:
     sha256: str = ""
 
     def build(self) -> nn.Module:
-        """The network with these weights loaded (strictly), in eval mode on the CPU."""
+        """The network with these weights loaded (strictly), in eval mode on the CPU.
+
+        The network is first built on the meta device (shapes, no memory) and compared with the
+        file's tensors, so metadata that ask for a huge network cannot allocate it before the
+        mismatch is found.
+        """
+        with torch.device("meta"):
+            skeleton = build_network(self.network)
+        if _mismatch_found(skeleton.state_dict(), self.state):
+            raise WeightsError(
+                f"{self.path}: tensors do not fit network {self.network.name!r} "
+                f"({_mismatch(skeleton.state_dict(), self.state)})"
+            )
         model = build_network(self.network)
         try:
             model.load_state_dict(self.state, strict=True)
@@ -90,6 +102,12 @@ def read_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+def _mismatch_found(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> bool:
+    if expected.keys() != found.keys():
+        return True
+    return any(expected[k].shape != found[k].shape for k in expected)
 
 
 def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:

@@ -75,6 +75,28 @@ def test_weights_of_another_network_are_refused(tmp_path: Path) -> None:
         load_weights(misshaped).build()
 
 
+def test_a_file_asking_for_a_huge_network_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata say 20,000 features (a network of gigabytes) beside a tiny network's tensors: the
+    mismatch is found on the meta device, and no real network is ever allocated."""
+    huge = NetworkConfig("rrdg", {**TINY_RRDG.params, "features": 20000})
+    path = tmp_path / "huge.safetensors"
+    save_weights(path, build_network(TINY_RRDG).state_dict(), huge, NO_N4)
+    import mrisr_cli.weights as weights_module
+
+    devices: list[torch.device] = []
+
+    def recording_build(config: NetworkConfig) -> torch.nn.Module:
+        devices.append(torch.empty(0).device)  # the default device the network is built on
+        return build_network(config)
+
+    monkeypatch.setattr(weights_module, "build_network", recording_build)
+    with pytest.raises(WeightsError, match=r"conv_first.weight \(4, 1, 3, 3, 3\) instead of"):
+        load_weights(path).build()
+    assert devices == [torch.device("meta")]
+
+
 def test_non_finite_tensors_are_refused(tmp_path: Path) -> None:
     state = build_network(TINY_RRDG).state_dict()
     state["conv_first.bias"][0] = float("nan")
