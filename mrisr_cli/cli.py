@@ -104,6 +104,15 @@ def upsample(
             "--n4/--no-n4", help="N4 bias correction first (default: as the model was trained)."
         ),
     ] = None,
+    keep_background: Annotated[
+        bool,
+        typer.Option(
+            "--keep-background/--no-keep-background",
+            help="Keep the input's flat background (voxels at its minimum that reach the "
+            "image's faces, e.g. the zeros around a skull-stripped brain) instead of the "
+            "network's output there.",
+        ),
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
     half: Annotated[
         bool,
@@ -185,6 +194,7 @@ def upsample(
                 compile=compile_network,
             ),
             n4=n4,
+            keep_background=keep_background,
             overwrite=overwrite,
             run_warnings=(half_warning,) if half_warning else (),
         )

@@ -90,15 +90,40 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     bounding box gives the same holes: a component that reaches the box's border touches either
     the array's border or background outside the box, which itself reaches the array's border.
     """
-    background, count = ndi.label(~mask)
+    return ~reaching_border(~mask)
+
+
+def reaching_border(mask: np.ndarray) -> np.ndarray:
+    """The face-connected components of ``mask`` that touch the array's border."""
+    labels, count = ndi.label(mask)
     if count == 0:
-        return mask.copy()
-    outside = np.zeros(count + 1, dtype=bool)
+        return np.zeros(mask.shape, dtype=bool)
+    touching = np.zeros(count + 1, dtype=bool)
     for axis in range(mask.ndim):
         for end in (0, -1):
-            outside[np.take(background, end, axis=axis)] = True
-    outside[0] = False  # label 0: the mask itself
-    return ~outside[background]
+            touching[np.take(labels, end, axis=axis)] = True
+    touching[0] = False  # label 0: outside the mask
+    return touching[labels]
+
+
+def flat_background(data: np.ndarray) -> np.ndarray:
+    """Voxels at the volume's minimum that reach its faces through such voxels.
+
+    That is the exact-zero background around a skull-stripped brain, or the constant background
+    of a z-scored one: `upsample` keeps those voxels as they are, so that a masked scan comes out
+    masked. Minimum-valued voxels inside the head (not connected to the faces) are not included.
+    """
+    if data.size == 0:
+        return np.zeros(data.shape, dtype=bool)
+    flat = data == data.min()
+    # Labelling only the bounding box of the other voxels gives the same answer in a quarter of
+    # the time on a skull-stripped head: every voxel outside that box is flat and reaches the
+    # border through other such voxels, so a flat component inside it reaches the border if and
+    # only if it touches the box's faces.
+    box = bounding_box(~flat)
+    out = np.ones(data.shape, dtype=bool)
+    out[box] = reaching_border(flat[box])
+    return out
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 Order of operations for one input: read and check -> plan the grid (canonical axes, 1 mm,
 coarse axes in the model's degraded slots) -> optional N4 -> z-score from the input's own
-foreground -> tile, run, stitch -> back to the input's units, axes and orientation -> atomic
-write -> JSON sidecar with what produced the file.
+foreground -> tile, run, stitch -> back to the input's units -> the input's flat background
+kept -> back to its axes and orientation -> atomic write -> JSON sidecar with what produced the
+file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mrisr_cli.inference import (
     resolve_options,
     super_resolve,
 )
-from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.intensity import flat_background, foreground_mask, foreground_stats
 from mrisr_cli.n4 import n4_correct
 from mrisr_cli.volumes import atomic_path, check_output_path, load_volume, save_volume, strip_suffix
 from mrisr_cli.weights import WeightsFile, load_weights
@@ -124,6 +125,9 @@ class UpsampleOptions:
 
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     n4: bool | None = None  # None: as the model was trained
+    #: voxels of the input's flat background (:func:`~mrisr_cli.intensity.flat_background`) keep
+    #: the input's value instead of the network's output
+    keep_background: bool = True
     overwrite: bool = False
     sidecar: bool = True
     #: warnings about the whole run (the caller prints them once), recorded in every sidecar
@@ -141,6 +145,7 @@ class UpsampleResult:
     resampled: bool
     seconds: dict[str, float]
     warnings: list[str]
+    background_kept: int = 0  # voxels that kept the input's flat background value
 
 
 def sidecar_path(output: Path) -> Path:
@@ -198,6 +203,8 @@ def upsample_file(
     plan = plan_grid(volume.affine, volume.data.shape, config)  # type: ignore[arg-type]
     data = plan.to_model(volume.data)
     loaded = time.perf_counter()
+    background = flat_background(data) if options.keep_background else None
+    background_value = float(data.min()) if data.size else 0.0
     use_n4 = config.n4 if options.n4 is None else options.n4
     if use_n4:
         data = n4_correct(data, plan.model_spacing)
@@ -209,7 +216,10 @@ def upsample_file(
         progress=progress,
         nonnegative=bool(volume.data.min() >= 0),
     )
-    out = plan.to_output(plan.unpermute(out))
+    out = plan.unpermute(out)
+    if background is not None:
+        out[background] = background_value
+    out = plan.to_output(out)
     inferred = time.perf_counter()
     affine = plan.output_affine()
     save_volume(output_path, out, affine, volume.header, overwrite=options.overwrite)
@@ -229,6 +239,7 @@ def upsample_file(
         resampled=plan.resampled,
         seconds=seconds,
         warnings=list(plan.warnings) + ([half_warning] if half_warning else []),
+        background_kept=int(background.sum()) if background is not None else 0,
     )
     if options.sidecar:
         write_sidecar(result, generator, replace(options, inference=inference), use_n4)
@@ -256,6 +267,8 @@ def write_sidecar(
         else "fp32",
         "half": inference.half,
         "n4": n4,
+        "keep_background": options.keep_background,
+        "background_voxels_kept": result.background_kept,
         "patch": list(inference.patch),
         "margin": inference.margin,
         "overlap": inference.overlap,

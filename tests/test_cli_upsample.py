@@ -69,12 +69,14 @@ def test_upsample_keeps_shape_affine_orientation_and_writes_sidecar(
 def test_output_equals_network_on_normalised_canonical_input(
     tmp_path: Path, fast_weights: Path
 ) -> None:
-    """The CLI's output is the stitched network output mapped back to the input's units."""
+    """The CLI's output is the stitched network output mapped back to the input's units (the
+    flat background, kept by default, is tested below)."""
     affine = np.diag([-1.0, 1.0, 1.0, 1.0])
     data = head_phantom((40, 36, 44))
     src = write_nifti(tmp_path / "in.nii.gz", data, affine)
     out = tmp_path / "out.nii.gz"
-    assert upsample(src, out, "--psnr-weights", fast_weights, *SMALL_PATCH).exit_code == 0
+    raw = ["--psnr-weights", fast_weights, "--no-keep-background", *SMALL_PATCH]
+    assert upsample(src, out, *raw).exit_code == 0
     reo = canonical_reorientation(affine, data.shape)
     canonical = reo.apply(data)
     stats = foreground_stats(canonical, foreground_mask(canonical))
@@ -191,9 +193,52 @@ def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
     weights = tmp_path / "negative.safetensors"
     save_weights(weights, model.state_dict(), TINY_FAST, NO_N4)
     out = tmp_path / "o.nii.gz"
-    result = upsample(phantom_file, out, "--psnr-weights", weights, "--n4", *SMALL_PATCH)
+    result = upsample(
+        phantom_file, out, "--psnr-weights", weights, "--n4", "--no-keep-background", *SMALL_PATCH
+    )
     assert result.exit_code == 0, result.stderr
     assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
+
+
+def offset_weights(path: Path, offset: float) -> Path:
+    """A network that answers ``offset`` (in z-score units) whatever its input."""
+    model = build_network(TINY_FAST)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.zero_()
+        [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1].bias.fill_(offset)
+    save_weights(path, model.state_dict(), TINY_FAST, NO_N4)
+    return path
+
+
+def test_the_flat_background_of_a_masked_scan_stays_as_it_was(tmp_path: Path) -> None:
+    """A skull-stripped scan's zero background comes out zero although the network adds an
+    offset everywhere; a zero-valued pocket inside the head (not reaching the image's faces)
+    gets the network's output; --no-keep-background gives the network's output everywhere."""
+    data = head_phantom()
+    inside = (20, 18, 22)  # the phantom's centre: inside the brain
+    data[
+        inside[0] - 1 : inside[0] + 2, inside[1] - 1 : inside[1] + 2, inside[2] - 1 : inside[2] + 2
+    ] = 0
+    src = write_nifti(tmp_path / "stripped.nii.gz", data)
+    weights = offset_weights(tmp_path / "offset.safetensors", 3.0)
+    kept, raw = tmp_path / "kept.nii.gz", tmp_path / "raw.nii.gz"
+    assert upsample(src, kept, "--psnr-weights", weights, *SMALL_PATCH).exit_code == 0
+    result = upsample(src, raw, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    kept_data, raw_data = (np.asarray(nib.load(p).dataobj) for p in (kept, raw))
+    background = data == 0
+    background[
+        inside[0] - 1 : inside[0] + 2, inside[1] - 1 : inside[1] + 2, inside[2] - 1 : inside[2] + 2
+    ] = False
+    assert (raw_data[background] > 0).mean() > 0.5  # the offset reaches the background...
+    assert (kept_data[background] == 0).all()  # ...unless it is kept
+    assert kept_data[inside] == raw_data[inside] > 0  # the pocket inside is the network's
+    np.testing.assert_array_equal(kept_data[~background], raw_data[~background])
+    record = json.loads((tmp_path / "kept.json").read_text())
+    assert record["keep_background"] is True
+    assert record["background_voxels_kept"] == int(background.sum())
+    assert json.loads((tmp_path / "raw.json").read_text())["background_voxels_kept"] == 0
 
 
 def test_a_non_finite_network_output_is_an_error_not_a_file(

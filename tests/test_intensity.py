@@ -10,6 +10,7 @@ from scipy import ndimage as ndi
 from mrisr_cli.intensity import (
     FOREGROUND_FRACTION,
     fill_holes,
+    flat_background,
     foreground_mask,
     foreground_stats,
     largest_component,
@@ -153,3 +154,29 @@ def test_foreground_stats_use_the_mask() -> None:
     stats = foreground_stats(data)
     assert stats.mean == pytest.approx(float(data[mask].mean()))
     assert stats.std == pytest.approx(float(data[mask].std()))
+
+
+@pytest.mark.parametrize("case", ["phantom", "touches_faces", "all_flat", "pocket", "no_flat"])
+def test_flat_background_is_the_minimum_reaching_the_faces(case: str) -> None:
+    """Checked against an independent flood fill (binary propagation from the faces)."""
+    rng = np.random.default_rng(3)
+    data = np.zeros((24, 20, 26), dtype=np.float32)
+    if case in ("phantom", "pocket"):
+        data[5:19, 4:16, 6:20] = rng.uniform(1, 2, (14, 12, 14))
+        data[8:10, 8:10, 10:12] = 0 if case == "pocket" else data[8:10, 8:10, 10:12]
+        data[rng.random(data.shape) < 0.02] = 0  # scattered zeros, inside and out
+    elif case == "touches_faces":
+        data[:, 5:9, :] = rng.uniform(1, 2, (24, 4, 26))  # a slab that splits the background
+    elif case == "no_flat":
+        data = rng.uniform(1, 2, data.shape).astype(np.float32)
+    flat = data == data.min()
+    seeds = np.zeros_like(flat)
+    for axis in range(3):
+        for end in (0, -1):
+            index = [slice(None)] * 3
+            index[axis] = end
+            seeds[tuple(index)] = flat[tuple(index)]
+    expected = ndi.binary_propagation(seeds, mask=flat)
+    np.testing.assert_array_equal(flat_background(data), expected)
+    if case == "pocket":
+        assert not flat_background(data)[8:10, 8:10, 10:12].any()
