@@ -285,6 +285,34 @@ def test_corrupt_gzip_is_reported_as_corrupt(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".mgz"])
+def test_gzip_checksum_failure_is_reported_as_corrupt(tmp_path: Path, suffix: str) -> None:
+    """nibabel stops reading before the gzip trailer, so a damaged stream can decode without an
+    error; here the stored CRC-32 is wrong, which every gzip reader treats as corruption."""
+    raw = bytearray(good(tmp_path, f"v{suffix}").read_bytes())
+    raw[-6] ^= 0xFF  # a byte of the CRC-32 in the 8-byte trailer
+    path = tmp_path / f"damaged{suffix}"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError) as caught:
+        load_volume(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: file is truncated or corrupt (corrupt: "), message
+    assert "CRC" in message and len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".mgh"])
+def test_gzip_stream_cut_after_the_voxels_is_reported_as_truncated(
+    tmp_path: Path, suffix: str
+) -> None:
+    """A download cut in the last bytes: every voxel decodes (nibabel reads them all without an
+    error), the end-of-stream marker and checksum are missing."""
+    whole = good(tmp_path, f"v{suffix}").read_bytes()
+    path = tmp_path / f"cut{suffix}.gz".replace(".mgh.gz", ".mgz")
+    path.write_bytes(gzip.compress(whole)[:-8])  # the 8-byte trailer lost
+    with pytest.raises(InputError, match=r"\(truncated: the compressed data end before"):
+        load_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mgz"])
 def test_file_named_gz_but_not_gzip_reads_naturally(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"plain{suffix}"
     path.write_text("hello, this is not an image\n" * 20)
