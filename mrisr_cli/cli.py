@@ -81,6 +81,7 @@ def upsample(
             help="Input image(s) or folder(s), then the output file (one input) or folder "
             "(a missing folder: end it with /).",
             show_default=False,
+            metavar="PATHS",
         ),
     ],
     alpha: Annotated[
@@ -215,8 +216,10 @@ def upsample(
 
 @app.command()
 def degrade(
-    hr: Annotated[Path, typer.Argument(help="High-resolution (1 mm) input image.")],
-    lr: Annotated[Path, typer.Argument(help="Output: degraded image on the same grid.")],
+    hr: Annotated[Path, typer.Argument(help="High-resolution (1 mm) input image.", metavar="HR")],
+    lr: Annotated[
+        Path, typer.Argument(help="Output: degraded image on the same grid.", metavar="LR")
+    ],
     keep_lowres: Annotated[
         Path | None,
         typer.Option(help="Also write the true low-resolution volume (coarser voxels) here."),
@@ -246,7 +249,7 @@ def degrade(
 @app.command()
 def demo(
     out_dir: Annotated[
-        Path, typer.Argument(help="Folder for hr/lr/sr.nii.gz and demo.png.")
+        Path, typer.Argument(help="Folder for hr/lr/sr.nii.gz and demo.png.", metavar="OUTDIR")
     ] = Path("mrisr-demo"),
     alpha: Annotated[float, typer.Option(help="1 = PSNR model, 0 = GAN model.")] = 1.0,
     psnr_weights: Annotated[Path | None, typer.Option(help="PSNR-stage weights.")] = None,

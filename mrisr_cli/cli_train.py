@@ -59,10 +59,16 @@ def _parse_json_object(text: str | None, option: str) -> dict[str, Any] | None:
 
 def prepare_command(
     src_dir: Annotated[
-        Path, typer.Argument(help="Folder of T1 images (searched recursively).", show_default=False)
+        Path,
+        typer.Argument(
+            help="Folder of T1 images (searched recursively).", show_default=False, metavar="SRC"
+        ),
     ],
     out_dir: Annotated[
-        Path, typer.Argument(help="Output data folder for `mrisr train`.", show_default=False)
+        Path,
+        typer.Argument(
+            help="Output data folder for `mrisr train`.", show_default=False, metavar="OUT"
+        ),
     ],
     spacing: Annotated[
         float, typer.Option(min=0.1, help="Isotropic voxel size (mm) of the high-res grid.")
