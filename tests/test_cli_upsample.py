@@ -322,6 +322,28 @@ def test_sigterm_while_writing_leaves_nothing_and_says_so(
     assert list(out.iterdir()) == []
 
 
+def test_the_zero_background_of_a_true_lowres_scan_stays_zero(tmp_path: Path) -> None:
+    """A 2 x 1 x 2 mm skull-stripped scan is interpolated onto 1 mm (linearly, so its zeros
+    stay exact zeros) and its background comes out zero although the network adds an offset."""
+    data = head_phantom((40, 36, 44))[::2, :, ::2]
+    src = write_nifti(tmp_path / "low.nii.gz", data, np.diag([2.0, 1.0, 2.0, 1.0]))
+    weights = offset_weights(tmp_path / "offset.safetensors", 3.0)
+    kept, raw = tmp_path / "kept.nii.gz", tmp_path / "raw.nii.gz"
+    assert upsample(src, kept, "--psnr-weights", weights, *SMALL_PATCH).exit_code == 0
+    result = upsample(src, raw, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    kept_data, raw_data = (np.asarray(nib.load(p).dataobj) for p in (kept, raw))
+    assert kept_data.shape == (40, 36, 44)
+    fine = np.zeros(kept_data.shape, dtype=bool)  # coarse voxel j lies on fine voxel 2j
+    fine[::2, :, ::2] = data == 0
+    assert (raw_data[fine] > 0).mean() > 0.5  # the offset reaches the background...
+    assert (kept_data[fine] == 0).all()  # ...unless it is kept
+    changed = kept_data != raw_data
+    assert (kept_data[changed] == 0).all()  # nothing but background was changed
+    record = json.loads((tmp_path / "kept.json").read_text())
+    assert record["background_voxels_kept"] >= int(fine.sum())
+
+
 def test_true_lowres_input_is_written_on_the_fine_grid(tmp_path: Path, fast_weights: Path) -> None:
     hr = write_nifti(tmp_path / "hr.nii.gz", head_phantom((40, 36, 44)))
     low = tmp_path / "low.nii.gz"
