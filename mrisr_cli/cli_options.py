@@ -9,7 +9,7 @@ import typer
 
 from mrisr_cli.errors import InputError
 
-FactorOption = Annotated[int, typer.Option(min=1, help="Resolution reduction per degraded axis.")]
+FactorOption = Annotated[int, typer.Option(min=2, help="Resolution reduction per degraded axis.")]
 AxesOption = Annotated[
     str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
 ]
@@ -19,13 +19,16 @@ InterpolationOption = Annotated[
 
 
 def parse_axes(text: str) -> tuple[int, ...]:
-    """'0,2' -> (0, 2); anything else is one InputError line."""
+    """'0,2' -> (0, 2); anything else (no axis, a repeated one, not 0-2) is one InputError line."""
     try:
-        return tuple(sorted({int(a) for a in text.split(",") if a.strip()}))
+        axes = [int(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise InputError(
-            f"--axes takes axis numbers 0-2 separated by commas, got {text!r}"
-        ) from None
+        axes = []
+    if not axes or not all(a in (0, 1, 2) for a in axes):
+        raise InputError(f"--axes takes axis numbers 0-2 separated by commas, got {text!r}")
+    if len(set(axes)) != len(axes):
+        raise InputError(f"--axes names an axis twice: {text!r}")
+    return tuple(sorted(axes))
 
 
 def parse_triple(text: str, what: str) -> tuple[int, int, int]:

@@ -55,11 +55,17 @@ class DegradationConfig:
         where ``"n4": "false"`` would otherwise read as true."""
         if self.interpolation not in INTERPOLATION_ORDERS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATION_ORDERS)}")
-        if not _is_int(self.factor) or self.factor < 1:
-            raise ValueError(f"factor must be an integer >= 1, got {self.factor!r}")
+        if not _is_int(self.factor) or self.factor < 2:  # 1 would degrade nothing
+            raise ValueError(f"factor must be an integer >= 2, got {self.factor!r}")
         axes = tuple(self.axes)
-        if not all(_is_int(a) and a in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
-            raise ValueError(f"axes must be distinct axis numbers within 0..2, got {self.axes!r}")
+        if (
+            not axes
+            or not all(_is_int(a) and a in (0, 1, 2) for a in axes)
+            or len(set(axes)) != len(axes)
+        ):
+            raise ValueError(
+                f"axes must be one to three distinct axis numbers within 0..2, got {self.axes!r}"
+            )
         for name in ("unfilter_window", "filter_window", "window_power", "spacing_mm"):
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):

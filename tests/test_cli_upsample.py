@@ -153,6 +153,73 @@ def test_an_existing_sidecar_is_not_replaced(tmp_path: Path, fast_weights: Path)
     assert sorted(p.name for p in folder.iterdir()) == ["sub-01_T1w.json"]
 
 
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """`upsample scan.nii.gz scan.nii.gz --overwrite` would destroy the scan; so would a folder
+    run whose output folder is the input folder."""
+    before = phantom_file.read_bytes()
+    base = ["--psnr-weights", fast_weights, "--overwrite", *SMALL_PATCH]
+    assert_one_line_error(upsample(phantom_file, phantom_file, *base), "would overwrite an input")
+    same_folder = upsample(tmp_path, f"{tmp_path}/", *base)
+    assert_one_line_error(same_folder, "would overwrite an input")
+    assert phantom_file.read_bytes() == before and no_partial_files(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("one_path", "give at least one input and an output"),
+        ("empty_folder", "folder holds no .nii/.nii.gz/.mgz images"),
+        ("folder_into_file", "several inputs need an output folder, this is a file"),
+        ("missing_input", "no such file or folder"),
+        ("no_core", "--patch 24,16,24 leaves no core after cropping --margin 8 per face"),
+        ("overlap", "--overlap 10 must be below the patch core (10 voxels)"),
+        ("bad_patch", "--patch takes three positive integers like 64,40,64, got '24,16'"),
+        ("not_nifti_name", "output file must end in .nii or .nii.gz"),
+    ],
+)
+def test_impossible_plans_are_one_line_before_any_work(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, case: str, needle: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "taken.nii.gz").write_bytes(b"not an output folder")
+    paths: list[str | Path] = {
+        "one_path": [phantom_file],
+        "empty_folder": [tmp_path / "empty", tmp_path / "out"],
+        "folder_into_file": [phantom_file, phantom_file, tmp_path / "taken.nii.gz"],
+        "missing_input": [tmp_path / "absent.nii.gz", tmp_path / "o.nii.gz"],
+        "not_nifti_name": [phantom_file, tmp_path / "o.png"],
+    }.get(case, [phantom_file, tmp_path / "o.nii.gz"])
+    options = {
+        "no_core": [*SMALL_PATCH, "--margin", "8"],  # 16 - 2 x 8 = 0
+        "overlap": [*SMALL_PATCH, "--overlap", "10"],  # the core is 16 - 2 x 3 = 10
+        "bad_patch": ["--patch", "24,16"],
+    }.get(case, SMALL_PATCH)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(upsample(*paths, "--psnr-weights", fast_weights, *options), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or made
+
+
+def test_a_bad_input_in_a_folder_is_reported_and_the_others_go_on(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """One corrupt scan among good ones: an error line naming it, the good ones written, exit 1
+    (README: a bad input is reported and the others go on)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_nifti(folder / "a.nii.gz", head_phantom((30, 20, 30)))
+    (folder / "b.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+    write_nifti(folder / "c.nii.gz", head_phantom((30, 20, 30), seed=1))
+    out = tmp_path / "out"
+    result = upsample(folder, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mrisr: error:")]
+    assert len(errors) == 1 and str(folder / "b.nii.gz") in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "c.json", "c.nii.gz"]
+
+
 def test_a_refused_plan_makes_no_output_folder(tmp_path: Path, fast_weights: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
