@@ -47,8 +47,11 @@ class WeightsFile:
         file's tensors, so metadata that ask for a huge network cannot allocate it before the
         mismatch is found.
         """
-        with torch.device("meta"):
-            skeleton = build_network(self.network)
+        try:
+            with torch.device("meta"):
+                skeleton = build_network(self.network)
+        except WeightsError as exc:  # an unknown network name, impossible settings
+            raise WeightsError(f"{self.path}: {exc}") from exc
         if _mismatch_found(skeleton.state_dict(), self.state):
             raise WeightsError(
                 f"{self.path}: tensors do not fit network {self.network.name!r} "
@@ -150,8 +153,11 @@ def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFil
         ) from exc
     if metadata.get("format") != FORMAT_NAME:
         raise WeightsError(f"{path}: safetensors file without mrisr metadata (not mrisr weights)")
-    network = NetworkConfig.from_json(metadata.get("network", ""))
-    degradation = DegradationConfig.from_json(metadata.get("degradation", ""))
+    try:
+        network = NetworkConfig.from_json(metadata.get("network", ""))
+        degradation = DegradationConfig.from_json(metadata.get("degradation", ""))
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
     if expect_network is not None and network.name != expect_network:
         raise WeightsError(f"{path}: holds a {network.name!r} network, expected {expect_network!r}")
     bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
