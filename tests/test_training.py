@@ -424,6 +424,45 @@ def test_time_limit_ends_a_call_with_validated_weights_and_resume_finishes_the_r
         tiny_config(prepared / "data", tmp_path / "c", time_limit=-1.0)
 
 
+def test_checkpoint_every_saves_between_epochs(prepared: Path, tmp_path: Path) -> None:
+    """A process killed mid-epoch (here: an exception after step 3 of 4) loses at most
+    --checkpoint-every steps; without it, nothing of the epoch is saved."""
+
+    def crash_after(step: int):
+        def on_event(kind: str, payload: dict) -> None:
+            if kind == "step" and payload["step"] == step:
+                raise RuntimeError("node lost")
+
+        return on_event
+
+    every = tiny_config(prepared / "data", tmp_path / "every", checkpoint_every=2)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(every, on_event=crash_after(3))
+    assert read_checkpoint(tmp_path / "every" / "checkpoint.pt")["step"] == 2
+    assert training.resume(every).step == 4
+    plain = tiny_config(prepared / "data", tmp_path / "plain")
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(plain, on_event=crash_after(3))
+    assert not (tmp_path / "plain" / "checkpoint.pt").exists()
+
+
+def test_resume_without_net_params_continues_the_run_s_own_network(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """`mrisr train ... --resume` need not repeat --net-params: the run's folder knows them
+    (without that, the default full-size RRDG would not fit the checkpoint)."""
+    out = tmp_path / "run"
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "2"]
+    assert invoke(*train_args(prepared / "data", out, *args)).exit_code == 0
+    resumed = train_args(prepared / "data", out, "--stage", "psnr", "--epochs", "2")
+    at = resumed.index("--net-params")
+    del resumed[at : at + 2]
+    result = invoke(*resumed, "--steps-per-epoch", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    weights = load_weights(out / "last.safetensors")
+    assert weights.network.params == TINY and weights.provenance["step"] == 4
+
+
 def test_exported_batchnorm_statistics_are_those_of_the_exported_weights(
     prepared: Path, tmp_path: Path
 ) -> None:
