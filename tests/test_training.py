@@ -309,7 +309,10 @@ def test_smoke_psnr_then_gan_then_upsample(prepared: Path, psnr_run: Path) -> No
     gan = prepared / "gan"
     args = ["--stage", "gan", "--init", psnr_run / "best.safetensors", "--epochs", "1"]
     more = ["--steps-per-epoch", "3", "--critic-steps", "2", "--critic-warmup", "1"]
-    result = invoke(*train_args(data, gan, *map(str, args), *more))
+    gan_args = train_args(data, gan, *map(str, args), *more)
+    at = gan_args.index("--net-params")  # the network comes from --init, as users run it
+    del gan_args[at : at + 2]
+    result = invoke(*gan_args)
     assert result.exit_code == 0, result.output
     gan_steps = [r for r in read_log(gan / LOG) if r["event"] == "train"]
     assert "g_adv" not in gan_steps[0] and "d_loss" in gan_steps[0]  # critic warm-up
