@@ -134,7 +134,7 @@ def upsample(
             min=0,
             help="Voxels cropped from every face of each output patch, where the network lacks "
             "context (the paper: 3). 6 is near seamless (110.7 dB vs 52.6 dB at 3, against "
-            "whole-volume inference) for 1.4x the time (docs/speed.md).",
+            "whole-volume inference) for 1.4-1.5x the time (docs/speed.md).",
         ),
     ] = 3,
     overlap: Annotated[

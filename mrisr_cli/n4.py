@@ -2,9 +2,10 @@
 
 ANTsPy is imported lazily: it is heavy and only needed when N4 is asked for.
 
-The shrink factor and convergence settings are faster than ANTsPy's defaults (shrink 4, 4 levels
-of 50 iterations, tolerance 1e-7) while keeping the corrected image within 1% of theirs:
-measured by ``benchmarks/bench_upsample.py --parts n4`` (figures in docs/speed.md).
+The shrink factor and convergence settings are ANTsPy's defaults (shrink 4, 4 levels of 50
+iterations, tolerance 1e-7): no faster setting kept the corrected image within 1% of theirs
+(``benchmarks/bench_upsample.py --parts n4``, figures in docs/speed.md), and the training data
+were prepared with them.
 """
 
 from __future__ import annotations
