@@ -5,8 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +20,7 @@ import torch
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
+from mrisr_cli import evaluation as evaluation_module
 from mrisr_cli.cli import app
 from mrisr_cli.evaluation import (
     METRIC_BY_KEY,
@@ -158,21 +164,54 @@ def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
     assert labels and {r["subject"] for r in labels} == {"sub-00_T1w"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["n4"] is True and "1 / mean|f(HR)|" in summary["settings"]["m_h"]
-    assert summary["settings"]["highres3dnet_tiles"] == {"window": 112, "border": 8, "margin": 8}
+    # the documented defaults (docs/evaluate.md, "Anatomical fidelity", steps 3-4): a crop to the
+    # mask's bounding box plus 8 voxels, tiles with a core of at most 112^3 and a border of 8
+    documented = {"window": 112, "border": 8, "margin": 8}
+    assert summary["settings"]["highres3dnet_tiles"] == documented
     # SHAPE fits one tile: more context changes only the crop around the mask, which is recorded
     wide = tmp_path / "wide"
-    args = ["--parcellation-weights", weights, "--parcellation-context", "43", "--out", wide]
-    assert invoke("--ref", hr, "--pred", sharp, *args).exit_code == 0
+    context = 43  # HighRes3DNet's receptive radius: the value the docs give for one exact pass
+    args = ["--parcellation-weights", weights, "--parcellation-context", str(context)]
+    assert invoke("--ref", hr, "--pred", sharp, *args, "--out", wide).exit_code == 0
     tiles = json.loads((wide / "summary.json").read_text())["settings"]["highres3dnet_tiles"]
-    assert tiles == {"window": 112, "border": 43, "margin": 43}
+    assert tiles == {**documented, "border": context, "margin": context}
 
 
-def test_parallel_jobs_give_the_same_numbers(tmp_path: Path) -> None:
+def _in_worker(
+    record: Path, wait_for: int, fn: Callable[..., list[PairResult]], *args: object
+) -> list[PairResult]:
+    """Run ``fn`` in a worker after noting the worker's pid in ``record``, and wait (up to a
+    minute) until ``wait_for`` workers have done so: then two subjects cannot both run in the
+    first worker to start. The test is not slower: the second subject waits for the second
+    worker, which the pool starts at once."""
+    (record / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(record.iterdir())) < wait_for and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return fn(*args)
+
+
+def test_parallel_jobs_give_the_same_numbers_in_several_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--jobs 2`` on two subjects: each subject is evaluated in its own worker process (not
+    this one), and the numbers are those of the sequential run."""
     hr, sharp, _ = dataset(tmp_path, subjects=2)
+    record = tmp_path / "pids"
+    record.mkdir()
+
+    class SpyPool(ProcessPoolExecutor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+            return super().submit(_in_worker, record, 2, fn, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation_module, "ProcessPoolExecutor", SpyPool)
     one, two = tmp_path / "one", tmp_path / "two"
     assert invoke("--ref", hr, "--pred", sharp, "--out", one, *FAST).exit_code == 0
+    assert not list(record.iterdir())  # one job: no worker process
     result = invoke("--ref", hr, "--pred", sharp, "--out", two, "--jobs", "2", *FAST)
     assert result.exit_code == 0, result.output
+    workers = {int(p.name) for p in record.iterdir()}
+    assert len(workers) == 2 and os.getpid() not in workers
     assert read_rows(one / "subjects.csv") == read_rows(two / "subjects.csv")
 
 

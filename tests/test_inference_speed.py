@@ -26,7 +26,6 @@ from mrisr_cli.inference import (
     CONTENT_BLOCK,
     InferenceOptions,
     content_blocks,
-    fast_half_available,
     plan_tiles,
     prepare_network,
     resolve_half,
@@ -207,19 +206,51 @@ def test_content_blocks_ignore_air_noise_and_see_tissue() -> None:
     assert blocks[16:22, 9:13, 13:19].all()  # the middle of the head (centre 37, 22, 32)
 
 
-def test_upsample_array_normalises_as_with_the_whole_volume_mask(psnr_weights) -> None:
-    """The pipeline finds the foreground on the box around the head: same numbers as before."""
-    from mrisr_cli.intensity import foreground_mask, foreground_stats
+class _Constant(nn.Module):
+    """A network whose output is ``value`` everywhere: after denormalisation that is
+    ``mean + value * std`` of the statistics the pipeline used."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.scale = nn.Parameter(torch.zeros(()))  # a parameter, so it has a device and dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.value
+
+
+def test_upsample_array_normalises_with_the_whole_volume_foreground(psnr_weights) -> None:
+    """upsample_array's statistics are the mean and std of the foreground that the plain rule
+    finds on the whole volume (threshold, largest component, holes filled: scipy, no boxes), here
+    for a head that touches a face of the array. Read back through constant networks: 0 gives the
+    mean, 1 the mean plus one std."""
+    from scipy import ndimage as ndi
+
+    from mrisr_cli.intensity import FOREGROUND_FRACTION
     from mrisr_cli.pipeline import load_generator_files, upsample_array
 
     data = np.zeros((44, 30, 50), np.float32)
-    data[10:40, 4:30, 12:48] = head_phantom((30, 26, 36), seed=2)  # touches one face
+    data[10:40, 4:30, 12:48] = head_phantom((30, 36, 36), seed=2)[:, :26]  # cut by one face
+    peak = float(data.max())
+    air = data == 0
+    data[air] = np.random.default_rng(0).uniform(0, 0.05 * peak, int(air.sum()))  # dim noise
+    data[0, 0, 0] = 0.0  # the minimum
+    data[2, 20, 3] = data[40, 3, 45] = peak  # bright specks in the air: separate components
+    data[22:26, 14:18, 26:32] = 0.0  # a cavity in the head: a hole in the thresholded mask
+    low = float(data.min())
+    threshold = low + FOREGROUND_FRACTION * (float(np.percentile(data[data > low], 99)) - low)
+    labels, count = ndi.label(data > threshold)
+    mask = ndi.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+    assert count >= 3 and mask[24, 16, 28] and not mask[2, 20, 3]  # specks dropped, hole filled
+    assert mask[:, -1, :].any()  # the foreground reaches the array's face
+    mean, std = float(data[mask].mean()), float(data[mask].std())
+    assert 0 < std < mean  # so mean + std stays above the clip at 0 and differs from the mean
     generator = load_generator_files(psnr_weights, None).generator(1.0, "cpu")
-    options = InferenceOptions(patch=PATCH)
-    out = upsample_array(data, generator, options=options)
-    stats = foreground_stats(data, foreground_mask(data))
-    reference = stats.denormalise(super_resolve(stats.normalise(data), generator.model, options))
-    np.testing.assert_allclose(out, np.maximum(reference, 0), rtol=0, atol=1e-5 * data.max())
+    options = InferenceOptions(patch=PATCH, skip_background=False)
+    for value in (0.0, 1.0):
+        generator.model = _Constant(value)
+        out = upsample_array(data, generator, options=options)
+        np.testing.assert_allclose(out, mean + value * std, rtol=1e-5)
 
 
 # --- overlap ----------------------------------------------------------------------------------
@@ -370,19 +401,41 @@ def test_cli_demo_half_warns_and_runs_fp32_without_native_bf16(
     assert seen == [torch.float32]
 
 
-def test_cli_half_on_this_cpu_warns_when_it_falls_back(
-    tmp_path, phantom_file, psnr_weights
+def _cpu_bf16_flags(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """The CPU features that fast_half_available reads from torch, pretended."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"),
+    [(False, False, False), (True, False, True), (False, True, True)],
+    ids=["no-native-bf16", "avx512-bf16", "amx"],
+)
+def test_cli_half_on_cpu_runs_bf16_only_with_native_bf16(
+    monkeypatch, tmp_path, phantom_file, fast_weights, avx512_bf16: bool, amx: bool, native: bool
 ) -> None:
+    """Both branches on any machine: with AVX512-BF16 or AMX, ``--half`` runs the network in bf16
+    silently; without either, it warns and runs fp32. The sidecar says what ran."""
     from mrisr_cli.cli import app
 
+    _cpu_bf16_flags(monkeypatch, avx512_bf16, amx)
+    seen = _record_run_dtypes(monkeypatch)
     out = tmp_path / "out.nii.gz"
-    args = ["upsample", str(phantom_file), str(out), "--psnr-weights", str(psnr_weights)]
+    args = ["upsample", str(phantom_file), str(out), "--psnr-weights", str(fast_weights)]
     options = ["--device", "cpu", "--half", "--patch", "26,20,28", "--threads", "1"]
     result = CliRunner().invoke(app, [*args, *options])
     assert result.exit_code == 0, result.output
-    assert ("no native bf16" in result.output) == (not fast_half_available("cpu"))
     sidecar = json.loads((tmp_path / "out.json").read_text())
-    assert sidecar["half"] == fast_half_available("cpu")
+    if native:
+        assert "no native bf16" not in result.output
+        assert seen == [torch.bfloat16]
+        assert sidecar["half"] is True and sidecar["precision"] == "bf16"
+    else:
+        assert "no native bf16" in result.output and "running in fp32" in result.output
+        assert seen == [torch.float32]
+        assert sidecar["half"] is False and sidecar["precision"] == "fp32"
+        assert any("no native bf16" in w for w in sidecar["warnings"])
 
 
 def test_cli_margin_and_overlap(tmp_path, phantom_file, psnr_weights) -> None:

@@ -143,10 +143,31 @@ def test_metric_input_errors() -> None:
 # --- HighRes3DNet ---------------------------------------------------------------------------
 
 
+def highres3dnet_sizes() -> tuple[int, int]:
+    """Parameters and state-dict numbers of HighRes3DNet, counted from the layout in
+    :mod:`mrisr_cli.networks.highres3dnet`'s docstring (Li et al. 2017, Fig. 1): convolutions
+    without bias; a BatchNorm after the first and the two 1x1x1 convolutions, and before each of
+    the 18 dilated convolutions (pre-activation); 2C parameters and 2C + 1 buffers per BatchNorm of
+    C channels (running mean and variance, batch counter)."""
+    convs = [(1, 16, 27)]  # (in, out, kernel voxels)
+    norms = [16]
+    for inner, outer in ((16, 16), (16, 32), (32, 64)):  # dilations 1, 2, 4
+        for _ in range(3 * 2):  # 3 residual blocks of 2 pre-activation units
+            norms.append(inner)
+            convs.append((inner, outer, 27))
+            inner = outer
+    convs += [(64, 80, 1), (80, 160, 1)]
+    norms += [80, 160]
+    parameters = sum(i * o * k for i, o, k in convs) + sum(2 * c for c in norms)
+    return parameters, parameters + sum(2 * c + 1 for c in norms)
+
+
 def test_highres3dnet_size_and_feature_maps() -> None:
     net = HighRes3DNet().eval()
-    assert count_parameters(net) == 821_904
-    assert sum(t.numel() for t in net.state_dict().values()) == 823_685  # + BN buffers
+    parameters, state = highres3dnet_sizes()
+    assert (parameters, state) == (821_904, 823_685)  # as counted by hand from the layout
+    assert count_parameters(net) == parameters
+    assert sum(t.numel() for t in net.state_dict().values()) == state
     with torch.no_grad():
         logits, features = net(torch.randn(1, 1, 9, 8, 7))
     assert [f.shape[1] for f in features] == [16, 16, 32, 64, 80, 160]
@@ -360,6 +381,26 @@ def test_pretrained_highres3dnet_parcellates_a_real_head() -> None:
         f"\n{path.name}, central 64^3: {labels.size} labels, background "
         f"{result.background_fraction:.1%}, M_h {result.mh:.3f}, Dice {result.dice_mean:.3f}"
     )
-    assert labels.size > 60  # deep grey nuclei, ventricles, white matter and cortical labels
+    # Label names from the colour table beside the weights (rows "value name r g b a"). Rather
+    # than a label count: the central 64 mm of a brain hold these structures on both sides of the
+    # midline, the third ventricle and corpus callosum between them, and each left/right pair
+    # the network finds lies on its own side (the crop is in RAS order: axis 0 points right).
+    table = folder / WEIGHTS_NAME.rsplit("/", 1)[0] / "GIFNiftyNet.ctbl"
+    value = {
+        row.split()[1]: int(row.split()[0]) for row in table.read_text().splitlines() if row.strip()
+    }
+    assert {value["3rd-Ventricle"], value["Corpus-Callosum"]} <= set(labels.tolist())
+    central = ("Thalamus-Proper", "Caudate", "Putamen", "Pallidum", "Lateral-Ventricle")
+    central += ("Frontal-White-Matter", "MCgG-middle-cingulate-gyrus")
+    pairs = [n[5:] for n in value if n.startswith("Left-") and f"Right-{n[5:]}" in value]
+    # both sides at least 100 voxels (a 4.6 mm cube): not specks at the crop's edge, whose
+    # centroids a few voxels (argmax near-ties on other hardware) could move
+    voxels = np.bincount(result.ref_labels.ravel(), minlength=max(value.values()) + 1)
+    both = [p for p in pairs if min(voxels[value[f"Left-{p}"]], voxels[value[f"Right-{p}"]]) >= 100]
+    assert set(central) <= set(both), set(central) - set(both)
+    for structure in both:
+        left = np.argwhere(result.ref_labels == value[f"Left-{structure}"])[:, 0].mean()
+        right = np.argwhere(result.ref_labels == value[f"Right-{structure}"])[:, 0].mean()
+        assert left < right, structure
     assert result.background_fraction < 0.2
     assert result.mh > 0 and 0.5 < result.dice_mean < 1

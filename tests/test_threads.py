@@ -69,13 +69,37 @@ def test_omp_nested_list_uses_first_level(monkeypatch: pytest.MonkeyPatch) -> No
     assert resolve_thread_count() == 2
 
 
-def test_falls_back_to_cpu_affinity() -> None:
-    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    limit = cgroup_cpu_limit()
-    expected = min(expected, limit) if limit is not None else expected
+@pytest.mark.parametrize(
+    ("affinity", "cpu_count", "cgroup_limit", "expected"),
+    [
+        ({0, 2, 5}, 8, None, 3),  # the affinity mask, not the machine's 8 CPUs
+        ({0, 1, 2, 3, 4, 5}, 8, 4, 4),  # capped by the container's quota
+        ({1, 3}, 8, 6, 2),  # a quota above the mask changes nothing
+        (None, 3, None, 3),  # no affinity call on this platform: os.cpu_count()
+        (None, 8, 2, 2),  # ... capped by the quota too
+    ],
+)
+def test_falls_back_to_cpu_affinity_capped_by_the_cgroup_quota(
+    monkeypatch: pytest.MonkeyPatch,
+    affinity: set[int] | None,
+    cpu_count: int,
+    cgroup_limit: int | None,
+    expected: int,
+) -> None:
+    if affinity is None:
+        monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    else:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpu_count)
+    monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: cgroup_limit)
     assert available_cpus() == expected
     assert configure_threads() == expected
     assert torch.get_num_threads() == expected
+
+
+def test_this_machine_has_a_positive_cpu_count() -> None:
+    count = available_cpus()
+    assert isinstance(count, int) and count >= 1
 
 
 @pytest.mark.parametrize("bad", ["", "zero", "0", "-3", "1.5"])

@@ -17,16 +17,27 @@ from mrisr_cli.weights import load_weights, save_weights
 
 
 def test_round_trip_keeps_tensors_network_and_degradation(tmp_path: Path) -> None:
-    path = tiny_weights(tmp_path / "w.safetensors", seed=0)
+    """Every tensor read back equals the one written (BN statistics included), and the rebuilt
+    network computes what the saved one did."""
+    torch.manual_seed(0)
+    saved = build_network(TINY_RRDG)
+    for module in saved.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "w.safetensors"
+    save_weights(path, saved.state_dict(), TINY_RRDG, NO_N4)
     loaded = load_weights(path)
     assert loaded.network == TINY_RRDG
     assert loaded.degradation == NO_N4
-    model = loaded.build()
-    reference = build_network(TINY_RRDG)
-    reference.load_state_dict(loaded.state)
+    expected = saved.state_dict()
+    assert loaded.state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded.state[name].dtype == tensor.dtype, name
+        assert torch.equal(loaded.state[name], tensor), name
     x = torch.randn(1, 1, 12, 10, 12)
     with torch.no_grad():
-        assert torch.equal(model(x), reference.eval()(x))
+        assert torch.equal(loaded.build()(x), saved.eval()(x))
     assert len(loaded.sha256) == 64
 
 
@@ -150,7 +161,15 @@ def test_blending_refuses_different_networks_and_bad_alpha(
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("n4", "false"), ("factor", 2.5), ("axes", [0, 0, 2]), ("axes", [True, 2])]
+    ("key", "value"),
+    [
+        ("n4", "false"),
+        ("factor", 2.5),
+        ("factor", 1),  # degrades nothing
+        ("axes", [0, 0, 2]),
+        ("axes", [True, 2]),
+        ("axes", []),  # degrades nothing
+    ],
 )
 def test_degradation_settings_of_the_wrong_type_are_refused(
     tmp_path: Path, key: str, value: object
@@ -167,5 +186,27 @@ def test_degradation_settings_of_the_wrong_type_are_refused(
     metadata["degradation"] = json.dumps(settings)
     bad = tmp_path / "bad.safetensors"
     save_file(load_weights(good).state, str(bad), metadata=metadata)
-    with pytest.raises(WeightsError, match="degradation settings are not readable"):
+    with pytest.raises(WeightsError, match="degradation settings are not readable") as caught:
         load_weights(bad)
+    assert str(caught.value).startswith(f"{bad}: ")  # the file is named
+
+
+@pytest.mark.parametrize(
+    ("network", "needle"),
+    [
+        ("not json", "network configuration is not readable"),
+        ('{"name": "unet", "params": {}}', "unknown network 'unet'"),
+    ],
+)
+def test_unreadable_network_settings_name_the_file(
+    tmp_path: Path, network: str, needle: str
+) -> None:
+    from mrisr_cli.weights import read_metadata
+
+    good = tiny_weights(tmp_path / "good.safetensors", seed=0)
+    metadata = {**read_metadata(good), "network": network}
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_weights(good).state, str(bad), metadata=metadata)
+    with pytest.raises(WeightsError, match=needle) as caught:
+        load_weights(bad).build()
+    assert str(caught.value).startswith(f"{bad}: ")

@@ -7,7 +7,9 @@ SLURM slot), each result written to --out as soon as it exists:
 2. RRDG, PSNR stage, for --psnr-seconds (validation every --val-every steps, best kept);
 3. RRDG, GAN stage from the best PSNR weights, for --gan-seconds;
 4. 3D FSRCNN, 3D SRResNet and mDCSRN, PSNR stage, with RRDG's schedule: the same data, batch,
-   learning rate and number of steps (each also capped in time);
+   learning rate and number of steps (each also capped in time: 1.5x RRDG's wall time, and the
+   deadline; with --tiny by the deadline only, so the dry run on a loaded CPU, where a tiny
+   baseline's start-up can outlast RRDG's few seconds, still runs the whole schedule);
 5. the test split: LR input, cubic B-spline of the true LR volume, every network, the GAN model
    and the alpha=0.5 blend, through `mrisr upsample`'s code path (seconds per volume measured),
    scored by `mrisr evaluate`'s code (PSNR, SSIM, NRMSE, M_h and Dice with HighRes3DNet);
@@ -17,6 +19,7 @@ SLURM slot), each result written to --out as soon as it exists:
         --parcellation carry/highres3dnet.pth --deadline 560
 
 ``--tiny`` swaps in tiny networks and short budgets: the CPU dry run of the same script.
+``--skip-eval`` stops after training (steps 1-4): for a dry run of ``--continue-from``.
 """
 
 from __future__ import annotations
@@ -262,6 +265,9 @@ def main() -> int:
     parser.add_argument("--half-eval", action="store_true", help="fp16 inference on the test split")
     parser.add_argument("--tiny", action="store_true", help="tiny networks: the CPU dry run")
     parser.add_argument(
+        "--skip-eval", action="store_true", help="train only: no test split, evaluation, figure"
+    )
+    parser.add_argument(
         "--trained",
         type=Path,
         help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: the "
@@ -413,59 +419,62 @@ def main() -> int:
                     init=earlier(net),
                     epochs=1,
                     steps_per_epoch=steps,
-                    time_limit=min(left, 1.5 * entry["seconds"]),
+                    time_limit=left if args.tiny else min(left, 1.5 * entry["seconds"]),
                 ),
             )
             if trained is not None:
                 shutil.copy(Path(trained["last"]), out / f"{net}.safetensors")
 
     # --- the test split -----------------------------------------------------------------------
-    try:
-        names = write_test_volumes(data, work, "test")
-        log(f"test split: {names}")
-        methods: dict[str, tuple[Path, Path | None, float]] = {}
-        psnr_w, gan_w = out / "rrdg_psnr.safetensors", out / "rrdg_gan.safetensors"
-        for net in BASELINES:
-            if (out / f"{net}.safetensors").is_file():
-                methods[net] = (out / f"{net}.safetensors", None, 1.0)
-        if psnr_w.is_file():
-            methods["rrdg_psnr"] = (psnr_w, None, 1.0)
-        if psnr_w.is_file() and gan_w.is_file():
-            methods["rrdg_gan"] = (psnr_w, gan_w, 0.0)
-            methods["rrdg_blend_0.5"] = (psnr_w, gan_w, 0.5)
-        results["seconds_per_volume"] = run_methods(methods, work, device, args.half_eval)
-        results["parameters"] = {
-            net: count_parameters(build_network(NetworkConfig(net, params(net))))
-            for net in ("rrdg", *BASELINES)
-        }
-        save()
-        order = ["lr", "bspline", *methods]
-        pack_logs(runs, work, out)
-        results["evaluation_images"] = evaluate_all(work, order, work / "images", None, device)
-        save()
-        log("image metrics done")
-        labels = {
-            "lr": "LR input",
-            "bspline": "B-spline",
-            "fsrcnn": "FSRCNN",
-            "srresnet": "SRResNet",
-            "mdcsrn": "mDCSRN",
-            "rrdg_psnr": "RRDG PSNR",
-            "rrdg_gan": "RRDG GAN",
-            "rrdg_blend_0.5": "alpha=0.5",
-            "hr": "HR",
-        }
-        shown = [(m, labels[m]) for m in ["lr", *methods, "hr"] if m in labels]
-        figure(work, shown, work / "comparison.png")
-        log("figure written")
-        if args.parcellation is not None:
-            results["evaluation"] = evaluate_all(
-                work, order, work / "evaluation", args.parcellation, device
-            )
-            log("parcellation metrics done")
-    except Exception:
-        results["eval_error"] = traceback.format_exc()
-        log(results["eval_error"])
+    if args.skip_eval:
+        log("--skip-eval: no test split, evaluation or figure")
+    else:
+        try:
+            names = write_test_volumes(data, work, "test")
+            log(f"test split: {names}")
+            methods: dict[str, tuple[Path, Path | None, float]] = {}
+            psnr_w, gan_w = out / "rrdg_psnr.safetensors", out / "rrdg_gan.safetensors"
+            for net in BASELINES:
+                if (out / f"{net}.safetensors").is_file():
+                    methods[net] = (out / f"{net}.safetensors", None, 1.0)
+            if psnr_w.is_file():
+                methods["rrdg_psnr"] = (psnr_w, None, 1.0)
+            if psnr_w.is_file() and gan_w.is_file():
+                methods["rrdg_gan"] = (psnr_w, gan_w, 0.0)
+                methods["rrdg_blend_0.5"] = (psnr_w, gan_w, 0.5)
+            results["seconds_per_volume"] = run_methods(methods, work, device, args.half_eval)
+            results["parameters"] = {
+                net: count_parameters(build_network(NetworkConfig(net, params(net))))
+                for net in ("rrdg", *BASELINES)
+            }
+            save()
+            order = ["lr", "bspline", *methods]
+            pack_logs(runs, work, out)
+            results["evaluation_images"] = evaluate_all(work, order, work / "images", None, device)
+            save()
+            log("image metrics done")
+            labels = {
+                "lr": "LR input",
+                "bspline": "B-spline",
+                "fsrcnn": "FSRCNN",
+                "srresnet": "SRResNet",
+                "mdcsrn": "mDCSRN",
+                "rrdg_psnr": "RRDG PSNR",
+                "rrdg_gan": "RRDG GAN",
+                "rrdg_blend_0.5": "alpha=0.5",
+                "hr": "HR",
+            }
+            shown = [(m, labels[m]) for m in ["lr", *methods, "hr"] if m in labels]
+            figure(work, shown, work / "comparison.png")
+            log("figure written")
+            if args.parcellation is not None:
+                results["evaluation"] = evaluate_all(
+                    work, order, work / "evaluation", args.parcellation, device
+                )
+                log("parcellation metrics done")
+        except Exception:
+            results["eval_error"] = traceback.format_exc()
+            log(results["eval_error"])
     results["total_seconds"] = round(elapsed(), 1)
     save()
     pack_logs(runs, work, out)
