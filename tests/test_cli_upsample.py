@@ -278,26 +278,29 @@ def offset_weights(path: Path, offset: float) -> Path:
     return path
 
 
+def kept_and_raw(src: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``src`` through a network that adds 3 SD everywhere, with the flat background kept (the
+    default) and without (--no-keep-background)."""
+    weights = offset_weights(tmp_path / "offset.safetensors", 3.0)
+    kept, raw = tmp_path / "kept.nii.gz", tmp_path / "raw.nii.gz"
+    assert upsample(src, kept, "--psnr-weights", weights, *SMALL_PATCH).exit_code == 0
+    result = upsample(src, raw, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    return np.asarray(nib.load(kept).dataobj), np.asarray(nib.load(raw).dataobj)
+
+
 def test_the_flat_background_of_a_masked_scan_stays_as_it_was(tmp_path: Path) -> None:
     """A skull-stripped scan's zero background comes out zero although the network adds an
     offset everywhere; a zero-valued pocket inside the head (not reaching the image's faces)
     gets the network's output; --no-keep-background gives the network's output everywhere."""
     data = head_phantom()
     inside = (20, 18, 22)  # the phantom's centre: inside the brain
-    data[
-        inside[0] - 1 : inside[0] + 2, inside[1] - 1 : inside[1] + 2, inside[2] - 1 : inside[2] + 2
-    ] = 0
+    pocket = tuple(slice(i - 1, i + 2) for i in inside)
+    data[pocket] = 0
     src = write_nifti(tmp_path / "stripped.nii.gz", data)
-    weights = offset_weights(tmp_path / "offset.safetensors", 3.0)
-    kept, raw = tmp_path / "kept.nii.gz", tmp_path / "raw.nii.gz"
-    assert upsample(src, kept, "--psnr-weights", weights, *SMALL_PATCH).exit_code == 0
-    result = upsample(src, raw, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
-    assert result.exit_code == 0, result.stderr
-    kept_data, raw_data = (np.asarray(nib.load(p).dataobj) for p in (kept, raw))
+    kept_data, raw_data = kept_and_raw(src, tmp_path)
     background = data == 0
-    background[
-        inside[0] - 1 : inside[0] + 2, inside[1] - 1 : inside[1] + 2, inside[2] - 1 : inside[2] + 2
-    ] = False
+    background[pocket] = False
     assert (raw_data[background] > 0).mean() > 0.5  # the offset reaches the background...
     assert (kept_data[background] == 0).all()  # ...unless it is kept
     assert kept_data[inside] == raw_data[inside] > 0  # the pocket inside is the network's
@@ -394,12 +397,7 @@ def test_the_zero_background_of_a_true_lowres_scan_stays_zero(tmp_path: Path) ->
     stay exact zeros) and its background comes out zero although the network adds an offset."""
     data = head_phantom((40, 36, 44))[::2, :, ::2]
     src = write_nifti(tmp_path / "low.nii.gz", data, np.diag([2.0, 1.0, 2.0, 1.0]))
-    weights = offset_weights(tmp_path / "offset.safetensors", 3.0)
-    kept, raw = tmp_path / "kept.nii.gz", tmp_path / "raw.nii.gz"
-    assert upsample(src, kept, "--psnr-weights", weights, *SMALL_PATCH).exit_code == 0
-    result = upsample(src, raw, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
-    assert result.exit_code == 0, result.stderr
-    kept_data, raw_data = (np.asarray(nib.load(p).dataobj) for p in (kept, raw))
+    kept_data, raw_data = kept_and_raw(src, tmp_path)
     assert kept_data.shape == (40, 36, 44)
     fine = np.zeros(kept_data.shape, dtype=bool)  # coarse voxel j lies on fine voxel 2j
     fine[::2, :, ::2] = data == 0
