@@ -204,7 +204,7 @@ def upsample_file(
     data = plan.to_model(volume.data)
     loaded = time.perf_counter()
     background = flat_background(data) if options.keep_background else None
-    background_value = float(data.min()) if data.size else 0.0
+    background_value = float(data.min())
     use_n4 = config.n4 if options.n4 is None else options.n4
     if use_n4:
         data = n4_correct(data, plan.model_spacing)
