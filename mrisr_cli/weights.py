@@ -52,20 +52,17 @@ class WeightsFile:
                 skeleton = build_network(self.network)
         except WeightsError as exc:  # an unknown network name, impossible settings
             raise WeightsError(f"{self.path}: {exc}") from exc
-        if _mismatch_found(skeleton.state_dict(), self.state):
-            raise WeightsError(
-                f"{self.path}: tensors do not fit network {self.network.name!r} "
-                f"({_mismatch(skeleton.state_dict(), self.state)})"
-            )
-        model = build_network(self.network)
-        try:
-            model.load_state_dict(self.state, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(
-                f"{self.path}: tensors do not fit network {self.network.name!r} "
-                f"({_mismatch(model.state_dict(), self.state)})"
-            ) from exc
-        return model.eval()
+        problem = _mismatch(skeleton.state_dict(), self.state)
+        if not problem:
+            model = build_network(self.network)
+            try:
+                model.load_state_dict(self.state, strict=True)
+                return model.eval()
+            except RuntimeError:  # names and shapes fit, yet a tensor does not load
+                problem = "the tensors do not load"
+        raise WeightsError(
+            f"{self.path}: tensors do not fit network {self.network.name!r} ({problem})"
+        )
 
 
 def sha256_of(path: Path) -> str:
@@ -107,14 +104,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def _mismatch_found(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> bool:
-    if expected.keys() != found.keys():
-        return True
-    return any(expected[k].shape != found[k].shape for k in expected)
-
-
 def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    """What differs between a network's tensors and a file's, named, in a few words."""
+    """What differs between a network's tensors and a file's, named, in a few words ("" when
+    the names and shapes agree)."""
     missing = [k for k in expected if k not in found]
     extra = [k for k in found if k not in expected]
     shapes = [k for k in expected if k in found and expected[k].shape != found[k].shape]
@@ -129,7 +121,7 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
             f"{len(shapes)} of another shape, e.g. {k} {tuple(found[k].shape)} "
             f"instead of {tuple(expected[k].shape)}"
         )
-    return "; ".join(parts) or "the tensors do not load"
+    return "; ".join(parts)
 
 
 def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
