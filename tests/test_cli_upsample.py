@@ -245,28 +245,6 @@ def test_trailing_slash_names_a_new_folder_and_repeated_alphas_count_once(
     assert sorted(p.name for p in out.iterdir()) == ["phantom.json", "phantom.nii.gz"]
 
 
-def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
-    tmp_path: Path, phantom_file: Path
-) -> None:
-    """N4 moves the exact-zero background slightly below zero (about -0.014 on this phantom):
-    the clip must follow the input image, not the corrected array. The network here answers a
-    constant far below the image's range, so an unclipped output would be negative."""
-    model = build_network(TINY_FAST)
-    with torch.no_grad():
-        for tensor in model.parameters():
-            tensor.zero_()
-        last = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-        last.bias.fill_(-10.0)
-    weights = tmp_path / "negative.safetensors"
-    save_weights(weights, model.state_dict(), TINY_FAST, NO_N4)
-    out = tmp_path / "o.nii.gz"
-    result = upsample(
-        phantom_file, out, "--psnr-weights", weights, "--n4", "--no-keep-background", *SMALL_PATCH
-    )
-    assert result.exit_code == 0, result.stderr
-    assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
-
-
 def offset_weights(path: Path, offset: float) -> Path:
     """A network that answers ``offset`` (in z-score units) whatever its input."""
     model = build_network(TINY_FAST)
@@ -276,6 +254,21 @@ def offset_weights(path: Path, offset: float) -> Path:
         [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1].bias.fill_(offset)
     save_weights(path, model.state_dict(), TINY_FAST, NO_N4)
     return path
+
+
+def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
+    tmp_path: Path, phantom_file: Path
+) -> None:
+    """N4 moves the exact-zero background slightly below zero (about -0.014 on this phantom):
+    the clip must follow the input image, not the corrected array. The network here answers a
+    constant far below the image's range, so an unclipped output would be negative."""
+    weights = offset_weights(tmp_path / "negative.safetensors", -10.0)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(
+        phantom_file, out, "--psnr-weights", weights, "--n4", "--no-keep-background", *SMALL_PATCH
+    )
+    assert result.exit_code == 0, result.stderr
+    assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
 
 
 def kept_and_raw(src: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -315,13 +308,7 @@ def test_a_non_finite_network_output_is_an_error_not_a_file(
     tmp_path: Path, phantom_file: Path
 ) -> None:
     """An output that overflows (fp16 on a GPU, or weights like these) must not be written."""
-    model = build_network(TINY_FAST)
-    with torch.no_grad():
-        for tensor in model.parameters():
-            tensor.zero_()
-        [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)][-1].bias.fill_(3e38)
-    weights = tmp_path / "overflow.safetensors"
-    save_weights(weights, model.state_dict(), TINY_FAST, NO_N4)
+    weights = offset_weights(tmp_path / "overflow.safetensors", 3e38)
     out = tmp_path / "o.nii.gz"
     result = upsample(phantom_file, out, "--psnr-weights", weights, *SMALL_PATCH)
     assert_one_line_error(result, "NaN or infinite values")
