@@ -39,7 +39,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from bench_upsample import conv_flops_per_voxel, data_dir, load_average, synthetic_head
+from bench_upsample import (
+    TILINGS,
+    conv_flops_per_voxel,
+    data_dir,
+    load_average,
+    synthetic_head,
+)
 from scipy import ndimage as ndi
 from torch import nn
 
@@ -49,26 +55,16 @@ from mrisr_cli.fusion import conv_bn_pairs
 from mrisr_cli.grid import plan_grid
 from mrisr_cli.inference import InferenceOptions, content_blocks, plan_tiles, prepare_network
 from mrisr_cli.intensity import (
-    FOREGROUND_FRACTION,
     bounding_box,
     foreground_mask,
     foreground_stats,
+    foreground_threshold,
     otsu_threshold,
 )
 from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network, count_parameters
 from mrisr_cli.tiling import TileGrid, pad_for_grid, tiles_with_content
 from mrisr_cli.volumes import load_volume
 
-TILINGS: list[tuple[str, tuple[int, int, int], int, int]] = [
-    ("64x40x64 m3 (default)", (64, 40, 64), 3, 0),
-    ("64x40x64 m3 overlap 8", (64, 40, 64), 3, 8),
-    ("64x40x64 m6", (64, 40, 64), 6, 0),
-    ("96^3 m3", (96, 96, 96), 3, 0),
-    ("96^3 m3 overlap 8", (96, 96, 96), 3, 8),
-    ("96^3 m6", (96, 96, 96), 6, 0),
-    ("128^3 m3", (128, 128, 128), 3, 0),
-    ("128^3 m6", (128, 128, 128), 6, 0),
-]
 MASK_CASES = [
     "t1/S06_brainchop_t1_crop.nii.gz",
     "t1/S16_kevinaquino_T1.mgz",
@@ -236,11 +232,9 @@ def prepare_part() -> None:
 
 def mask_before_ab466cc(data: np.ndarray) -> np.ndarray:
     """``intensity.foreground_mask`` as it was before commit ab466cc (the same rule)."""
-    low = float(data.min())
-    above = data[data > low]
-    if above.size == 0:
+    threshold = foreground_threshold(data)  # the threshold is the same; the labelling is not
+    if threshold is None:
         return np.zeros(data.shape, dtype=bool)
-    threshold = low + FOREGROUND_FRACTION * (float(np.percentile(above, 99)) - low)
     mask = data > threshold
     labels, count = ndi.label(mask)
     if count > 1:

@@ -504,18 +504,22 @@ def n4_study(case: Case, volume: str | None) -> None:
             )
 
 
+#: The tilings of docs/speed.md's tile table (label, patch, margin, overlap), in its row order.
+TILINGS: list[tuple[str, tuple[int, int, int], int, int]] = [
+    ("paper 64x40x64 m3", (64, 40, 64), 3, 0),
+    ("64x40x64 m3 overlap 8", (64, 40, 64), 3, 8),
+    ("64x40x64 m6", (64, 40, 64), 6, 0),
+    ("96x96x96 m3", (96, 96, 96), 3, 0),
+    ("96x96x96 m3 overlap 8", (96, 96, 96), 3, 8),
+    ("96x96x96 m6", (96, 96, 96), 6, 0),
+    ("128x128x128 m3", (128, 128, 128), 3, 0),
+    ("128x128x128 m6", (128, 128, 128), 6, 0),
+]
+
+
 def tiles_study(case: Case, args: argparse.Namespace) -> None:
     """Seams (difference from whole-volume inference) and the cost of each tiling."""
-    configs = [
-        ("paper 64x40x64 m3", (64, 40, 64), 3, 0),
-        ("64x40x64 m3 overlap 8", (64, 40, 64), 3, 8),
-        ("64x40x64 m6", (64, 40, 64), 6, 0),
-        ("96x96x96 m3", (96, 96, 96), 3, 0),
-        ("96x96x96 m3 overlap 8", (96, 96, 96), 3, 8),
-        ("96x96x96 m6", (96, 96, 96), 6, 0),
-        ("128x128x128 m3", (128, 128, 128), 3, 0),
-        ("128x128x128 m6", (128, 128, 128), 6, 0),
-    ]
+    configs = TILINGS
     if args.tilings:
         wanted = [w.strip() for w in args.tilings.split(";")]
         configs = [c for c in configs if any(w in c[0] for w in wanted)]

@@ -38,11 +38,9 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     matter on skull-stripped volumes (they have no background class to separate), while 10 % of the
     bright end keeps CSF and cortex and still drops the noise of the air around a head.
     """
-    low = float(data.min())
-    above = data[data > low]
-    if above.size == 0:
+    threshold = foreground_threshold(data)
+    if threshold is None:
         return np.zeros(data.shape, dtype=bool)
-    threshold = low + FOREGROUND_FRACTION * (float(np.percentile(above, 99)) - low)
     # Labelling (twice) is most of the time: both run on bounding boxes, which changes nothing
     # (every voxel outside the box is background connected to the border; see fill_holes).
     mask = data > threshold
@@ -52,6 +50,16 @@ def foreground_mask(data: np.ndarray) -> np.ndarray:
     inner = bounding_box(mask)
     out[box][inner] = fill_holes(mask[inner])
     return out
+
+
+def foreground_threshold(data: np.ndarray) -> float | None:
+    """:func:`foreground_mask`'s threshold, ``min + 0.1 x (p99 - min)`` with the 99th percentile
+    over the voxels above the minimum; None for a constant volume."""
+    low = float(data.min())
+    above = data[data > low]
+    if above.size == 0:
+        return None
+    return low + FOREGROUND_FRACTION * (float(np.percentile(above, 99)) - low)
 
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
