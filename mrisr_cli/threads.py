@@ -26,30 +26,83 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 )
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The CPU bandwidth limit of this container's cgroup, rounded up; None where there is none.
+#: Folders under which cgroup v1 mounts the CPU controller (distributions differ in the name).
+_V1_CPU_MOUNTS: tuple[str, ...] = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
 
-    ``docker run --cpus 4``, Kubernetes CPU limits and systemd's ``CPUQuota`` do not shrink the
-    affinity mask: a 4-CPU container on a 64-core host sees 64 CPUs, and 64 threads sharing 4 CPUs'
-    worth of time run slower than 4. The quota is read where a container sees its own cgroup:
-    ``cpu.max`` (cgroup v2, ``"max 100000"`` or ``"400000 100000"``) or ``cpu/cpu.cfs_quota_us``
-    over ``cpu.cfs_period_us`` (cgroup v1, -1 for none), as joblib's loky does.
+
+def _own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
+    """This process's cgroup v2 path and cgroup v1 ``cpu`` path, from ``/proc/self/cgroup``.
+
+    Lines read ``0::/system.slice/x.service`` (v2) and ``4:cpu,cpuacct:/docker/abc`` (v1). Both
+    are "/" where the file is missing or a container namespaces its cgroups (it sees itself at
+    the root).
     """
+    v2 = v1 = "/"
     try:
-        v2 = root / "cpu.max"
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return v2, v1
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if parts[0] == "0" and controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _up_to(top: Path, relative: str) -> list[Path]:
+    """``top/relative`` and each of its parents up to ``top`` itself, deepest first."""
+    parts = [part for part in relative.split("/") if part not in ("", ".", "..")]
+    return [top.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _quota_in(folder: Path) -> tuple[int, int] | None:
+    """The (quota, period) in microseconds that ``folder`` sets, or None where it sets none."""
+    try:
+        v2 = folder / "cpu.max"
         if v2.is_file():
             quota, period = v2.read_text().split()[:2]
         else:
-            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
         if quota == "max":
             return None
         quota_us, period_us = int(quota), int(period)
-    except (OSError, ValueError):  # no cgroup files (macOS, Windows, a bare host), or odd content
+    except (OSError, ValueError):  # no such files (macOS, Windows, no limit here), odd content
         return None
-    if quota_us <= 0 or period_us <= 0:
+    if quota_us <= 0 or period_us <= 0:  # -1: no limit (cgroup v1)
         return None
-    return max(1, math.ceil(quota_us / period_us))
+    return quota_us, period_us
+
+
+def cgroup_cpu_limit(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The tightest CPU bandwidth limit over this process's cgroup and its parents, rounded up;
+    None where there is none.
+
+    ``docker run --cpus 4``, Kubernetes CPU limits and systemd's ``CPUQuota`` (``systemd-run -p
+    CPUQuota=400%``, a user slice) do not shrink the affinity mask: a 4-CPU container on a 64-core
+    host sees 64 CPUs, and 64 threads sharing 4 CPUs' worth of time run slower than 4. The limit is
+    ``cpu.max`` (cgroup v2, ``"max 100000"`` or ``"400000 100000"``) or ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us`` (cgroup v1, -1 for none), read in the cgroup that ``/proc/self/cgroup``
+    names and in every parent up to the mount (each one caps its children), and at the mount
+    itself: a container that does not namespace its cgroups mounts its own cgroup there while
+    ``/proc/self/cgroup`` still names the host's path.
+    """
+    v2_path, v1_path = _own_cgroups(proc_cgroup)
+    folders = _up_to(root, v2_path)
+    for mount in _V1_CPU_MOUNTS:
+        folders += _up_to(root / mount, v1_path)
+    limits = [
+        math.ceil(quota / period)
+        for quota, period in filter(None, (_quota_in(folder) for folder in folders))
+    ]
+    return max(1, min(limits)) if limits else None
 
 
 def available_cpus() -> int:

@@ -144,11 +144,19 @@ def test_environment_counts_are_capped_by_the_cpus_given(monkeypatch: pytest.Mon
     assert resolve_thread_count(8) == 8  # --threads is taken as given
 
 
-def _cgroup_v1(root, quota: str, period: str = "100000"):
-    (root / "cpu").mkdir(parents=True)
-    (root / "cpu" / "cpu.cfs_quota_us").write_text(quota + "\n")
-    (root / "cpu" / "cpu.cfs_period_us").write_text(period + "\n")
+def _cgroup_v1(root, quota: str, period: str = "100000", mount: str = "cpu", path: str = ""):
+    folder = root / mount / path
+    folder.mkdir(parents=True)
+    (folder / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (folder / "cpu.cfs_period_us").write_text(period + "\n")
     return root
+
+
+def _limit(root, proc_cgroup: str = "0::/\n") -> int | None:
+    """cgroup_cpu_limit on a fake /sys/fs/cgroup tree, with this process's /proc/self/cgroup."""
+    proc = root.parent / f"{root.name}.proc_cgroup"
+    proc.write_text(proc_cgroup)
+    return cgroup_cpu_limit(root, proc)
 
 
 @pytest.mark.parametrize(
@@ -158,19 +166,55 @@ def _cgroup_v1(root, quota: str, period: str = "100000"):
 def test_cgroup_v2_quota(tmp_path, content: str, expected: int | None) -> None:
     """docker --cpus 4 writes "400000 100000"; 1.5 CPUs round up to 2; "max" is no limit."""
     (tmp_path / "cpu.max").write_text(content)
-    assert cgroup_cpu_limit(tmp_path) == expected
+    assert _limit(tmp_path) == expected
 
 
 @pytest.mark.parametrize(("quota", "expected"), [("300000", 3), ("-1", None)])
 def test_cgroup_v1_quota(tmp_path, quota: str, expected: int | None) -> None:
-    assert cgroup_cpu_limit(_cgroup_v1(tmp_path, quota)) == expected
+    assert _limit(_cgroup_v1(tmp_path, quota), "1:cpu:/\n0::/\n") == expected
 
 
 @pytest.mark.parametrize("content", ["", "garbage\n", "100000\n", "0 100000\n", "100 0\n"])
 def test_unreadable_cgroup_quota_is_no_limit(tmp_path, content: str) -> None:
     (tmp_path / "cpu.max").write_text(content)
-    assert cgroup_cpu_limit(tmp_path) is None
-    assert cgroup_cpu_limit(tmp_path / "absent") is None
+    assert _limit(tmp_path) is None
+    assert cgroup_cpu_limit(tmp_path / "absent", tmp_path / "absent.proc") is None
+
+
+def test_cgroup_v2_quota_of_a_service_on_a_bare_host(tmp_path) -> None:
+    """systemd-run -p CPUQuota=300% on a host: the quota sits in the service's own cgroup, which
+    /proc/self/cgroup names; the root cgroup has no cpu.max."""
+    service = tmp_path / "system.slice" / "run-u7.service"
+    service.mkdir(parents=True)
+    (service / "cpu.max").write_text("300000 100000\n")
+    (tmp_path / "system.slice" / "cpu.max").write_text("max 100000\n")
+    assert _limit(tmp_path, "0::/system.slice/run-u7.service\n") == 3
+    assert _limit(tmp_path, "0::/user.slice/user-0.slice\n") is None  # another cgroup
+
+
+def test_a_parent_cgroup_quota_caps_its_children(tmp_path) -> None:
+    """A slice limited to 2 CPUs holds a job that asks for 8: the job gets 2 CPUs' worth."""
+    job = tmp_path / "batch.slice" / "job_42"
+    job.mkdir(parents=True)
+    (job / "cpu.max").write_text("800000 100000\n")
+    (tmp_path / "batch.slice" / "cpu.max").write_text("200000 100000\n")
+    assert _limit(tmp_path, "0::/batch.slice/job_42\n") == 2
+
+
+@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
+def test_cgroup_v1_quota_of_the_process_cgroup(tmp_path, mount: str) -> None:
+    """cgroup v1 names the cpu controller's hierarchy on its own line, mounted as cpu or
+    cpu,cpuacct; a quota deeper in it counts."""
+    _cgroup_v1(tmp_path, "200000", mount=mount, path="slurm/uid_0/job_9")
+    proc = "12:memory:/slurm/uid_0/job_9\n4:cpu,cpuacct:/slurm/uid_0/job_9\n0::/\n"
+    assert _limit(tmp_path, proc) == 2
+
+
+def test_container_without_cgroup_namespace_reads_its_mount(tmp_path) -> None:
+    """Docker on cgroup v1 without a cgroup namespace: /proc/self/cgroup names the host's path,
+    which does not exist inside the container; the container's own cgroup is the mount."""
+    _cgroup_v1(tmp_path, "400000")
+    assert _limit(tmp_path, "4:cpu,cpuacct:/docker/0123abcd\n") == 4
 
 
 def test_container_quota_caps_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
