@@ -19,11 +19,15 @@ import typer
 from mrisr_cli import __version__
 from mrisr_cli.cli_evaluate import evaluate_command
 from mrisr_cli.cli_options import (
+    FLAG,
     AxesOption,
+    Command,
     FactorOption,
+    Group,
     InterpolationOption,
     parse_axes,
     parse_triple,
+    switch,
 )
 from mrisr_cli.console import (
     EXIT_INTERNAL_ERROR,
@@ -44,6 +48,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 
 
@@ -57,7 +62,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, metavar=FLAG, help="Print the version."
+        ),
     ] = False,
 ) -> None:
     """3D brain MRI super-resolution."""
@@ -73,7 +80,7 @@ def _parse_alphas(text: str) -> list[float]:
     return values
 
 
-@app.command()
+@app.command(cls=Command)
 def upsample(
     paths: Annotated[
         list[str],
@@ -87,72 +94,82 @@ def upsample(
     alpha: Annotated[
         str,
         typer.Option(
-            help="Blend theta = alpha*PSNR + (1-alpha)*GAN (equation 3 of the paper): 1 = PSNR "
-            "model (most faithful), 0 = GAN model (most texture); the caption of the paper's "
-            "Fig. 5 says the opposite, equation 3 is followed. Several, e.g. 0,0.5,1, write "
-            "one output each.",
+            metavar="A[,A...]",
+            help="Blend theta = alpha*PSNR + (1-alpha)*GAN (equation 3 of the paper, not its "
+            "Fig. 5): 1 = PSNR model (most faithful), 0 = GAN model (most texture). Several, "
+            "e.g. 0,0.5,1, write one output each.",
         ),
     ] = "1",
     psnr_weights: Annotated[
-        Path | None, typer.Option(help="PSNR-stage weights (.safetensors).")
+        Path | None, typer.Option(metavar="FILE", help="PSNR-stage weights (.safetensors).")
     ] = None,
     gan_weights: Annotated[
-        Path | None, typer.Option(help="GAN-stage weights (.safetensors).")
+        Path | None, typer.Option(metavar="FILE", help="GAN-stage weights (.safetensors).")
     ] = None,
     n4: Annotated[
         bool | None,
-        typer.Option(
-            "--n4/--no-n4", help="N4 bias correction first (default: as the model was trained)."
+        switch(
+            "--n4/--no-n4",
+            help="N4 bias correction first (default: as the model was trained).",
         ),
     ] = None,
     keep_background: Annotated[
         bool,
-        typer.Option(
+        switch(
             "--keep-background/--no-keep-background",
             help="Keep the input's flat background (voxels at its minimum that reach the "
             "image's faces, e.g. the zeros around a skull-stripped brain) instead of the "
             "network's output there.",
         ),
     ] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
+    device: Annotated[
+        str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda (cuda:N).")
+    ] = "auto",
     half: Annotated[
         bool,
-        typer.Option(
+        switch(
             "--half",
             help="Half precision: fp16 on CUDA, bf16 on CPU (fp32, with a warning, on a CPU "
-            "without native bf16, where bf16 is ~90x slower).",
+            "without native bf16).",
         ),
     ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per network call.")] = 4,
-    patch: Annotated[str, typer.Option(help="Patch size (canonical axes).")] = "64,40,64",
+    batch_size: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Patches per network call.")
+    ] = 4,
+    patch: Annotated[
+        str, typer.Option(metavar="X,Y,Z", help="Patch size (canonical axes).")
+    ] = "64,40,64",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
+        int | None,
+        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
     ] = None,
     margin: Annotated[
         int,
         typer.Option(
             min=0,
+            metavar="N",
             help="Voxels cropped from every face of each output patch, where the network lacks "
-            "context (the paper: 3). 6 is near seamless (110.7 dB vs 52.6 dB at 3, against "
-            "whole-volume inference) for 1.4-1.5x the time (docs/speed.md).",
+            "context (the paper: 3). 6 is near seamless for 1.4-1.5x the time (docs/speed.md).",
         ),
     ] = 3,
     overlap: Annotated[
         int,
         typer.Option(
             min=0,
+            metavar="N",
             help="Voxels shared by neighbouring patch cores, blended linearly to hide seams (0: "
-            "the paper's stitching). 8 gives 74.1 dB for 1.76x the time, less than --margin 6 "
+            "the paper's stitching). 8 costs 1.76x the time and hides less than --margin 6 "
             "(docs/speed.md).",
         ),
     ] = 0,
     compile_network: Annotated[
         bool,
-        typer.Option("--compile", help="torch.compile the network (slow start; for many volumes)."),
+        switch(
+            "--compile",
+            help="torch.compile the network (slow start; for many volumes).",
+        ),
     ] = False,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing outputs.")
-    ] = False,
+    overwrite: Annotated[bool, switch("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Super-resolve T1-weighted volumes: mrisr upsample in.nii.gz out.nii.gz --alpha 0.5"""
     alphas = _parse_alphas(alpha)
@@ -214,7 +231,7 @@ def upsample(
         raise typer.Exit(EXIT_USER_ERROR)
 
 
-@app.command()
+@app.command(cls=Command)
 def degrade(
     hr: Annotated[Path, typer.Argument(help="High-resolution (1 mm) input image.", metavar="HR")],
     lr: Annotated[
@@ -222,14 +239,14 @@ def degrade(
     ],
     keep_lowres: Annotated[
         Path | None,
-        typer.Option(help="Also write the true low-resolution volume (coarser voxels) here."),
+        typer.Option(
+            metavar="FILE", help="Also write the true low-resolution volume (coarser voxels) here."
+        ),
     ] = None,
     factor: FactorOption = 2,
     axes: AxesOption = "0,2",
     interpolation: InterpolationOption = "linear",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing outputs.")
-    ] = False,
+    overwrite: Annotated[bool, switch("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Make the paper's low-resolution input from a 1 mm image (k-space crop, two axes)."""
     with user_errors():
@@ -246,23 +263,28 @@ def degrade(
     stderr_console().print(f"wrote {lr}" + (f" and {keep_lowres}" if keep_lowres else ""))
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     out_dir: Annotated[
         Path, typer.Argument(help="Folder for hr/lr/sr.nii.gz and demo.png.", metavar="OUTDIR")
     ] = Path("mrisr-demo"),
-    alpha: Annotated[float, typer.Option(help="1 = PSNR model, 0 = GAN model.")] = 1.0,
-    psnr_weights: Annotated[Path | None, typer.Option(help="PSNR-stage weights.")] = None,
-    gan_weights: Annotated[Path | None, typer.Option(help="GAN-stage weights.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    alpha: Annotated[float, typer.Option(metavar="A", help="1 = PSNR model, 0 = GAN model.")] = 1.0,
+    psnr_weights: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="PSNR-stage weights.")
+    ] = None,
+    gan_weights: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="GAN-stage weights.")
+    ] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "auto",
     half: Annotated[
         bool,
-        typer.Option("--half", help="fp16 on CUDA, bf16 on CPU (fp32 without native bf16)."),
+        switch(
+            "--half",
+            help="fp16 on CUDA, bf16 on CPU (fp32 without native bf16).",
+        ),
     ] = False,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads.")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace earlier results.")
-    ] = False,
+    threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="CPU threads.")] = None,
+    overwrite: Annotated[bool, switch("--overwrite", help="Replace earlier results.")] = False,
 ) -> None:
     """Degrade the embedded example T1, super-resolve it, and report PSNR/SSIM and a PNG."""
     with user_errors():
@@ -317,9 +339,9 @@ def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
         yield advance
 
 
-@app.command()
+@app.command(cls=Command)
 def selftest(
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "cpu",
 ) -> None:
     """Check the installation end to end with a tiny random network (not a trained model)."""
     with user_errors():
@@ -330,21 +352,36 @@ def selftest(
     stdout_console().print(f"selftest passed: {report}")
 
 
-app.command("evaluate")(evaluate_command)
+app.command("evaluate", cls=Command)(evaluate_command)
 
 from mrisr_cli.cli_train import prepare_command, train_command  # noqa: E402
 
-app.command("prepare")(prepare_command)
-app.command("train")(train_command)
+app.command("prepare", cls=Command)(prepare_command)
+app.command("train", cls=Command)(train_command)
 
 
-def _usage_error_line(exc: Exception) -> str | None:
+def _command_named(argv: list[str]) -> str:
+    """``mrisr upsample`` for ``mrisr upsample a b --alpha``: the command a usage error belongs to,
+    where Click's parser raised it before making the command's context (an option missing its
+    value); the program alone where no command is named. The program is named as Click names it
+    (``python -m mrisr_cli`` when run so)."""
+    main_module = sys.modules.get("__main__")
+    package = getattr(main_module, "__package__", None)
+    program = f"python -m {package}" if package else Path(sys.argv[0]).name or "mrisr"
+    names = {
+        info.name or info.callback.__name__ for info in app.registered_commands if info.callback
+    }
+    words = [word for word in argv if not word.startswith("-")]
+    return f"{program} {words[0]}" if words and words[0] in names else program
+
+
+def _usage_error_line(exc: Exception, argv: list[str]) -> str | None:
     """Click's usage errors (bad option values, missing arguments) as one line, or None for other
     exceptions. Duck-typed: Typer vendors its own Click, older Typers use the ``click`` package."""
     if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
         return None
     ctx = getattr(exc, "ctx", None)
-    command = ctx.command_path if ctx is not None else "mrisr"
+    command = ctx.command_path if ctx is not None else _command_named(argv)
     message = " ".join(str(exc.format_message()).split()).rstrip(".")
     return f"{command}: error: {message}; see '{command} --help'"
 
@@ -383,7 +420,7 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     except Exception as exc:
-        usage = _usage_error_line(exc)
+        usage = _usage_error_line(exc, sys.argv[1:])
         if usage is not None:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mrisr`: the help, as before
                 exc.show()  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mrisr_cli.cli_options import switch
 from mrisr_cli.console import progress_bar, report_line, stderr_console, user_errors
 
 if TYPE_CHECKING:
@@ -25,13 +26,17 @@ def evaluate_command(
     ref: Annotated[
         Path,
         typer.Option(
-            "--ref", help="Folder of reference (high-resolution) volumes.", show_default=False
+            "--ref",
+            metavar="DIR",
+            help="Folder of reference (high-resolution) volumes.",
+            show_default=False,
         ),
     ],
     pred: Annotated[
         list[Path],
         typer.Option(
             "--pred",
+            metavar="DIR",
             help="Folder of predictions, matched to --ref by file name; repeat it to compare "
             "methods in one table (exactly two: also a paired t-test).",
             show_default=False,
@@ -40,12 +45,14 @@ def evaluate_command(
     mask: Annotated[
         Path | None,
         typer.Option(
-            help="Folder of brain masks matched by name (default: the reference's foreground)."
+            metavar="DIR",
+            help="Folder of brain masks matched by name (default: the reference's foreground).",
         ),
     ] = None,
     parcellation_weights: Annotated[
         Path | None,
         typer.Option(
+            metavar="FILE",
             help="HighRes3DNet weights (.safetensors or PyTorch state dict) for M_h and "
             "parcellation Dice; without it those columns are left out.",
         ),
@@ -54,37 +61,47 @@ def evaluate_command(
         int,
         typer.Option(
             min=0,
-            help="Voxels of context HighRes3DNet sees around each of its tiles and around the "
-            "mask's box. 43, its receptive radius, gives exactly one pass over the "
-            "box, at several times the memory and time; less is an approximation "
-            "(docs/evaluate.md).",
+            metavar="N",
+            help="Voxels of context HighRes3DNet sees around its tiles and the mask's box: 43, "
+            "its receptive radius, equals one pass over the box at several times the memory "
+            "and time; less approximates it (docs/evaluate.md).",
         ),
     ] = 8,
     tissue: Annotated[
-        bool, typer.Option("--tissue/--no-tissue", help="Dice of 3-class tissue segmentations.")
+        bool,
+        switch("--tissue/--no-tissue", help="Dice of 3-class tissue segmentations."),
     ] = True,
     n4: Annotated[
         bool,
-        typer.Option("--n4/--no-n4", help="N4 bias correction before tissue and M_h (paper: on)."),
+        switch(
+            "--n4/--no-n4",
+            help="N4 bias correction before tissue and M_h (paper: on).",
+        ),
     ] = True,
     out: Annotated[
         Path | None,
-        typer.Option(help="Write subjects.csv, summary.json and figures/*.png here."),
+        typer.Option(
+            metavar="DIR", help="Write subjects.csv, summary.json and figures/*.png here."
+        ),
     ] = None,
     jobs: Annotated[
-        int, typer.Option(min=1, help="Subjects evaluated in parallel (CPU worker processes).")
+        int,
+        typer.Option(
+            min=1, metavar="N", help="Subjects evaluated in parallel (CPU worker processes)."
+        ),
     ] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[
         int | None,
         typer.Option(
             min=1,
+            metavar="N",
             help="CPU threads in all, shared by the --jobs workers (default: SLURM/OMP or all "
             "cores).",
         ),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing report files.")
+        bool, switch("--overwrite", help="Replace existing report files.")
     ] = False,
 ) -> None:
     """Compare super-resolved volumes with their references: mrisr evaluate --ref hr --pred sr"""

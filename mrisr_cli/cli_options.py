@@ -1,21 +1,83 @@
 """Command-line options shared by several commands, declared once (`degrade` and `prepare` both
-describe the degradation a model is trained for)."""
+describe the degradation a model is trained for), and the help layout all commands share.
+
+Typer 0.29 prints a type column in `--help` (``<bool>``, ``<str>``, ``<int range>``) that squeezes
+the help text of an 80-column terminal into a narrow column. Every option therefore names its value
+with ``metavar=`` in the usual style (``N``, ``FILE``, ``X,Y,Z``; click's errors name the option,
+not the metavar), and on/off flags are declared with :func:`switch`: no type, and listed in a
+"Switches" panel of their own, so that long names such as ``--no-keep-background`` do not narrow
+the help of every option. :class:`Command` and :class:`Group` cover what ``metavar=`` cannot reach.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from mrisr_cli.errors import InputError
 
-FactorOption = Annotated[int, typer.Option(min=2, help="Resolution reduction per degraded axis.")]
+#: The metavar of a flag (``--overwrite``, ``--n4/--no-n4``): an empty type column.
+FLAG = ""
+#: The help panel of the on/off flags; the options that take a value stay under "Options".
+SWITCHES = "Switches"
+
+
+def switch(*param_decls: str, help: str) -> Any:
+    """``typer.Option`` for an on/off flag (``switch("--n4/--no-n4", help=...)``): no type in
+    ``--help``, listed under Switches."""
+    return typer.Option(*param_decls, metavar=FLAG, rich_help_panel=SWITCHES, help=help)
+
+
+FactorOption = Annotated[
+    int, typer.Option(min=2, metavar="N", help="Resolution reduction per degraded axis.")
+]
 AxesOption = Annotated[
-    str, typer.Option(help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S.")
+    str,
+    typer.Option(metavar="LIST", help="Degraded canonical (RAS) axes: 0=L-R, 1=P-A, 2=I-S."),
 ]
 InterpolationOption = Annotated[
-    str, typer.Option(help="Back onto the fine grid: linear (authors) or cubic.")
+    str,
+    typer.Option(metavar="METHOD", help="Back onto the fine grid: linear (authors) or cubic."),
 ]
+
+
+def _flag_help(option: Any) -> Any:
+    """Typer's own ``--help`` flag, without the ``<bool>`` type no ``metavar=`` can remove."""
+    if option is not None and option.metavar is None:
+        option.metavar = FLAG
+    return option
+
+
+class _NamedArgument(TyperArgument):
+    """An argument whose metavar (``HR``, ``PATHS``) names it: no type column (Typer 0.29 shows
+    an argument's type even when it has a metavar, and its help says what it is)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+class Command(TyperCommand):
+    """A command with the help layout above (``app.command(cls=Command)``): ``--help`` and the
+    arguments with a metavar show no type. If a later Typer drops these hooks, the types come back
+    and nothing else changes (tests/test_cli_help.py notices)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument and param.metavar:
+                param.__class__ = _NamedArgument
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
+
+
+class Group(TyperGroup):
+    """The `mrisr` group, with the layout of :class:`Command` (``typer.Typer(cls=Group)``)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag_help(super().get_help_option(ctx))
 
 
 def parse_axes(text: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from mrisr_cli.cli_options import (
     InterpolationOption,
     parse_axes,
     parse_triple,
+    switch,
 )
 from mrisr_cli.console import (
     EXIT_USER_ERROR,
@@ -71,24 +72,34 @@ def prepare_command(
         ),
     ],
     spacing: Annotated[
-        float, typer.Option(min=0.1, help="Isotropic voxel size (mm) of the high-res grid.")
+        float,
+        typer.Option(min=0.1, metavar="MM", help="Isotropic voxel size (mm) of the high-res grid."),
     ] = 1.0,
-    n4: Annotated[bool, typer.Option("--n4/--no-n4", help="N4 bias correction (ANTsPy).")] = True,
+    n4: Annotated[bool, switch("--n4/--no-n4", help="N4 bias correction (ANTsPy).")] = True,
     split: Annotated[
-        str, typer.Option(help="Shares train,val,eval,test, by subject (paper: 780/111/111/111).")
+        str,
+        typer.Option(
+            metavar="SHARES",
+            help="Shares train,val,eval,test, by subject (paper: 780/111/111/111).",
+        ),
     ] = "0.7,0.1,0.1,0.1",
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the split.")] = 0,
     factor: FactorOption = 2,
     axes: AxesOption = "0,2",
     interpolation: InterpolationOption = "linear",
     min_extent: Annotated[
-        float, typer.Option(min=0.0, help="Smallest field of view (mm) accepted as a brain scan.")
+        float,
+        typer.Option(
+            min=0.0, metavar="MM", help="Smallest field of view (mm) accepted as a brain scan."
+        ),
     ] = 64.0,
     jobs: Annotated[
-        int | None, typer.Option(min=1, help="Subjects in parallel (default: half the CPUs).")
+        int | None,
+        typer.Option(min=1, metavar="N", help="Subjects in parallel (default: half the CPUs)."),
     ] = None,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
+        int | None,
+        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
     ] = None,
 ) -> None:
     """Make a training set from a folder of T1 scans (resampled, degraded, normalised, split)."""
@@ -173,75 +184,118 @@ def _run_params(out: Path) -> dict[str, Any] | None:
 
 def train_command(
     stage: Annotated[
-        Stage, typer.Option(help="psnr (L1) or gan (WGAN-GP, from --init PSNR weights).")
+        Stage,
+        typer.Option(metavar="STAGE", help="psnr (L1) or gan (WGAN-GP, from --init PSNR weights)."),
     ],
-    data: Annotated[Path, typer.Option(help="Data folder made by `mrisr prepare`.")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoint, log, weights.")],
-    net: Annotated[str, typer.Option(help="Generator: rrdg, fsrcnn, srresnet or mdcsrn.")] = "rrdg",
+    data: Annotated[Path, typer.Option(metavar="DIR", help="Data folder made by `mrisr prepare`.")],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Run folder: checkpoint, log, weights.")],
+    net: Annotated[
+        str, typer.Option(metavar="NAME", help="Generator: rrdg, fsrcnn, srresnet or mdcsrn.")
+    ] = "rrdg",
     net_params: Annotated[
         str | None,
-        typer.Option(help="Generator hyper-parameters, JSON (default: the paper's, or --init's)."),
+        typer.Option(
+            metavar="JSON",
+            help="Generator hyper-parameters, JSON (default: the paper's, or --init's).",
+        ),
     ] = None,
     critic_params: Annotated[
-        str | None, typer.Option(help="Patch discriminator hyper-parameters as JSON.")
+        str | None,
+        typer.Option(metavar="JSON", help="Patch discriminator hyper-parameters as JSON."),
     ] = None,
     init: Annotated[
         Path | None,
-        typer.Option(help="Starting weights (.safetensors); required by --stage gan."),
+        typer.Option(
+            metavar="FILE", help="Starting weights (.safetensors); required by --stage gan."
+        ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs (default: 100 psnr, 10 gan).")
+        int | None, typer.Option(min=1, metavar="N", help="Epochs (default: 100 psnr, 10 gan).")
     ] = None,
     steps_per_epoch: Annotated[
-        int, typer.Option(min=1, help="Steps per epoch (validation after each).")
+        int, typer.Option(min=1, metavar="N", help="Steps per epoch (validation after each).")
     ] = 1000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per step and process.")] = 4,
+    batch_size: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Patches per step and process.")
+    ] = 4,
     lr: Annotated[
-        float | None, typer.Option(help="Generator learning rate (default: 1e-4 psnr, 1e-5 gan).")
+        float | None,
+        typer.Option(
+            metavar="RATE", help="Generator learning rate (default: 1e-4 psnr, 1e-5 gan)."
+        ),
     ] = None,
     critic_lr: Annotated[
-        float | None, typer.Option(help="Critic learning rate (default: 5 x --lr).")
+        float | None,
+        typer.Option(metavar="RATE", help="Critic learning rate (default: 5 x --lr)."),
     ] = None,
     lambda_adv: Annotated[
-        float, typer.Option(help="lambda_D: weight of the critic's score in the generator loss.")
+        float,
+        typer.Option(
+            metavar="WEIGHT", help="lambda_D: weight of the critic's score in the generator loss."
+        ),
     ] = 0.1,
-    lambda_gp: Annotated[float, typer.Option(help="lambda_g: gradient-penalty weight.")] = 10.0,
-    critic_steps: Annotated[int, typer.Option(min=1, help="Critic steps per generator step.")] = 5,
+    lambda_gp: Annotated[
+        float, typer.Option(metavar="WEIGHT", help="lambda_g: gradient-penalty weight.")
+    ] = 10.0,
+    critic_steps: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Critic steps per generator step.")
+    ] = 5,
     critic_warmup: Annotated[
-        int, typer.Option(min=0, help="First steps that train the critic only.")
+        int, typer.Option(min=0, metavar="N", help="First steps that train the critic only.")
     ] = 100,
-    patch: Annotated[str, typer.Option(help="Training patch (canonical axes).")] = "64,40,64",
+    patch: Annotated[
+        str, typer.Option(metavar="X,Y,Z", help="Training patch (canonical axes).")
+    ] = "64,40,64",
     val_patch: Annotated[
-        str, typer.Option(help="Validation tile, as `upsample --patch` (whole volumes).")
+        str,
+        typer.Option(
+            metavar="X,Y,Z", help="Validation tile, as `upsample --patch` (whole volumes)."
+        ),
     ] = "64,40,64",
     amp: Annotated[
         bool | None,
-        typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA, off on CPU)."),
+        switch(
+            "--amp/--no-amp",
+            help="Mixed precision (default: on for CUDA, off on CPU).",
+        ),
     ] = None,
     checkpointing: Annotated[
         bool,
-        typer.Option(
+        switch(
             "--checkpointing/--no-checkpointing",
             help="Gradient checkpointing of RRDG's dense blocks (less memory, slower).",
         ),
     ] = True,
     compile_model: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the generator.")
+        bool, switch("--compile", help="torch.compile the generator.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")
+        bool,
+        switch("--resume", help="Continue the run in --out from its checkpoint."),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and patch sampling.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda:N).")] = "auto",
-    workers: Annotated[int, typer.Option(min=1, help="Threads reading patches ahead.")] = 2,
-    checkpoint_every: Annotated[
-        int, typer.Option(min=0, help="Also checkpoint every N steps (0: each epoch only).")
+    seed: Annotated[
+        int, typer.Option(metavar="N", help="Seed of initialisation and patch sampling.")
     ] = 0,
-    log_every: Annotated[int, typer.Option(min=1, help="Steps per log.jsonl record.")] = 10,
+    device: Annotated[
+        str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda (cuda:N).")
+    ] = "auto",
+    workers: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Threads reading patches ahead.")
+    ] = 2,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            min=0, metavar="N", help="Also checkpoint every N steps (0: each epoch only)."
+        ),
+    ] = 0,
+    log_every: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Steps per log.jsonl record.")
+    ] = 10,
     time_limit: Annotated[
         float,
         typer.Option(
             min=0.0,
+            metavar="MIN",
             help="Minutes of training in this call (0: none); then validate, write weights "
             "and a checkpoint that --resume continues.",
         ),
@@ -250,15 +304,18 @@ def train_command(
         int,
         typer.Option(
             min=0,
+            metavar="N",
             help="Training patches over which BatchNorm statistics are recomputed before each "
             "validation and export (0: keep the running averages).",
         ),
     ] = 32,
     deterministic: Annotated[
-        bool, typer.Option("--deterministic", help="Deterministic cuDNN kernels (slower).")
+        bool,
+        switch("--deterministic", help="Deterministic cuDNN kernels (slower)."),
     ] = False,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads (default: SLURM/OMP or all cores).")
+        int | None,
+        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
     ] = None,
 ) -> None:
     """Train a generator: --stage psnr, then --stage gan --init PSNR_RUN/best.safetensors
