@@ -654,24 +654,31 @@ def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("args", "expected"),
+    ("args", "expected", "command"),
     [
-        (["upsample", "a.nii", "b.nii", "--batch-size", "0"], "'--batch-size'"),
-        (["train", "--time-limit", "-1"], "'--time-limit'"),
-        (["evaluate"], "Missing option '--ref'"),
-        (["nosuch"], "No such command"),
+        (["upsample", "a.nii", "b.nii", "--batch-size", "0"], "'--batch-size'", "upsample"),
+        (["train", "--time-limit", "-1"], "'--time-limit'", "train"),
+        (["evaluate"], "Missing option '--ref'", "evaluate"),
+        (["upsample", "a.nii", "b.nii", "--alpha"], "'--alpha' requires an argument", "upsample"),
+        (["--threads", "2"], "No such option", ""),
+        (["nosuch"], "No such command", ""),
     ],
 )
-def test_console_script_usage_errors_are_one_line(args: list[str], expected: str) -> None:
+def test_console_script_usage_errors_are_one_line(
+    args: list[str], expected: str, command: str
+) -> None:
     """Typer's range and missing-argument errors get the same one-line format as library errors
-    (not a multi-line box), with click's exit code 2 and nothing on stdout."""
+    (not a multi-line box), with click's exit code 2 and nothing on stdout, and send the user to
+    the help of the command they typed (also where click fails before making its context)."""
     run = subprocess.run(
         [sys.executable, "-m", "mrisr_cli", *args], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
-    assert ": error: " in lines[0] and expected in lines[0] and "--help" in lines[0]
+    assert ": error: " in lines[0] and expected in lines[0]
+    named = f"python -m mrisr_cli {command}".strip()
+    assert lines[0].startswith(f"{named}: error: ") and lines[0].endswith(f"see '{named} --help'")
     assert run.stdout == ""
 
 
