@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from nibabel import orientations as ornt
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume, lowres_affine, lowres_volume
 from mrisr_cli.errors import OutputError
-from mrisr_cli.volumes import canonical_reorientation, check_output_path, load_volume, save_volume
+from mrisr_cli.volumes import (
+    NIFTI_SUFFIXES,
+    _short,
+    atomic_path,
+    canonical_reorientation,
+    check_output_path,
+    is_volume_path,
+    load_volume,
+    save_volume,
+)
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 #: How far from 1 mm a voxel may be before `degrade` warns (the 0.8-1.2 mm of real "1 mm" scans).
 ONE_MM_TOLERANCE = 0.25
@@ -30,6 +45,9 @@ def degrade_file(
     The low-resolution volume is written in the input's axis order (same orientation codes), so
     that ``mrisr upsample`` puts it back on exactly the grid of the degraded volume.
     """
+    check_image_name(lr_path, "")
+    if lowres_path is not None:
+        check_image_name(lowres_path, "--keep-lowres ")
     check_distinct_paths(hr_path, lr_path, lowres_path)
     check_output_path(lr_path, overwrite=overwrite)
     if lowres_path is not None:
@@ -45,15 +63,70 @@ def degrade_file(
         )
     reo = canonical_reorientation(volume.affine, volume.data.shape)
     canonical = reo.apply(volume.data)
-    degraded = degrade_volume(canonical, config, affine=reo.canonical_affine)
-    save_volume(lr_path, reo.undo(degraded), volume.affine, volume.header, overwrite=overwrite)
-    if lowres_path is not None:
-        low = lowres_volume(canonical, config)
-        canonical_affine = lowres_affine(reo.canonical_affine, canonical.shape, config.factors())
-        # back to the input's axis order: the same flips and permutation, on the smaller shape
-        affine = canonical_affine @ ornt.inv_ornt_aff(reo.from_canonical, low.shape)
-        save_volume(lowres_path, reo.undo(low), affine, volume.header, overwrite=overwrite)
+    degraded = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
+    # With --keep-lowres both files are written in full to hidden temporary files before either
+    # is renamed into place, so a failed write leaves neither. LOW is renamed first, then LR;
+    # should that last rename fail, LOW is removed again unless it replaced a file (--overwrite).
+    low_in_place = False
+    try:
+        with _staged_image(lr_path, overwrite=overwrite) as lr_tmp:
+            _save(lr_tmp, lr_path, degraded, volume.affine, volume.header)
+            if lowres_path is not None:
+                low = lowres_volume(canonical, config)
+                factors = config.factors()
+                low_affine = lowres_affine(reo.canonical_affine, canonical.shape, factors)
+                # back to the input's axis order: the same flips and permutation, smaller shape
+                low_affine = low_affine @ ornt.inv_ornt_aff(reo.from_canonical, low.shape)
+                with _staged_image(lowres_path, overwrite=overwrite) as low_tmp:
+                    _save(low_tmp, lowres_path, reo.undo(low), low_affine, volume.header)
+                low_in_place = True
+    except BaseException:
+        if low_in_place and not overwrite:
+            lowres_path.unlink(missing_ok=True)
+        raise
     return warnings
+
+
+def _suffix_list() -> str:
+    names = list(NIFTI_SUFFIXES)
+    return ", ".join(names[:-1]) + f" or {names[-1]}"
+
+
+def check_image_name(path: Path, what: str) -> None:
+    """Refuse an output that is a folder or lacks an image suffix, before anything is written.
+
+    ``what`` names the option (``"--keep-lowres "``) or is empty for the LR argument.
+    """
+    if Path(path).is_dir():
+        raise OutputError(f"{path}: {what}is a folder; give an image file name")
+    if not is_volume_path(Path(path)):
+        kind = f"{what}file" if what else "output file"
+        raise OutputError(f"{path}: {kind} must end in {_suffix_list()}")
+
+
+@contextmanager
+def _staged_image(path: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A hidden temporary image path beside ``path``, renamed onto it when the block succeeds,
+    removed when it fails (:func:`~mrisr_cli.volumes.atomic_path`); a failed rename names
+    ``path``."""
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            yield tmp
+    except OSError as exc:  # the renames (a write failing is an OutputError already)
+        raise OutputError(f"{path}: could not write ({exc.strerror or _short(exc)})") from exc
+
+
+def _save(
+    staged: Path, path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
+) -> None:
+    """``save_volume`` into a staged file; a failure names the output, not the temporary file."""
+    try:
+        save_volume(staged, data, affine, header, overwrite=True)
+    except OutputError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        raise OutputError(f"{path}: could not write ({cause.strerror or _short(cause)})") from cause
 
 
 def _same_file(a: Path, b: Path) -> bool:

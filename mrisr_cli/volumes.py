@@ -346,13 +346,17 @@ def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
     path = Path(path)
     check_output_path(path, overwrite=overwrite)
     folder = path.parent if str(path.parent) else Path(".")
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    # nibabel picks the format from the temporary name's suffix, in lower case only (x.NII.GZ)
+    lower = path.name.lower()
+    suffix = next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), path.suffix)
     try:
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder
         )
     except OSError as exc:
-        raise OutputError(f"{folder}: output folder is not writable ({_short(exc)})") from exc
+        # strerror: the temporary file's name would mean nothing to the user
+        reason = exc.strerror or _short(exc)
+        raise OutputError(f"{folder}: output folder is not writable ({reason})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -398,7 +402,7 @@ def save_volume(
         try:
             nib.save(image, str(tmp))
         except OSError as exc:
-            raise OutputError(f"{path}: could not write ({_short(exc)})") from exc
+            raise OutputError(f"{path}: could not write ({exc.strerror or _short(exc)})") from exc
 
 
 def carry_transforms(header: nib.Nifti1Header, affine: np.ndarray, shape: tuple[int, ...]) -> None:
