@@ -195,10 +195,18 @@ def _format(value: float, std: float, key: str) -> str:
 
 
 def results_table(evaluation: Evaluation) -> Table:
-    """Table 1 of Wang et al. 2020: a row per method, mean ± std per metric, then p-values."""
-    table = Table(
-        title="mean ± std over subjects; p: paired two-tailed t-test", title_justify="left"
-    )
+    """Table 1 of Wang et al. 2020: a row per method, mean ± std per metric, and with exactly
+    two methods the p-values and the better method where the difference is significant."""
+    from mrisr_cli.evaluation import SIGNIFICANCE_LEVEL
+
+    title, caption = "mean ± std over subjects", None
+    if evaluation.comparison:  # only with exactly two methods
+        title += "; p: paired two-tailed t-test"
+        caption = (
+            f"better: the method with the better mean where p < {SIGNIFICANCE_LEVEL:g}; "
+            "n.s.: no significant difference"
+        )
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("method")
     table.add_column("n", justify="right")
     for metric in evaluation.metrics:
@@ -214,7 +222,10 @@ def results_table(evaluation: Evaluation) -> Table:
         for metric in evaluation.metrics:
             test = evaluation.comparison[metric.key]
             p_cells.append(f"{test.p:.3g}" if math.isfinite(test.p) else "–")
-            better_cells.append(test.better or "–")
+            if test.better:
+                better_cells.append(test.better)
+            else:  # no test (fewer than 2 subjects, equal means) or not significant
+                better_cells.append("n.s." if math.isfinite(test.p) else "–")
         n = max((t.n for t in evaluation.comparison.values()), default=0)
         table.add_row("p-value", str(n), *p_cells, end_section=False)
         table.add_row("better", "", *better_cells)

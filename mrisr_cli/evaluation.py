@@ -30,6 +30,7 @@ from mrisr_cli.volumes import atomic_path, image_files, load_volume, strip_suffi
 
 AFFINE_TOLERANCE_MM = 1e-3
 UNRELIABLE_BACKGROUND = 0.5  # parcellation background share of the mask that flags a failure
+SIGNIFICANCE_LEVEL = 0.05  # a paired test names the better method only when p is below this
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,23 @@ def _preview(ref_n: np.ndarray, pred_n: np.ndarray, mask: np.ndarray, affine: np
     return {"ref": ref_c[:, :, k].copy(), "pred": pred_c[:, :, k].copy()}
 
 
+def _load_named(path: Path, role: str) -> Any:
+    """:func:`load_volume`, its errors naming the file once as ``<role> <file name>: ...``.
+
+    load_volume's messages start with the path as given (``sr/sub-01_sr.nii.gz: ...``); the
+    pair's line already names the method (the folder) and the subject, so the path would
+    repeat them.
+    """
+    try:
+        return load_volume(path)
+    except InputError as exc:
+        message = str(exc)
+        prefix = f"{path}: "
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+        raise InputError(f"{role} {path.name}: {message}") from exc
+
+
 def evaluate_subject(task: SubjectTask, options: EvaluationOptions) -> list[PairResult]:
     """Every prediction of one subject; failures are recorded per pair, never raised."""
     if options.threads:  # a worker's share: torch, ITK (N4) and OpenMP, not only torch
@@ -281,10 +299,10 @@ def evaluate_subject(task: SubjectTask, options: EvaluationOptions) -> list[Pair
         PairResult(method, task.subject, task.ref.name, pred.name) for method, pred in task.preds
     ]
     try:
-        ref = load_volume(task.ref)
+        ref = _load_named(task.ref, "reference")
     except MrisrError as exc:
         for result in results:
-            result.error = f"reference: {exc}"
+            result.error = str(exc)
         return results
     try:
         mask = _load_mask(task.mask, ref)
@@ -331,7 +349,7 @@ def _evaluate_pair(
     from mrisr_cli.metrics import image_metrics, normalise_pair
 
     mask, n4_mask = masks
-    pred = load_volume(pred_path)
+    pred = _load_named(pred_path, "prediction")
     _check_same_grid(ref, pred, "prediction")
     metrics = image_metrics(ref.data, pred.data, mask, device=options.device)
     result.values.update(metrics.as_dict())
@@ -397,13 +415,19 @@ class MetricSummary:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Paired two-tailed t-test of one metric between the two methods."""
+    """Paired two-tailed t-test of one metric between the two methods.
+
+    ``better`` names the method with the better mean only when the difference is significant
+    (``p`` < :data:`SIGNIFICANCE_LEVEL`); otherwise it is None, and ``mean_difference`` still
+    gives the direction.
+    """
 
     n: int
     mean_difference: float  # first method minus second
     t: float
     p: float
     better: str | None
+    significant: bool = False
 
 
 @dataclass
@@ -525,7 +549,7 @@ def evaluate(
         results=results,
         pairings=pairings,
         metrics=_active_metrics(options),
-        settings=_settings(options, mask_dir, jobs),
+        settings=_settings(options, mask_dir, jobs, compared=len(methods) == 2),
     )
     evaluation.notes = _notes(evaluation, options)
     if jobs > 1 and options.device.startswith("cuda"):
@@ -591,7 +615,9 @@ def _active_metrics(options: EvaluationOptions) -> tuple[MetricInfo, ...]:
     return tuple(m for m in METRICS if m.key not in skip)
 
 
-def _settings(options: EvaluationOptions, mask_dir: Path | None, jobs: int) -> dict[str, Any]:
+def _settings(
+    options: EvaluationOptions, mask_dir: Path | None, jobs: int, *, compared: bool
+) -> dict[str, Any]:
     from mrisr_cli.fidelity import MH_RULE, TISSUE_RULE
     from mrisr_cli.metrics import NORMALISATION_RULE, SSIM_RULE
 
@@ -612,7 +638,9 @@ def _settings(options: EvaluationOptions, mask_dir: Path | None, jobs: int) -> d
         "n4_mask": "the automatic reference mask (also when --mask is given)",
         "std": "sample standard deviation (ddof=1) over subjects with a finite value",
         "test": "paired two-tailed t-test (scipy.stats.ttest_rel) over subjects evaluated in "
-        "both folders",
+        f"both folders; the better method is named only where p < {SIGNIFICANCE_LEVEL}"
+        if compared
+        else None,
         "device": options.device,
         "jobs": jobs,
         "highres3dnet_tiles": {
@@ -682,7 +710,8 @@ def summarise(
 def paired_tests(
     results: Sequence[PairResult], first: str, second: str, metrics: Sequence[MetricInfo]
 ) -> dict[str, PairedTest]:
-    """ttest_rel per metric over subjects with finite values for both methods."""
+    """ttest_rel per metric over subjects with finite values for both methods; the better
+    method is named only where p < :data:`SIGNIFICANCE_LEVEL`."""
     from scipy import stats
 
     by_method = {
@@ -703,12 +732,14 @@ def paired_tests(
             warnings.simplefilter("ignore", RuntimeWarning)
             outcome = stats.ttest_rel(a, b)
         diff = float(np.mean(a - b))
+        p = float(outcome.pvalue)
+        significant = diff != 0 and math.isfinite(p) and p < SIGNIFICANCE_LEVEL
         better = None
-        if diff != 0:
+        if significant:
             first_better = (diff > 0) == metric.higher_is_better
             better = first if first_better else second
         tests[metric.key] = PairedTest(
-            n, diff, float(outcome.statistic), float(outcome.pvalue), better
+            n, diff, float(outcome.statistic), p, better, bool(significant)
         )
     return tests
 
@@ -840,6 +871,7 @@ def summary_dict(evaluation: Evaluation) -> dict[str, Any]:
         comparison = {
             "first": first,
             "second": second,
+            "significance_level": SIGNIFICANCE_LEVEL,
             "metrics": {
                 k: {key: _finite_or_none(v) for key, v in asdict(t).items()}
                 for k, t in evaluation.comparison.items()

@@ -91,6 +91,9 @@ def test_one_method_table_and_report(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "SSIM" in result.stdout and "PSNR" in result.stdout and "sharp" in result.stdout
     assert "M_h" not in result.stdout  # no weights: the columns are absent ...
+    # one method: no paired test, so neither the title nor a row mentions one
+    assert "t-test" not in result.stdout and "p-value" not in result.stdout
+    assert "better" not in result.stdout
     rows = read_rows(out / "subjects.csv")
     assert [r["subject"] for r in rows] == ["sub-00_T1w", "sub-01_T1w", "sub-02_T1w"]
     assert all(r["error"] == "" for r in rows)
@@ -106,7 +109,7 @@ def test_one_method_table_and_report(tmp_path: Path) -> None:
     values = [float(r["psnr"]) for r in rows]
     assert stats["mean"] == pytest.approx(np.mean(values))
     assert stats["std"] == pytest.approx(np.std(values, ddof=1))
-    assert summary["comparison"] is None
+    assert summary["comparison"] is None and summary["settings"]["test"] is None
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert figures == ["boxplots.png", *(f"slices_sub-0{i}_T1w.png" for i in range(3))]
     assert (out / "figures" / "boxplots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,13 +121,52 @@ def test_two_methods_paired_test_prefers_the_sharper(tmp_path: Path) -> None:
     result = invoke("--ref", hr, "--pred", sharp, "--pred", blurry, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     assert "p-value" in result.stdout and "better" in result.stdout
-    comparison = json.loads((out / "summary.json").read_text())["comparison"]
+    assert "paired two-tailed t-test" in result.stdout and "where p < 0.05" in result.stdout
+    # the label, n, then the six image metrics (tissue Dice follows)
+    assert _table_row(result.stdout, "better")[2:8] == ["sharp"] * 6
+    summary = json.loads((out / "summary.json").read_text())
+    comparison = summary["comparison"]
     assert comparison["first"] == "sharp" and comparison["second"] == "blurry"
+    assert comparison["significance_level"] == 0.05
+    assert "p < 0.05" in summary["settings"]["test"]
     for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"):
         test = comparison["metrics"][key]
         assert test["n"] == 4 and test["better"] == "sharp", key
-        assert 0 <= test["p"] < 0.01, key
+        assert 0 <= test["p"] < 0.01 and test["significant"] is True, key
     assert len(read_rows(out / "subjects.csv")) == 8
+
+
+def _table_row(stdout: str, label: str) -> list[str]:
+    """The cells of the table row that starts with ``label`` (rich's box-drawing table)."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no {label!r} row in:\n{stdout}")
+
+
+def test_two_methods_without_a_significant_difference_name_no_winner(tmp_path: Path) -> None:
+    """Each method is the sharper one for some subjects: the means differ, the paired t-test
+    does not find it significant (p >= 0.05), so neither the table nor summary.json calls one
+    of them better; the p-value and the mean difference are still reported."""
+    hr, sharp, blurry = dataset(tmp_path, subjects=3)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for i, (a, b) in enumerate([(sharp, blurry), (sharp, blurry), (blurry, sharp)]):
+        for source, target in ((a, first), (b, second)):
+            (name,) = source.glob(f"sub-0{i}_*")
+            target.mkdir(exist_ok=True)
+            shutil.copy(name, target / name.name)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", first, "--pred", second, "--out", out, "--no-tissue")
+    assert result.exit_code == 0, result.output
+    assert _table_row(result.stdout, "better")[2:] == ["n.s."] * 6
+    assert "n.s.: no significant difference" in result.stdout
+    comparison = json.loads((out / "summary.json").read_text())["comparison"]
+    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"):
+        test = comparison["metrics"][key]
+        assert test["p"] >= 0.05 and test["mean_difference"] != 0, key
+        assert test["better"] is None and test["significant"] is False, key
+        assert f"{test['p']:.3g}" in _table_row(result.stdout, "p-value"), key
 
 
 def test_many_methods_in_one_table(tmp_path: Path) -> None:
@@ -141,6 +183,7 @@ def test_many_methods_in_one_table(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["sharp", "blurry", "copy"]
     assert summary["comparison"] is None and "p-value" not in result.stdout
+    assert "t-test" not in result.stdout and summary["settings"]["test"] is None
     psnr = {m: v["metrics"]["psnr"]["mean"] for m, v in summary["methods"].items()}
     assert psnr["copy"] == pytest.approx(psnr["sharp"]) and psnr["sharp"] > psnr["blurry"]
     assert len(read_rows(out / "subjects.csv")) == 6
@@ -279,7 +322,14 @@ def test_paired_statistics_match_scipy() -> None:
     test = paired_tests(results, "a", "b", metric)["ssim"]
     expected = stats.ttest_rel(a, b)
     assert test.p == pytest.approx(expected.pvalue) and test.t == pytest.approx(expected.statistic)
-    assert test.n == 4 and test.better == "a"
+    # a's mean is higher, but p = 0.32: no method is named better
+    assert test.n == 4 and test.p > 0.05 and test.mean_difference > 0
+    assert test.better is None and not test.significant
+    # lower is better for NRMSE; a consistent difference is significant and names b
+    nrmse = [PairResult("a", f"s{i}", "", "", {"nrmse": 0.1 + 0.01 * i}) for i in range(4)]
+    nrmse += [PairResult("b", f"s{i}", "", "", {"nrmse": 0.08 + 0.011 * i}) for i in range(4)]
+    test = paired_tests(nrmse, "a", "b", [METRIC_BY_KEY["nrmse"]])["nrmse"]
+    assert test.p < 0.05 and test.significant and test.better == "b"
     summary = summarise(results, ["a", "b"], metric)
     assert summary["b"]["ssim"].n == 4
     assert summary["a"]["ssim"].std == pytest.approx(np.std(a, ddof=1))
@@ -342,7 +392,11 @@ def test_nan_in_a_prediction(tmp_path: Path) -> None:
     save(sharp / "sub-00_desc-sr_T1w.nii.gz", bad)
     result = invoke("--ref", hr, "--pred", sharp, *FAST)
     assert result.exit_code == 0
-    assert "sub-00_T1w" in result.stderr and "NaN" in result.stderr
+    # the pair once, then the file once (by name: the folder is the method)
+    line = "sharp/sub-00_T1w: prediction sub-00_desc-sr_T1w.nii.gz: 1 NaN or infinite voxels"
+    assert line in result.stderr
+    assert result.stderr.count("sub-00_desc-sr_T1w.nii.gz") == 1
+    assert str(sharp) not in result.stderr
 
 
 def test_no_pair_evaluable_exits_non_zero(tmp_path: Path) -> None:
