@@ -16,7 +16,13 @@ from rich.console import Console
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, sidecar_path, upsample_file
-from mrisr_cli.volumes import check_output_path, image_files, strip_suffix
+from mrisr_cli.volumes import (
+    NIFTI_SUFFIXES,
+    check_output_path,
+    image_files,
+    is_volume_path,
+    strip_suffix,
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,10 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
         if path.is_dir():
             found = image_files(path)
             if not found:
-                raise InputError(f"{path}: folder holds no .nii/.nii.gz/.mgz images")
+                raise InputError(
+                    f"{path}: folder holds no .nii/.nii.gz/.mgz images (subfolders are not "
+                    "searched: name them, e.g. bids/sub-*/anat/)"
+                )
             files.extend(found)
         elif path.exists():
             files.append(path)
@@ -72,6 +81,11 @@ def plan_jobs(
     if into_folder:
         if output.exists() and not output.is_dir():
             raise OutputError(f"{output}: several inputs need an output folder, this is a file")
+        if not output.exists() and not output_is_folder and is_volume_path(output):
+            raise OutputError(
+                f"{output}: several inputs need an output folder, and this names an image file "
+                "(for a folder of that name, end it with /)"
+            )
         for path in files:
             for alpha in alphas:
                 tag = _alpha_tag(alpha) if len(alphas) > 1 else ""
@@ -79,22 +93,29 @@ def plan_jobs(
                     UpsampleJob(path, output / f"{strip_suffix(path.name)}{tag}.nii.gz", alpha)
                 )
     else:
-        if not output.name.lower().endswith((".nii", ".nii.gz")):
+        if not is_volume_path(output):
             raise OutputError(
-                f"{output}: output file must end in .nii or .nii.gz (a folder: end it with /)"
+                f"{output}: output file must end in {', '.join(NIFTI_SUFFIXES)} "
+                "(a folder: end it with /)"
             )
         for alpha in alphas:
             target = output
             if len(alphas) > 1:
-                suffix = ".nii.gz" if output.name.lower().endswith(".nii.gz") else ".nii"
-                target = output.with_name(f"{strip_suffix(output.name)}{_alpha_tag(alpha)}{suffix}")
+                stem = strip_suffix(output.name)
+                suffix = output.name[len(stem) :]  # as typed: .nii.gz, .NII, .mgz
+                target = output.with_name(f"{stem}{_alpha_tag(alpha)}{suffix}")
             jobs.append(UpsampleJob(files[0], target, alpha))
-    writers: dict[Path, Path] = {}
+    writers: dict[Path, UpsampleJob] = {}
     for job in jobs:
-        first = writers.setdefault(job.output, job.input)
-        if first != job.input:
+        first = writers.setdefault(job.output, job)
+        if first.input != job.input:
             raise OutputError(
-                f"{first} and {job.input} would both write {job.output}; rename one of them"
+                f"{first.input} and {job.input} would both write {job.output}; rename one of them"
+            )
+        if first.alpha != job.alpha:  # names keep 6 significant digits of alpha
+            raise OutputError(
+                f"--alpha {first.alpha!r} and {job.alpha!r} would both write {job.output}; "
+                "give alphas that differ in their first 6 digits"
             )
     resolved_inputs = {p.resolve() for p in files}
     targets = [job.output for job in jobs] + [sidecar_path(job.output) for job in jobs]

@@ -72,7 +72,10 @@ def _root(
 
 def _parse_alphas(text: str) -> list[float]:
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        parts = text.split(",")
+        if any(not part.strip() for part in parts):  # "0,,1" or "0.5,": a value left out?
+            raise ValueError
+        values = [float(part) for part in parts]
     except ValueError:
         raise fail(f"--alpha takes numbers in [0, 1] separated by commas, got {text!r}") from None
     if not values or any(not 0.0 <= a <= 1.0 for a in values):
@@ -110,9 +113,18 @@ def upsample(
         bool | None,
         switch(
             "--n4/--no-n4",
-            help="N4 bias correction first (default: as the model was trained).",
+            help="N4 bias correction first (default: as the model was trained). The network "
+            "sees the corrected input; the output gets the input's bias field back.",
         ),
     ] = None,
+    bias_corrected: Annotated[
+        bool,
+        switch(
+            "--bias-corrected",
+            help="With N4: write the bias-corrected output instead of putting the input's "
+            "field back.",
+        ),
+    ] = False,
     keep_background: Annotated[
         bool,
         switch(
@@ -182,6 +194,8 @@ def upsample(
         raise fail(f"--patch {patch} leaves no core after cropping --margin {margin} per face")
     if overlap >= core:
         raise fail(f"--overlap {overlap} must be below the patch core ({core} voxels)")
+    if bias_corrected and n4 is False:
+        raise fail("--bias-corrected writes N4's corrected output: it cannot go with --no-n4")
     with user_errors():
         from mrisr_cli.batch import plan_jobs, run_upsample_jobs
         from mrisr_cli.inference import InferenceOptions, resolve_device, resolve_half
@@ -212,6 +226,7 @@ def upsample(
                 compile=compile_network,
             ),
             n4=n4,
+            bias_corrected=bias_corrected,
             keep_background=keep_background,
             overwrite=overwrite,
             run_warnings=(half_warning,) if half_warning else (),
@@ -383,6 +398,8 @@ def _usage_error_line(exc: Exception, argv: list[str]) -> str | None:
     ctx = getattr(exc, "ctx", None)
     command = ctx.command_path if ctx is not None else _command_named(argv)
     message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    if message.endswith("?"):  # "No such command 'upsampel'. Did you mean 'upsample'?"
+        return f"{command}: error: {message} (see '{command} --help')"
     return f"{command}: error: {message}; see '{command} --help'"
 
 

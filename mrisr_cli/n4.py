@@ -10,6 +10,7 @@ were prepared with them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,15 +25,45 @@ N4_SHRINK = 4
 N4_CONVERGENCE: dict[str, Any] = {"iters": [50, 50, 50, 50], "tol": 1e-7}
 
 
-def n4_correct(
+@dataclass(frozen=True)
+class BiasField:
+    """A fitted N4 field: removed from the volume it was fitted on, and put back into a result on
+    the same grid (``mrisr upsample`` feeds the network corrected intensities, as it was trained,
+    and gives back the input's shading unless asked for the corrected image).
+
+    N4 divides by a smooth field on positive intensities, so both directions work on the volume
+    moved to [1, 1 + N4_RANGE] (``(x - floor) * scale + 1``): ``remove`` divides by ``gain`` there,
+    ``restore`` multiplies, and ``restore(remove(x)) == x`` up to rounding.
+    """
+
+    gain: np.ndarray  # > 0; N4's field over the level ratio that keeps the input's overall level
+    floor: float
+    scale: float
+
+    def _shifted(self, data: np.ndarray) -> np.ndarray:
+        return (np.asarray(data, dtype=np.float64) - self.floor) * self.scale + 1.0
+
+    def _unshifted(self, shifted: np.ndarray) -> np.ndarray:
+        return ((shifted - 1.0) / self.scale + self.floor).astype(np.float32)
+
+    def remove(self, data: np.ndarray) -> np.ndarray:
+        """The bias-corrected volume (float32, the input's units on average)."""
+        return self._unshifted(self._shifted(data) / self.gain)
+
+    def restore(self, data: np.ndarray) -> np.ndarray:
+        """A corrected volume (or a result made from one) with the field put back (float32)."""
+        return self._unshifted(self._shifted(data) * self.gain)
+
+
+def n4_fit(
     data: np.ndarray,
     spacing: tuple[float, float, float],
     *,
     mask: np.ndarray | None = None,
     shrink_factor: int = N4_SHRINK,
     convergence: dict[str, Any] | None = None,
-) -> np.ndarray:
-    """Return the bias-corrected volume (same shape, float32, same units on average)."""
+) -> BiasField:
+    """Fit N4's bias field to ``data`` (its :meth:`BiasField.remove` is :func:`n4_correct`)."""
     try:
         import ants
     except ImportError as exc:  # pragma: no cover - antspyx is a declared dependency
@@ -46,20 +77,35 @@ def n4_correct(
     floor = float(values.min())
     span = float(values.max()) - floor
     if span <= 0:  # a constant image has no field to correct
-        return np.array(data, dtype=np.float32)
+        return BiasField(gain=np.ones((), dtype=np.float64), floor=floor, scale=1.0)
     scale = N4_RANGE / span
     shifted = np.ascontiguousarray((values - floor) * scale + 1.0, dtype=np.float32)
     image = ants.from_numpy(shifted, spacing=tuple(float(s) for s in spacing))
     ants_mask = None
     if mask is not None:
         ants_mask = ants.from_numpy(mask.astype(np.float32), spacing=image.spacing)
-    corrected = ants.n4_bias_field_correction(
+    # ANTs writes the corrected image as the input divided by this field (checked: identical)
+    field = ants.n4_bias_field_correction(
         image,
         mask=ants_mask,
         shrink_factor=shrink_factor,
         convergence=dict(convergence or N4_CONVERGENCE),
-    )
-    fixed = corrected.numpy().astype(np.float64)
+        return_bias_field=True,
+    ).numpy()
+    field = np.asarray(field, dtype=np.float64)
     # the field is known up to a constant factor: keep the input's overall level (its units)
-    fixed *= float(shifted.mean(dtype=np.float64)) / max(float(fixed.mean()), 1e-12)
-    return ((fixed - 1.0) / scale + floor).astype(np.float32)
+    level = float(shifted.mean(dtype=np.float64)) / max(float((shifted / field).mean()), 1e-12)
+    return BiasField(gain=field / level, floor=floor, scale=scale)
+
+
+def n4_correct(
+    data: np.ndarray,
+    spacing: tuple[float, float, float],
+    *,
+    mask: np.ndarray | None = None,
+    shrink_factor: int = N4_SHRINK,
+    convergence: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Return the bias-corrected volume (same shape, float32, same units on average)."""
+    field = n4_fit(data, spacing, mask=mask, shrink_factor=shrink_factor, convergence=convergence)
+    return field.remove(data)

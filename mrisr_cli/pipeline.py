@@ -2,9 +2,9 @@
 
 Order of operations for one input: read and check -> plan the grid (canonical axes, 1 mm,
 coarse axes in the model's degraded slots) -> optional N4 -> z-score from the input's own
-foreground -> tile, run, stitch -> back to the input's units -> the input's flat background
-kept -> back to its axes and orientation -> atomic write -> JSON sidecar with what produced the
-file.
+foreground -> tile, run, stitch -> back to the input's units -> N4's field put back (unless the
+corrected image is asked for) -> the input's flat background kept -> back to its axes and
+orientation -> atomic write -> JSON sidecar with what produced the file.
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ from mrisr_cli.inference import (
     super_resolve,
 )
 from mrisr_cli.intensity import flat_background, foreground_mask, foreground_stats
-from mrisr_cli.n4 import n4_correct
-from mrisr_cli.volumes import atomic_path, check_output_path, load_volume, save_volume, strip_suffix
+from mrisr_cli.n4 import n4_fit
+from mrisr_cli.volumes import (
+    atomic_path,
+    check_not_label_map,
+    check_output_path,
+    load_volume,
+    save_volume,
+    strip_suffix,
+)
 from mrisr_cli.weights import WeightsFile, load_weights
 
 DEFAULT_PSNR_NAME = "rrdg_psnr.safetensors"
@@ -125,6 +132,8 @@ class UpsampleOptions:
 
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     n4: bool | None = None  # None: as the model was trained
+    #: with N4: write the corrected result instead of putting the input's bias field back
+    bias_corrected: bool = False
     #: voxels of the input's flat background (:func:`~mrisr_cli.intensity.flat_background`) keep
     #: the input's value instead of the network's output
     keep_background: bool = True
@@ -199,6 +208,7 @@ def upsample_file(
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
     volume = load_volume(input_path)
+    check_not_label_map(volume.data, str(input_path))
     config = generator.weights.degradation
     plan = plan_grid(volume.affine, volume.data.shape, config)  # type: ignore[arg-type]
     data = plan.to_model(volume.data)
@@ -206,17 +216,26 @@ def upsample_file(
     background = flat_background(data) if options.keep_background else None
     background_value = float(data.min())
     use_n4 = config.n4 if options.n4 is None else options.n4
-    if use_n4:
-        data = n4_correct(data, plan.model_spacing)
+    # the network sees corrected intensities, as in training; the output keeps the input's
+    # shading unless the corrected image is asked for, so it compares with the input's reference
+    bias = n4_fit(data, plan.model_spacing) if use_n4 else None
+    put_back = None if options.bias_corrected else bias
+    if bias is not None:
+        data = bias.remove(data)
     corrected = time.perf_counter()
+    nonnegative = bool(volume.data.min() >= 0)
     out = upsample_array(
         plan.permute(data),
         generator,
         options=inference,
         progress=progress,
-        nonnegative=bool(volume.data.min() >= 0),
+        nonnegative=nonnegative and put_back is None,  # else clipped once the field is back
     )
     out = plan.unpermute(out)
+    if put_back is not None:
+        out = put_back.restore(out)
+        if nonnegative:
+            np.maximum(out, 0.0, out=out)
     if background is not None:
         out[background] = background_value
     out = plan.to_output(out)
@@ -238,7 +257,13 @@ def upsample_file(
         output_shape=tuple(out.shape),
         resampled=plan.resampled,
         seconds=seconds,
-        warnings=list(plan.warnings) + ([half_warning] if half_warning else []),
+        warnings=list(plan.warnings)
+        + ([half_warning] if half_warning else [])
+        + (
+            ["--bias-corrected: these weights run without N4, so there is no field to leave out"]
+            if options.bias_corrected and not use_n4
+            else []
+        ),
         background_kept=int(background.sum()) if background is not None else 0,
     )
     if options.sidecar:
@@ -255,18 +280,21 @@ def write_sidecar(
     record = {
         "mrisr_version": __version__,
         "torch_version": torch.__version__,
-        "input": str(result.input),
-        "output": str(result.output),
+        "input": os.path.abspath(result.input),  # the sidecar may be read from anywhere
+        "output": os.path.abspath(result.output),
         "weights": generator.sources,
         "network": {"name": generator.weights.network.name, **generator.weights.network.params},
         "alpha": generator.alpha,
         "alpha_convention": "theta = alpha*PSNR + (1-alpha)*GAN (1 = PSNR model, 0 = GAN model)",
         "device": inference.device,
+        "threads": torch.get_num_threads(),
         "precision": ("fp16" if inference.device.startswith("cuda") else "bf16")
         if inference.half
         else "fp32",
         "half": inference.half,
         "n4": n4,
+        # N4's field: removed before the network; put back into the output, or left out of it
+        "bias_field": ("removed" if options.bias_corrected else "restored") if n4 else None,
         "keep_background": options.keep_background,
         "background_voxels_kept": result.background_kept,
         "patch": list(inference.patch),

@@ -43,6 +43,7 @@ from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.volumes import (
     atomic_path,
     canonical_reorientation,
+    check_not_label_map,
     image_files,
     load_volume,
     obliquity_degrees,
@@ -58,7 +59,6 @@ DEFAULT_RATIOS: tuple[float, float, float, float] = (0.7, 0.1, 0.1, 0.1)
 CENTRE_STRIDE = 4
 MIN_EXTENT_MM = 64.0  # a whole brain spans ~140 mm; less than a patch is no brain scan
 MAX_SPACING_RATIO = 1.5  # voxels coarser than 1.5 x --spacing are no high-resolution truth
-MIN_DISTINCT_VALUES = 16  # fewer values: a label map or mask, not an image
 MAX_OBLIQUITY_DEGREES = 30.0
 ARRAY_NAMES: tuple[str, ...] = ("hr", "lr", "mask", "centres")
 FLOAT16_LIMIT = 6e4  # largest z-score float16 holds (65504), with a margin
@@ -147,11 +147,7 @@ def check_training_scan(
     A T2 or FLAIR image cannot be told from a T1 by its header; what can be caught here is a
     label map or mask, a coarse acquisition, a partial field of view and a heavily oblique grid.
     """
-    distinct = np.unique(data[::2, ::2, ::2]).size
-    if distinct < MIN_DISTINCT_VALUES:
-        raise InputError(
-            f"{what}: only {distinct} distinct values: a label map or mask, not a T1 image"
-        )
+    check_not_label_map(data, what)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     if zooms.max() > spacing_mm * MAX_SPACING_RATIO:
         raise InputError(

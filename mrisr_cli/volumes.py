@@ -151,6 +151,20 @@ def check_finite_and_nonempty(data: np.ndarray, what: str) -> None:
         raise InputError(f"{what}: volume is empty (every voxel is {float(data.min()):g})")
 
 
+#: Fewer distinct values (on every second voxel) than this: a label map or mask, not an image.
+MIN_DISTINCT_VALUES = 16
+
+
+def check_not_label_map(data: np.ndarray, what: str) -> None:
+    """Refuse a segmentation or mask (a handful of integer values): the networks are made for T1
+    intensities, and their output would be a blur of the labels."""
+    distinct = np.unique(data[::2, ::2, ::2]).size
+    if distinct < MIN_DISTINCT_VALUES:
+        raise InputError(
+            f"{what}: only {distinct} distinct values: a label map or mask, not a T1 image"
+        )
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__

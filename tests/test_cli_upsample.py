@@ -63,7 +63,22 @@ def test_upsample_keeps_shape_affine_orientation_and_writes_sidecar(
     assert sidecar["device"] == "cpu" and sidecar["mrisr_version"]
     assert sidecar["patch"] == [24, 16, 24] and sidecar["margin"] == 2
     assert sidecar["overlap"] == 4 and sidecar["half"] is False
+    assert sidecar["input"] == str(src.absolute()) and sidecar["output"] == str(out.absolute())
+    assert sidecar["threads"] == torch.get_num_threads() >= 1
     assert no_partial_files(tmp_path)
+
+
+def test_sidecar_paths_do_not_depend_on_the_working_folder(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths given relative to the working folder are recorded absolute: the sidecar is read
+    later, from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    result = upsample(phantom_file.name, "o.nii.gz", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["input"] == str(tmp_path / phantom_file.name)
+    assert sidecar["output"] == str(tmp_path / "o.nii.gz")
 
 
 def test_output_equals_network_on_normalised_canonical_input(
@@ -176,7 +191,11 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
         ("no_core", "--patch 24,16,24 leaves no core after cropping --margin 8 per face"),
         ("overlap", "--overlap 10 must be below the patch core (10 voxels)"),
         ("bad_patch", "--patch takes three positive integers like 64,40,64, got '24,16'"),
-        ("not_nifti_name", "output file must end in .nii or .nii.gz"),
+        ("not_nifti_name", "output file must end in .nii.gz, .nii, .mgz, .mgh"),
+        ("several_into_image_name", "several inputs need an output folder, and this names an"),
+        ("folder_into_image_name", "several inputs need an output folder, and this names an"),
+        ("alphas_named_alike", "would both write"),
+        ("label_map", "distinct values: a label map or mask, not a T1 image"),
     ],
 )
 def test_impossible_plans_are_one_line_before_any_work(
@@ -190,12 +209,27 @@ def test_impossible_plans_are_one_line_before_any_work(
         "folder_into_file": [phantom_file, phantom_file, tmp_path / "taken.nii.gz"],
         "missing_input": [tmp_path / "absent.nii.gz", tmp_path / "o.nii.gz"],
         "not_nifti_name": [phantom_file, tmp_path / "o.png"],
+        # a typo'd folder name, or a file name where several outputs need a folder: it used to
+        # become a folder called o.nii.gz
+        "several_into_image_name": [phantom_file, tmp_path / "b.nii.gz", tmp_path / "o.nii.gz"],
+        "folder_into_image_name": [tmp_path / "in", tmp_path / "o.nii.gz"],
+        "label_map": [tmp_path / "labels.nii.gz", tmp_path / "o.nii.gz"],
     }.get(case, [phantom_file, tmp_path / "o.nii.gz"])
     options = {
         "no_core": [*SMALL_PATCH, "--margin", "8"],  # 16 - 2 x 8 = 0
         "overlap": [*SMALL_PATCH, "--overlap", "10"],  # the core is 16 - 2 x 3 = 10
         "bad_patch": ["--patch", "24,16"],
+        # both named o_alpha-0.123457: the second used to fail after the first had run
+        "alphas_named_alike": [*SMALL_PATCH, "--alpha", "0.123456789,0.1234567891"],
     }.get(case, SMALL_PATCH)
+    if case == "several_into_image_name":
+        write_nifti(tmp_path / "b.nii.gz", head_phantom((30, 20, 30)))
+    if case == "folder_into_image_name":
+        (tmp_path / "in").mkdir()
+        write_nifti(tmp_path / "in" / "a.nii.gz", head_phantom((30, 20, 30)))
+    if case == "label_map":  # a segmentation with labels 0-3
+        labels = np.digitize(head_phantom(), [0.5, 40.0, 90.0]).astype(np.int16)
+        write_nifti(tmp_path / "labels.nii.gz", labels)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert_one_line_error(upsample(*paths, "--psnr-weights", fast_weights, *options), needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or made
@@ -234,6 +268,25 @@ def test_a_refused_plan_makes_no_output_folder(tmp_path: Path, fast_weights: Pat
     assert not new.exists()
 
 
+def test_freesurfer_output_names_write_mgh(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """`mrisr degrade` writes .mgz, so `upsample` does too: the same voxels and affine as the
+    NIfTI output, and alpha tags keep the suffix as typed."""
+    nii, mgz = tmp_path / "n.nii.gz", tmp_path / "m.mgz"
+    weights = ["--psnr-weights", fast_weights, "--gan-weights", fast_weights]
+    for out in (nii, mgz):
+        result = upsample(phantom_file, out, *weights, *SMALL_PATCH)
+        assert result.exit_code == 0, result.stderr
+    assert isinstance(nib.load(mgz), nib.MGHImage) and (tmp_path / "m.json").is_file()
+    np.testing.assert_array_equal(nib.load(mgz).get_fdata(), nib.load(nii).get_fdata())
+    np.testing.assert_allclose(nib.load(mgz).affine, nib.load(nii).affine, atol=1e-5)
+    tagged = upsample(phantom_file, tmp_path / "t.MGZ", *weights, "--alpha", "0,1", *SMALL_PATCH)
+    assert tagged.exit_code == 0, tagged.stderr
+    for name in ("t_alpha-0.MGZ", "t_alpha-1.MGZ"):
+        assert isinstance(nib.load(tmp_path / name), nib.MGHImage)
+
+
 def test_trailing_slash_names_a_new_folder_and_repeated_alphas_count_once(
     tmp_path: Path, fast_weights: Path, phantom_file: Path
 ) -> None:
@@ -269,6 +322,45 @@ def test_output_of_a_nonnegative_image_stays_nonnegative_after_n4(
     )
     assert result.exit_code == 0, result.stderr
     assert float(np.asarray(nib.load(out).dataobj).min()) >= 0.0
+
+
+def test_n4_field_is_put_back_unless_the_corrected_output_is_asked_for(
+    tmp_path: Path, fast_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network sees N4-corrected intensities; the output gets the input's bias field back, so
+    that it compares with the input's own reference (degrade -> upsample -> evaluate). With a
+    network that returns its input, the default output is the input again, and --bias-corrected
+    gives N4's correction of it."""
+    from mrisr_cli import pipeline
+    from mrisr_cli.n4 import n4_correct
+
+    monkeypatch.setattr(pipeline, "super_resolve", lambda data, *args: data.copy())
+    clean = head_phantom()
+    ramp = np.linspace(0.75, 1.25, clean.shape[0], dtype=np.float32)[:, None, None]
+    biased = clean * ramp
+    src = write_nifti(tmp_path / "biased.nii.gz", biased)
+    shaded, flat = tmp_path / "shaded.nii.gz", tmp_path / "flat.nii.gz"
+    base = ["--psnr-weights", fast_weights, "--n4", "--no-keep-background"]
+    assert upsample(src, shaded, *base).exit_code == 0
+    result = upsample(src, flat, *base, "--bias-corrected")
+    assert result.exit_code == 0, result.stderr
+    out_shaded = np.asarray(nib.load(shaded).dataobj)
+    out_flat = np.asarray(nib.load(flat).dataobj)
+    np.testing.assert_allclose(out_shaded, biased, atol=1e-3 * biased.max())
+    np.testing.assert_allclose(
+        out_flat, n4_correct(biased, (1.0, 1.0, 1.0)), atol=1e-3 * biased.max()
+    )
+    assert np.abs(out_flat - biased).max() > 0.05 * biased.max()  # the field was there to remove
+
+    def sidecar(path: Path) -> dict:
+        return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
+
+    assert sidecar(shaded)["bias_field"] == "restored" and sidecar(flat)["bias_field"] == "removed"
+    refused = upsample(
+        src, tmp_path / "x.nii.gz", "--psnr-weights", fast_weights, "--no-n4", "--bias-corrected"
+    )
+    assert refused.exit_code != 0 and "--bias-corrected" in refused.stderr
+    assert not (tmp_path / "x.nii.gz").exists()
 
 
 def kept_and_raw(src: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -594,7 +686,7 @@ def test_blending_two_different_networks_is_refused(
     assert_one_line_error(result, "different networks")
 
 
-@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc"])
+@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc", "0,,1", "0.5,"])
 def test_alpha_outside_unit_interval(
     tmp_path: Path, fast_weights: Path, phantom_file: Path, alpha: str
 ) -> None:
@@ -662,6 +754,7 @@ def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_p
         (["upsample", "a.nii", "b.nii", "--alpha"], "'--alpha' requires an argument", "upsample"),
         (["--threads", "2"], "No such option", ""),
         (["nosuch"], "No such command", ""),
+        (["upsampel", "a", "b"], "Did you mean 'upsample'? (see", ""),
     ],
 )
 def test_console_script_usage_errors_are_one_line(
@@ -678,7 +771,7 @@ def test_console_script_usage_errors_are_one_line(
     assert len(lines) == 1, run.stderr
     assert ": error: " in lines[0] and expected in lines[0]
     named = f"python -m mrisr_cli {command}".strip()
-    assert lines[0].startswith(f"{named}: error: ") and lines[0].endswith(f"see '{named} --help'")
+    assert lines[0].startswith(f"{named}: error: ") and f"see '{named} --help'" in lines[0]
     assert run.stdout == ""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrisr_cli.n4 import n4_correct
+from mrisr_cli.n4 import n4_correct, n4_fit
 from tests.test_prepare import SHAPE, head
 
 SPACING = (1.0, 1.0, 1.0)
@@ -67,3 +67,25 @@ def test_n4_is_computed_where_float32_would_fail(span: float) -> None:
 
 def test_n4_of_a_constant_image_is_the_image() -> None:
     np.testing.assert_array_equal(n4_correct(np.full((8, 8, 8), 5.0), (1.0, 1.0, 1.0)), 5.0)
+
+
+def test_the_fitted_field_follows_the_bias_and_restores_it() -> None:
+    """upsample removes N4's field before the network and puts it back after: the field must be
+    the bias that was applied, and putting it back must give the biased input again."""
+    clean, biased = biased_head()
+    fit = n4_fit(biased, SPACING)
+    np.testing.assert_allclose(
+        fit.remove(biased), n4_correct(biased, SPACING), rtol=1e-6, atol=1e-4
+    )
+    np.testing.assert_allclose(fit.restore(fit.remove(biased)), biased, rtol=1e-5, atol=1e-3)
+    # the field rises along the first axis: upper half / lower half of the head, 1.19 applied
+    head_mask = clean > 20
+    applied = np.linspace(0.75, 1.25, SHAPE[0])[:, None, None] * np.ones(SHAPE)
+    upper, lower = head_mask & (applied > 1), head_mask & (applied < 1)
+    rise = lambda v: float(v[upper].mean() / v[lower].mean())  # noqa: E731
+    gain = np.broadcast_to(fit.gain, SHAPE)
+    print(f"rise of the field: applied {rise(applied):.3f}, fitted {rise(gain):.3f}")
+    assert rise(gain) > 1.1 and abs(rise(gain) / rise(applied) - 1.0) < 0.05
+    # a result made from the corrected head gets the input's shading back, not a flat one
+    shading = np.where(head_mask, fit.restore(clean) / np.maximum(clean, 1.0), 0.0)
+    assert abs(rise(shading) - rise(gain)) < 0.02
