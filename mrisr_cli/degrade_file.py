@@ -66,7 +66,9 @@ def degrade_file(
     degraded = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
     # With --keep-lowres both files are written in full to hidden temporary files before either
     # is renamed into place, so a failed write leaves neither. LOW is renamed first, then LR;
-    # should that last rename fail, LOW is removed again unless it replaced a file (--overwrite).
+    # should that last rename fail, a LOW that did not exist before is removed again (one that
+    # --overwrite replaced cannot be given back: the error says which file failed).
+    low_existed = lowres_path is not None and lowres_path.exists()
     low_in_place = False
     try:
         with _staged_image(lr_path, overwrite=overwrite) as lr_tmp:
@@ -81,7 +83,7 @@ def degrade_file(
                     _save(low_tmp, lowres_path, reo.undo(low), low_affine, volume.header)
                 low_in_place = True
     except BaseException:
-        if low_in_place and not overwrite:
+        if low_in_place and not low_existed and lowres_path is not None:
             lowres_path.unlink(missing_ok=True)
         raise
     return warnings

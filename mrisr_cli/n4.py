@@ -25,7 +25,7 @@ N4_SHRINK = 4
 N4_CONVERGENCE: dict[str, Any] = {"iters": [50, 50, 50, 50], "tol": 1e-7}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: no meaningful == or hash
 class BiasField:
     """A fitted N4 field: removed from the volume it was fitted on, and put back into a result on
     the same grid (``mrisr upsample`` feeds the network corrected intensities, as it was trained,
@@ -36,7 +36,7 @@ class BiasField:
     ``restore`` multiplies, and ``restore(remove(x)) == x`` up to rounding.
     """
 
-    gain: np.ndarray  # > 0; N4's field over the level ratio that keeps the input's overall level
+    gain: np.ndarray  # > 0, float32; N4's field over the ratio that keeps the input's level
     floor: float
     scale: float
 
@@ -77,7 +77,7 @@ def n4_fit(
     floor = float(values.min())
     span = float(values.max()) - floor
     if span <= 0:  # a constant image has no field to correct
-        return BiasField(gain=np.ones((), dtype=np.float64), floor=floor, scale=1.0)
+        return BiasField(gain=np.ones((), dtype=np.float32), floor=floor, scale=1.0)
     scale = N4_RANGE / span
     shifted = np.ascontiguousarray((values - floor) * scale + 1.0, dtype=np.float32)
     image = ants.from_numpy(shifted, spacing=tuple(float(s) for s in spacing))
@@ -92,10 +92,12 @@ def n4_fit(
         convergence=dict(convergence or N4_CONVERGENCE),
         return_bias_field=True,
     ).numpy()
-    field = np.asarray(field, dtype=np.float64)
     # the field is known up to a constant factor: keep the input's overall level (its units)
-    level = float(shifted.mean(dtype=np.float64)) / max(float((shifted / field).mean()), 1e-12)
-    return BiasField(gain=field / level, floor=floor, scale=scale)
+    corrected_mean = float((shifted / field).mean(dtype=np.float64))
+    level = float(shifted.mean(dtype=np.float64)) / max(corrected_mean, 1e-12)
+    # float32 (held while the network runs: 4 bytes a voxel); its rounding, 6e-8, is far below
+    # the network's error
+    return BiasField(gain=(field / np.float32(level)).astype(np.float32), floor=floor, scale=scale)
 
 
 def n4_correct(

@@ -26,10 +26,6 @@ THREAD_ENV_VARS: tuple[str, ...] = (
 )
 
 
-#: Folders under which cgroup v1 mounts the CPU controller (distributions differ in the name).
-_V1_CPU_MOUNTS: tuple[str, ...] = ("cpu", "cpu,cpuacct", "cpuacct,cpu")
-
-
 def _own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
     """This process's cgroup v2 path and cgroup v1 ``cpu`` path, from ``/proc/self/cgroup``.
 
@@ -55,9 +51,21 @@ def _own_cgroups(proc_cgroup: Path) -> tuple[str, str]:
 
 
 def _up_to(top: Path, relative: str) -> list[Path]:
-    """``top/relative`` and each of its parents up to ``top`` itself, deepest first."""
-    parts = [part for part in relative.split("/") if part not in ("", ".", "..")]
+    """``top/relative`` and each of its parents up to ``top`` itself, deepest first. A path that
+    leaves the namespace (``/../x``: a cgroup outside the container's view) gives ``top`` only."""
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        return [top]
     return [top.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _v1_cpu_mounts(root: Path) -> list[Path]:
+    """Where cgroup v1 mounts the CPU controller: ``cpu``, ``cpu,cpuacct``, ``cpuacct,cpu`` (the
+    name differs by distribution), or a hierarchy that holds it with others."""
+    try:
+        return [d for d in root.iterdir() if "cpu" in d.name.split(",") and d.is_dir()]
+    except OSError:  # no cgroup folder (macOS, Windows)
+        return []
 
 
 def _quota_in(folder: Path) -> tuple[int, int] | None:
@@ -96,8 +104,8 @@ def cgroup_cpu_limit(
     """
     v2_path, v1_path = _own_cgroups(proc_cgroup)
     folders = _up_to(root, v2_path)
-    for mount in _V1_CPU_MOUNTS:
-        folders += _up_to(root / mount, v1_path)
+    for mount in _v1_cpu_mounts(root):
+        folders += _up_to(mount, v1_path)
     limits = [
         math.ceil(quota / period)
         for quota, period in filter(None, (_quota_in(folder) for folder in folders))

@@ -89,7 +89,18 @@ def test_options_show_their_metavar(command: str, option: str, metavar: str) -> 
     ("command", "flags"),
     [
         ("", ["--version", "--help"]),
-        ("upsample", ["--n4", "--keep-background", "--half", "--compile", "--overwrite", "--help"]),
+        (
+            "upsample",
+            [
+                "--n4",
+                "--bias-corrected",
+                "--keep-background",
+                "--half",
+                "--compile",
+                "--overwrite",
+                "--help",
+            ],
+        ),
         ("evaluate", ["--tissue", "--n4", "--overwrite", "--help"]),
         ("train", ["--amp", "--checkpointing", "--compile", "--resume", "--deterministic"]),
     ],

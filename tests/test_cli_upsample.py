@@ -356,6 +356,13 @@ def test_n4_field_is_put_back_unless_the_corrected_output_is_asked_for(
         return json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())
 
     assert sidecar(shaded)["bias_field"] == "restored" and sidecar(flat)["bias_field"] == "removed"
+    # with the flat background kept (the default), the zeros around the head stay exactly 0 and
+    # the head is the input again: the rule and the field's return do not disturb each other
+    kept = tmp_path / "kept.nii.gz"
+    assert upsample(src, kept, "--psnr-weights", fast_weights, "--n4").exit_code == 0
+    out_kept = np.asarray(nib.load(kept).dataobj)
+    assert (out_kept[biased == 0] == 0).all()
+    np.testing.assert_allclose(out_kept, biased, atol=1e-3 * biased.max())
     refused = upsample(
         src, tmp_path / "x.nii.gz", "--psnr-weights", fast_weights, "--no-n4", "--bias-corrected"
     )

@@ -145,11 +145,13 @@ def test_a_failed_lowres_write_leaves_no_degraded_output(
     assert tree(work) == before
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_a_failed_rename_of_the_degraded_output_takes_back_the_lowres_one(
-    work: Path, monkeypatch: pytest.MonkeyPatch
+    work: Path, monkeypatch: pytest.MonkeyPatch, overwrite: list[str]
 ) -> None:
     """Both files are renamed only once both are written, the low-resolution one first: should
-    the last rename fail, the low-resolution file (new, no --overwrite) is removed again."""
+    the last rename fail, the low-resolution file, new, is removed again (with --overwrite too,
+    where there was nothing to replace)."""
     before = tree(work)
     real_replace = os.replace
 
@@ -159,7 +161,7 @@ def test_a_failed_rename_of_the_degraded_output_takes_back_the_lowres_one(
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    result = degrade(work, "in.nii.gz", "o/lr.nii.gz", "--keep-lowres", "o/low.nii.gz")
+    result = degrade(work, "in.nii.gz", "o/lr.nii.gz", "--keep-lowres", "o/low.nii.gz", *overwrite)
     assert_one_line_error(result, "o/lr.nii.gz: could not write (Input/output error)")
     assert tree(work) == before
 

@@ -154,7 +154,7 @@ def _cgroup_v1(root, quota: str, period: str = "100000", mount: str = "cpu", pat
 
 def _limit(root, proc_cgroup: str = "0::/\n") -> int | None:
     """cgroup_cpu_limit on a fake /sys/fs/cgroup tree, with this process's /proc/self/cgroup."""
-    proc = root.parent / f"{root.name}.proc_cgroup"
+    proc = root / "proc_self_cgroup"  # inside the fake tree, where no cgroup file is named so
     proc.write_text(proc_cgroup)
     return cgroup_cpu_limit(root, proc)
 
@@ -201,13 +201,23 @@ def test_a_parent_cgroup_quota_caps_its_children(tmp_path) -> None:
     assert _limit(tmp_path, "0::/batch.slice/job_42\n") == 2
 
 
-@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct"])
+@pytest.mark.parametrize("mount", ["cpu", "cpu,cpuacct", "cpuacct,cpu", "cpu,cpuacct,cpuset"])
 def test_cgroup_v1_quota_of_the_process_cgroup(tmp_path, mount: str) -> None:
     """cgroup v1 names the cpu controller's hierarchy on its own line, mounted as cpu or
     cpu,cpuacct; a quota deeper in it counts."""
     _cgroup_v1(tmp_path, "200000", mount=mount, path="slurm/uid_0/job_9")
     proc = "12:memory:/slurm/uid_0/job_9\n4:cpu,cpuacct:/slurm/uid_0/job_9\n0::/\n"
     assert _limit(tmp_path, proc) == 2
+
+
+def test_a_cgroup_outside_the_namespace_reads_the_mount_only(tmp_path) -> None:
+    """/proc/self/cgroup names "/../x" for a cgroup above the container's namespace root: its
+    quota is not in this tree, and "/.." must not walk out of it."""
+    root, outside = tmp_path / "cgroup", tmp_path / "outside"
+    for folder, quota in ((root, "200000"), (outside, "100000"), (root / "outside", "100000")):
+        folder.mkdir()
+        (folder / "cpu.max").write_text(f"{quota} 100000\n")
+    assert _limit(root, "0::/../outside\n") == 2
 
 
 def test_container_without_cgroup_namespace_reads_its_mount(tmp_path) -> None:
