@@ -187,8 +187,8 @@ def upsample(
     alphas = _parse_alphas(alpha)
     with user_errors():
         patch_size = parse_triple(patch, "--patch")
-    if len(paths) < 2:
-        raise fail("give at least one input and an output: mrisr upsample IN OUT")
+    if len(paths) < 2:  # a missing argument: a usage error (exit 2), as click's own
+        raise typer.BadParameter("give at least one input and an output", param_hint="'PATHS'")
     core = min(patch_size) - 2 * margin
     if core < 1:
         raise fail(f"--patch {patch} leaves no core after cropping --margin {margin} per face")

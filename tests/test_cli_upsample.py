@@ -184,7 +184,6 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
 @pytest.mark.parametrize(
     ("case", "needle"),
     [
-        ("one_path", "give at least one input and an output"),
         ("empty_folder", "folder holds no .nii/.nii.gz/.mgz images"),
         ("folder_into_file", "several inputs need an output folder, this is a file"),
         ("missing_input", "no such file or folder"),
@@ -204,7 +203,6 @@ def test_impossible_plans_are_one_line_before_any_work(
     (tmp_path / "empty").mkdir()
     (tmp_path / "taken.nii.gz").write_bytes(b"not an output folder")
     paths: list[str | Path] = {
-        "one_path": [phantom_file],
         "empty_folder": [tmp_path / "empty", tmp_path / "out"],
         "folder_into_file": [phantom_file, phantom_file, tmp_path / "taken.nii.gz"],
         "missing_input": [tmp_path / "absent.nii.gz", tmp_path / "o.nii.gz"],
@@ -761,6 +759,7 @@ def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_p
         (["upsample", "a.nii", "b.nii", "--alpha"], "'--alpha' requires an argument", "upsample"),
         (["--threads", "2"], "No such option", ""),
         (["nosuch"], "No such command", ""),
+        (["upsample", "in.nii.gz"], "'PATHS': give at least one input and an output", "upsample"),
         (["upsampel", "a", "b"], "Did you mean 'upsample'? (see", ""),
     ],
 )
