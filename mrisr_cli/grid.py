@@ -9,6 +9,7 @@ the coarse ones are the model's degraded axes; the output is written on that fin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,9 +105,12 @@ def plan_grid(
     target = config.spacing_mm
     max_spacing = target * max(config.factors()) * ON_GRID_TOLERANCE
     if zooms.max() > max_spacing:
+        needed = math.ceil(zooms.max() / target / ON_GRID_TOLERANCE)
         raise InputError(
             f"voxels of {zooms.max():.2f} mm are coarser than a x{config.factor} model can "
-            f"restore (at most {max_spacing:.2f} mm at {target:g} mm)"
+            f"restore (at most {max_spacing:.2f} mm at {target:g} mm); such scans need a model "
+            f"trained for them (mrisr prepare --factor {needed}, then mrisr train: "
+            "docs/training.md)"
         )
     if zooms.min() < target * FINEST_SPACING_RATIO:
         warnings.append(

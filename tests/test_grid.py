@@ -64,8 +64,11 @@ def test_reoriented_input_returns_to_its_own_axis_order() -> None:
 
 
 def test_too_coarse_is_refused_and_odd_spacings_warn() -> None:
-    with pytest.raises(InputError, match="coarser than"):
+    with pytest.raises(InputError, match="coarser than") as refused:
         plan_grid(affine_with((1.0, 1.0, 3.0)), (30, 30, 10), CONFIG)
+    assert "mrisr prepare --factor 3" in str(refused.value)  # the way on: a x3 model
+    x3 = DegradationConfig(factor=3, axes=CONFIG.axes)  # which does take the scan
+    assert plan_grid(affine_with((1.0, 1.0, 3.0)), (30, 30, 10), x3).resampled
     fine = plan_grid(affine_with((0.7, 0.7, 0.7)), (30, 30, 30), CONFIG)
     assert any("finer than" in w for w in fine.warnings)
     iso = plan_grid(affine_with((1.6, 1.6, 1.6)), (30, 30, 30), CONFIG)
