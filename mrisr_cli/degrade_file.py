@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from nibabel import orientations as ornt
@@ -15,17 +14,14 @@ from mrisr_cli.degradation import DegradationConfig, degrade_volume, lowres_affi
 from mrisr_cli.errors import OutputError
 from mrisr_cli.volumes import (
     NIFTI_SUFFIXES,
-    _short,
     atomic_path,
     canonical_reorientation,
     check_output_path,
     is_volume_path,
     load_volume,
-    save_volume,
+    os_reason,
+    write_volume,
 )
-
-if TYPE_CHECKING:
-    import nibabel as nib
 
 #: How far from 1 mm a voxel may be before `degrade` warns (the 0.8-1.2 mm of real "1 mm" scans).
 ONE_MM_TOLERANCE = 0.25
@@ -72,7 +68,7 @@ def degrade_file(
     low_in_place = False
     try:
         with _staged_image(lr_path, overwrite=overwrite) as lr_tmp:
-            _save(lr_tmp, lr_path, degraded, volume.affine, volume.header)
+            write_volume(lr_tmp, degraded, volume.affine, volume.header, name=lr_path)
             if lowres_path is not None:
                 low = lowres_volume(canonical, config)
                 factors = config.factors()
@@ -80,7 +76,8 @@ def degrade_file(
                 # back to the input's axis order: the same flips and permutation, smaller shape
                 low_affine = low_affine @ ornt.inv_ornt_aff(reo.from_canonical, low.shape)
                 with _staged_image(lowres_path, overwrite=overwrite) as low_tmp:
-                    _save(low_tmp, lowres_path, reo.undo(low), low_affine, volume.header)
+                    low_data = reo.undo(low)
+                    write_volume(low_tmp, low_data, low_affine, volume.header, name=lowres_path)
                 low_in_place = True
     except BaseException:
         if low_in_place and not low_existed and lowres_path is not None:
@@ -115,20 +112,7 @@ def _staged_image(path: Path, *, overwrite: bool) -> Iterator[Path]:
         with atomic_path(path, overwrite=overwrite) as tmp:
             yield tmp
     except OSError as exc:  # the renames (a write failing is an OutputError already)
-        raise OutputError(f"{path}: could not write ({exc.strerror or _short(exc)})") from exc
-
-
-def _save(
-    staged: Path, path: Path, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header
-) -> None:
-    """``save_volume`` into a staged file; a failure names the output, not the temporary file."""
-    try:
-        save_volume(staged, data, affine, header, overwrite=True)
-    except OutputError as exc:
-        cause = exc.__cause__
-        if not isinstance(cause, OSError):
-            raise
-        raise OutputError(f"{path}: could not write ({cause.strerror or _short(cause)})") from cause
+        raise OutputError(f"{path}: could not write ({os_reason(exc)})") from exc
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -170,6 +170,11 @@ def _short(exc: BaseException) -> str:
     return text[0][:160] if text else type(exc).__name__
 
 
+def os_reason(exc: OSError) -> str:
+    """Why a file operation failed, without the (temporary) file name that str(exc) carries."""
+    return exc.strerror or _short(exc)
+
+
 GZIP_MAGIC = b"\x1f\x8b"
 # the first 4 bytes of an image file (after decompression) and the size of the header they start:
 # sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2) in either byte order, or MGH's big-endian version 1
@@ -368,9 +373,7 @@ def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
             prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder
         )
     except OSError as exc:
-        # strerror: the temporary file's name would mean nothing to the user
-        reason = exc.strerror or _short(exc)
-        raise OutputError(f"{folder}: output folder is not writable ({reason})") from exc
+        raise OutputError(f"{folder}: output folder is not writable ({os_reason(exc)})") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -401,6 +404,21 @@ def save_volume(
     output's grid when that differs (see :func:`carry_transforms`). Spatial and time units it
     leaves undefined (an MGH input) are written as mm and seconds.
     """
+    with atomic_path(Path(path), overwrite=overwrite) as tmp:
+        write_volume(tmp, data, affine, header, dtype=dtype, name=Path(path))
+
+
+def write_volume(
+    tmp: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+    *,
+    dtype: np.dtype | type = np.float32,
+    name: Path,
+) -> None:
+    """:func:`save_volume`'s writing, into ``tmp``, a temporary path of :func:`atomic_path`, for
+    callers that rename several files together; a failure names ``name``, the final file."""
     header = header.copy() if header is not None else nib.Nifti1Header()
     array = np.asarray(data, dtype=dtype)
     carry_transforms(header, affine, array.shape)
@@ -412,11 +430,10 @@ def save_volume(
     )
     image = nib.Nifti1Image(array, header.get_best_affine(), header)
     image.header.set_slope_inter(1.0, 0.0)
-    with atomic_path(Path(path), overwrite=overwrite) as tmp:
-        try:
-            nib.save(image, str(tmp))
-        except OSError as exc:
-            raise OutputError(f"{path}: could not write ({exc.strerror or _short(exc)})") from exc
+    try:
+        nib.save(image, str(tmp))
+    except OSError as exc:
+        raise OutputError(f"{name}: could not write ({os_reason(exc)})") from exc
 
 
 def carry_transforms(header: nib.Nifti1Header, affine: np.ndarray, shape: tuple[int, ...]) -> None:
