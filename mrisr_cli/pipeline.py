@@ -173,8 +173,8 @@ def upsample_array(
     """Normalise with the array's own foreground, run the network, map back to its units.
 
     ``nonnegative`` clips the output at 0; by default it does when ``data`` has no negative
-    value. Callers that bias-corrected ``data`` pass the original image's answer: N4 moves an
-    exact-zero background slightly below 0, and a magnitude image must not come out negative.
+    value. :func:`upsample_file` passes False and clips by the original image once N4's field is
+    back: ``data`` there is bias-corrected, and N4 moves an exact-zero background below 0.
     """
     stats = foreground_stats(data, foreground_mask(data))  # the mask crops to boxes itself
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
@@ -223,19 +223,16 @@ def upsample_file(
     if bias is not None:
         data = bias.remove(data)
     corrected = time.perf_counter()
-    nonnegative = bool(volume.data.min() >= 0)
     out = upsample_array(
-        plan.permute(data),
-        generator,
-        options=inference,
-        progress=progress,
-        nonnegative=nonnegative and put_back is None,  # else clipped once the field is back
+        plan.permute(data), generator, options=inference, progress=progress, nonnegative=False
     )
     out = plan.unpermute(out)
     if put_back is not None:
         out = put_back.restore(out)
-        if nonnegative:
-            np.maximum(out, 0.0, out=out)
+    # a magnitude image stays non-negative: clipped here, after the field is back, because N4
+    # moves an exact-zero background below 0 and putting the field back can too
+    if volume.data.min() >= 0:
+        np.maximum(out, 0.0, out=out)
     if background is not None:
         out[background] = background_value
     out = plan.to_output(out)
