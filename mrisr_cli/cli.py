@@ -194,6 +194,10 @@ def upsample(
         raise fail(f"--patch {patch} leaves no core after cropping --margin {margin} per face")
     if overlap >= core:
         raise fail(f"--overlap {overlap} must be below the patch core ({core} voxels)")
+    from mrisr_cli.tiling import slow_tiling_warning
+
+    if slow := slow_tiling_warning(patch_size, margin, overlap):
+        warn(slow)
     if bias_corrected and n4 is False:
         raise fail("--bias-corrected writes N4's corrected output: it cannot go with --no-n4")
     with user_errors():

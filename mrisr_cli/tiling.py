@@ -20,6 +20,28 @@ import numpy as np
 
 PAPER_PATCH: tuple[int, int, int] = (64, 40, 64)
 PAPER_MARGIN: int = 3
+#: Tilings that keep less than this share of what the paper's keeps of each network run get a
+#: warning: they are legal, only slow (``--patch 10,10,10`` keeps 6 % against 70 %).
+SLOW_TILING_SHARE: float = 0.5
+
+
+def kept_share(patch: tuple[int, int, int], margin: int, overlap: int = 0) -> float:
+    """The share of each patch's voxels that tiling keeps (its stride's volume over the patch's):
+    the network's time per volume goes with its inverse."""
+    return math.prod(p - 2 * margin - overlap for p in patch) / math.prod(patch)
+
+
+def slow_tiling_warning(patch: tuple[int, int, int], margin: int, overlap: int = 0) -> str | None:
+    """A line for a tiling that spends the network's time on voxels it crops away, else None."""
+    kept, paper = kept_share(patch, margin, overlap), kept_share(PAPER_PATCH, PAPER_MARGIN)
+    if kept >= SLOW_TILING_SHARE * paper:
+        return None
+    shape = ",".join(map(str, patch))
+    return (
+        f"--patch {shape} with --margin {margin} and --overlap {overlap} keeps {kept:.0%} of "
+        f"each patch (the paper's {','.join(map(str, PAPER_PATCH))} keeps {paper:.0%}): "
+        f"expect about {paper / kept:.0f}x the network time"
+    )
 
 
 @dataclass(frozen=True)

@@ -590,6 +590,19 @@ def test_volume_smaller_than_one_patch(tmp_path: Path, fast_weights: Path) -> No
     assert nib.load(tmp_path / "o.nii.gz").shape == (12, 9, 14)
 
 
+def test_a_tiling_that_wastes_most_of_each_patch_runs_with_a_warning(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    src = write_nifti(tmp_path / "in.nii.gz", head_phantom((16, 12, 16)))
+    out = tmp_path / "o.nii.gz"
+    result = upsample(src, out, "--psnr-weights", fast_weights, "--patch", "10,10,10")
+    assert result.exit_code == 0, result.stderr
+    assert "--patch 10,10,10 with --margin 3 and --overlap 0 keeps 6%" in result.stderr
+    assert nib.load(out).shape == (16, 12, 16)
+    result = upsample(src, tmp_path / "o2.nii.gz", "--psnr-weights", fast_weights)
+    assert result.exit_code == 0 and "keeps" not in result.stderr
+
+
 def test_strongly_oblique_affine_is_refused(tmp_path: Path, fast_weights: Path) -> None:
     angle = np.radians(45)
     affine = np.eye(4)

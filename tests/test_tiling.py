@@ -10,7 +10,13 @@ from torch import nn
 
 from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.networks import build_network
-from mrisr_cli.tiling import TileGrid, crop_core, pad_for_grid
+from mrisr_cli.tiling import (
+    TileGrid,
+    crop_core,
+    kept_share,
+    pad_for_grid,
+    slow_tiling_warning,
+)
 
 
 class Identity(nn.Module):
@@ -112,3 +118,19 @@ def test_stitched_equals_patch_by_patch_on_a_real_t1_crop_with_paper_patches() -
     difference = float(np.abs(stitched - reference).max())
     print(f"stitched vs patch-by-patch, real T1 crop {volume.shape}: max abs diff {difference:.2e}")
     assert difference < 1e-5
+
+
+def test_tilings_that_crop_most_of_each_patch_are_called_slow() -> None:
+    """The share kept is the stride's volume over the patch's; the documented alternatives
+    (--margin 6, --overlap 8) pass; a 10-voxel patch, keeping 4 of 10 voxels per axis, does not."""
+    assert kept_share((64, 40, 64), 3) == pytest.approx(58 * 34 * 58 / (64 * 40 * 64))
+    assert kept_share((64, 40, 64), 3, overlap=8) == pytest.approx(50 * 26 * 50 / (64 * 40 * 64))
+    for patch, margin, overlap in [
+        ((64, 40, 64), 3, 0),
+        ((64, 40, 64), 6, 0),
+        ((64, 40, 64), 3, 8),
+    ]:
+        assert slow_tiling_warning(patch, margin, overlap) is None
+    warning = slow_tiling_warning((10, 10, 10), 3)
+    assert warning is not None and "keeps 6% of each patch" in warning
+    assert "about 11x the network time" in warning
