@@ -26,7 +26,13 @@ import numpy as np
 from mrisr_cli import __version__
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.intensity import foreground_mask
-from mrisr_cli.volumes import atomic_path, image_files, load_volume, strip_suffix
+from mrisr_cli.volumes import (
+    atomic_path,
+    image_files,
+    load_volume,
+    nibabel_readable,
+    strip_suffix,
+)
 
 AFFINE_TOLERANCE_MM = 1e-3
 UNRELIABLE_BACKGROUND = 0.5  # parcellation background share of the mask that flags a failure
@@ -241,8 +247,9 @@ def _load_mask(path: Path | None, ref: Any) -> np.ndarray:
             raise InputError("automatic foreground mask of the reference is empty")
         return mask
     try:
-        image = nib.load(str(path))
-        data = np.asarray(image.dataobj)
+        with nibabel_readable(path) as readable:
+            image = nib.load(str(readable))
+            data = np.asarray(image.dataobj)
     except Exception as exc:  # nibabel raises many types for foreign or truncated files
         raise InputError(f"mask {path.name}: not a readable image ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:

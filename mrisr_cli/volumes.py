@@ -73,11 +73,40 @@ def load_volume(path: Path) -> Volume:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
-    with _nibabel_header_fixes() as fixes:
+    with _nibabel_header_fixes() as fixes, nibabel_readable(path) as readable:
         try:
-            image = nib.load(str(path))
+            image = nib.load(str(readable))
         except Exception as exc:  # nibabel raises many types for foreign files
             raise InputError(f"{path}: {_unreadable_reason(path, exc)}") from exc
+        volume = _checked_volume(image, path, fixes)
+    _check_gzip_stream(path)
+    check_finite_and_nonempty(volume.data, str(path))
+    return volume
+
+
+@contextmanager
+def nibabel_readable(path: Path) -> Iterator[Path]:
+    """``path``, or a link to it whose suffix is in lower case while the image is read.
+
+    nibabel matches a suffix in one case only: it looks for ``a.Nii.Gz`` as ``a.nii.Gz``. All
+    lower- or upper-case names are read as they are; only mixed-case ones get the link.
+    """
+    lower = path.name.lower()
+    suffix = next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), None)
+    if suffix is None or path.name.endswith((suffix, suffix.upper())):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mrisr-") as folder:
+        link = Path(folder) / f"image{suffix}"
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:  # no links in the temporary folder: nibabel's own error follows
+            link = path
+        yield link
+
+
+def _checked_volume(image: object, path: Path, fixes: list[str]) -> Volume:
+    """The voxels and geometry of a loaded image, or the first reason they are unusable."""
     if not isinstance(image, nib.spatialimages.SpatialImage):
         raise InputError(f"{path}: not a volumetric image")
     shape = image.shape
@@ -98,8 +127,6 @@ def load_volume(path: Path) -> Volume:
         data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: {_unreadable_reason(path, exc, header_read=True)}") from exc
-    _check_gzip_stream(path)
-    check_finite_and_nonempty(data, str(path))
     if isinstance(image.header, nib.Nifti1Header):
         header = image.header.copy()
     else:  # MGH: its affine is scanner RAS

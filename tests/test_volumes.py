@@ -346,3 +346,25 @@ def test_gzip_of_something_else_is_not_an_image(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b"hello, this is not an image\n" * 20))
     with pytest.raises(InputError, match="not a NIfTI/MGH image"):
         load_volume(path)
+
+
+@pytest.mark.parametrize("name", ["Sub.Nii.Gz", "sub.nIi", "sub.Mgz", "sub.NII.GZ"])
+def test_suffixes_in_mixed_case_are_read(tmp_path: Path, name: str) -> None:
+    """nibabel looks for ``a.Nii.Gz`` as ``a.nii.Gz``; mrisr reads it (and writes it) anyway."""
+    data = head_phantom((12, 10, 14))
+    lower = tmp_path / name.lower()
+    save_volume(lower, data, np.diag([1.0, 1.2, 0.9, 1.0]), nib.Nifti1Header())
+    lower.rename(tmp_path / name)
+    volume = load_volume(tmp_path / name)
+    np.testing.assert_allclose(volume.data, data, rtol=1e-6)
+    np.testing.assert_allclose(volume.spacing, (1.0, 1.2, 0.9))
+    save_volume(tmp_path / f"out-{name}", volume.data, volume.affine, volume.header)
+    np.testing.assert_allclose(load_volume(tmp_path / f"out-{name}").data, data, rtol=1e-6)
+
+
+def test_a_damaged_file_in_mixed_case_is_still_reported_as_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "cut.Nii.Gz"
+    whole = gzip.compress(nib.Nifti1Image(head_phantom((12, 10, 14)), np.eye(4)).to_bytes())
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        load_volume(path)
