@@ -9,10 +9,11 @@
 # lines starting with # are skipped). Task N reads line N and writes
 # OUTDIR/<input name without its suffix>_sr.nii.gz, or, for several alphas (MRISR_ARGS="--alpha
 # 0,1"), one <name>_sr_alpha-<alpha>.nii.gz per alpha, as mrisr names them. Input file names must
-# be unique (BIDS names are). A subject whose outputs all exist is skipped: resubmitting the same
-# array after a failure redoes only what is missing (a subject with only some of its alphas done
-# is redone whole, with --overwrite). Symbolic links (DataLad/git-annex datasets) are followed:
-# the file they point to is what the container reads. "%20" caps how many tasks run at once.
+# be unique (BIDS names are): a task whose output another input made fails, naming both. Outputs
+# a task finished are skipped (mrisr upsample --skip-existing): resubmitting the same array after
+# a failure redoes only what is missing, alpha by alpha; MRISR_ARGS="--overwrite" redoes all.
+# Symbolic links (DataLad/git-annex datasets) are followed: the file they point to is what the
+# container reads. "%20" caps how many tasks run at once.
 #
 # Settings from the environment: SIF (default: mrisr.sif), MRISR_ARGS (extra options for
 # `mrisr upsample`, e.g. "--alpha 0.5"), SINGULARITY (default: singularity; apptainer works too).
@@ -36,6 +37,7 @@ task=${SLURM_ARRAY_TASK_ID:?not an array task: $usage}
 threads=${SLURM_CPUS_PER_TASK:-1}
 
 in=$(sed -n "${task}p" "$list")
+in=${in%$'\r'} # a list written on Windows
 if [[ -z "${in//[[:space:]]/}" || "$in" == \#* ]]; then
     echo "task $task: line $task of $list is empty or a comment; nothing to do"
     exit 0
@@ -61,47 +63,16 @@ done
 
 read -r -a extra <<< "${MRISR_ARGS:-}"
 
-# The outputs mrisr will write: OUT for one alpha, else OUT's name + _alpha-<alpha as %g> for each
-# distinct alpha (mrisr_cli/batch.py, plan_jobs).
-alpha_text=1
-for ((i = 0; i < ${#extra[@]}; i++)); do
-    case ${extra[i]} in
-        --alpha) alpha_text=${extra[i + 1]:-} ;;
-        --alpha=*) alpha_text=${extra[i]#--alpha=} ;;
-    esac
-done
-IFS=, read -r -a alphas <<< "$alpha_text"
-tags=()
-for alpha in "${alphas[@]}"; do
-    [[ -n "$alpha" ]] || continue
-    tag=$(LC_ALL=C printf '%g' "$alpha" 2> /dev/null) || {
-        echo "task $task: --alpha $alpha_text: not a list of numbers" >&2
-        exit 1
-    }
-    [[ " ${tags[*]} " == *" $tag "* ]] || tags+=("$tag")
+# mrisr decides what is done: with --skip-existing it skips an output whose sidecar records this
+# input, alpha and weights, runs the alphas still missing, and fails on an output that another
+# input or run made (two subjects with one file name). --overwrite in MRISR_ARGS redoes all.
+resume=(--skip-existing)
+for arg in "${extra[@]}"; do
+    if [[ "$arg" == --overwrite ]]; then resume=(); fi
 done
 mkdir -p "$outdir"
 out_dir=$(cd "$outdir" && pwd -P)
 out="$out_dir/${name}_sr.nii.gz"
-outputs=("$out")
-if ((${#tags[@]} > 1)); then
-    outputs=()
-    for tag in "${tags[@]}"; do
-        outputs+=("$out_dir/${name}_sr_alpha-$tag.nii.gz")
-    done
-fi
-missing=0
-for output in "${outputs[@]}"; do
-    [[ -e "$output" ]] || missing=$((missing + 1))
-done
-if ((missing == 0)); then
-    echo "task $task: ${outputs[*]} exist; skipping $in"
-    exit 0
-fi
-if ((missing < ${#outputs[@]})); then
-    echo "task $task: only some alphas of $in are done; redoing them all"
-    extra+=(--overwrite)
-fi
 
 # Bind the input's folder read-only and the output folder read-write, at the same paths inside.
 # The input is resolved first: a link's own folder would not hold the file it points to.
@@ -123,4 +94,4 @@ echo "task $task on $(hostname): $in -> $out"
 "$singularity" exec --nv --cleanenv --no-home \
     "${bind_args[@]}" "${env_args[@]}" \
     "$sif" \
-    mrisr upsample "$in" "$out" --threads "$threads" --device auto "${extra[@]}"
+    mrisr upsample "$in" "$out" --threads "$threads" --device auto "${resume[@]}" "${extra[@]}"

@@ -6,21 +6,26 @@ does not surface after an hour of work; a bad input is reported and the others g
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from rich.console import Console
 
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, sidecar_path, upsample_file
 from mrisr_cli.volumes import (
+    BROKEN_LINK,
     NIFTI_SUFFIXES,
     check_output_path,
     image_files,
     is_volume_path,
+    os_reason,
     strip_suffix,
 )
 
@@ -36,11 +41,15 @@ class UpsampleJob:
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; folders replaced by the images directly inside them
-    (:func:`~mrisr_cli.volumes.image_files`: sorted, hidden files left out)."""
+    (:func:`~mrisr_cli.volumes.image_files`: sorted, hidden files left out). A file named twice
+    (``in/*.nii.gz in/``) is kept once."""
     files: list[Path] = []
     for path in inputs:
         if path.is_dir():
-            found = image_files(path)
+            try:
+                found = image_files(path)
+            except OSError as exc:
+                raise InputError(f"{path}: folder cannot be read ({os_reason(exc)})") from exc
             if not found:
                 raise InputError(
                     f"{path}: folder holds no .nii/.nii.gz/.mgz images (subfolders are not "
@@ -49,9 +58,14 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
             files.extend(found)
         elif path.exists():
             files.append(path)
+        elif path.is_symlink():
+            raise InputError(f"{path}: {BROKEN_LINK}")
         else:
             raise InputError(f"{path}: no such file or folder")
-    return files
+    unique: dict[str, Path] = {}
+    for path in files:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
 
 
 def _alpha_tag(alpha: float) -> str:
@@ -65,12 +79,14 @@ def plan_jobs(
     *,
     overwrite: bool,
     output_is_folder: bool = False,
+    skip_existing: bool = False,
 ) -> list[UpsampleJob]:
     """Map inputs x alphas to output paths: a file for one input, else a folder (also when
     ``output_is_folder``, e.g. it was typed with a trailing slash).
 
     Every output and its JSON sidecar is checked before anything is written; a missing output
-    folder is made only once the whole plan holds.
+    folder is made only once the whole plan holds. With ``skip_existing`` outputs that exist are
+    left to :func:`split_finished`.
     """
     files = expand_inputs(inputs)
     alphas = list(dict.fromkeys(alphas))  # "0.5,0.50" asks for one output
@@ -127,8 +143,81 @@ def plan_jobs(
         check_output_path(output, overwrite=False)
         output.mkdir()
     for target in targets:
-        check_output_path(target, overwrite=overwrite)
+        if not (skip_existing and target.exists()):
+            check_output_path(target, overwrite=overwrite)
     return jobs
+
+
+def split_finished(
+    jobs: list[UpsampleJob], files: GeneratorFiles
+) -> tuple[list[UpsampleJob], list[UpsampleJob]]:
+    """The jobs still to run, and those an earlier run finished: their image exists next to a
+    sidecar that records the same input, alpha and weights (``mrisr upsample --skip-existing``,
+    so that a resubmitted batch job redoes only what is missing).
+
+    An existing output that another run made, or that has no sidecar, is an error: skipping it
+    would pass off someone else's result as this one's. A sidecar whose image is gone (deleted to
+    redo it) is removed, and the job runs.
+    """
+    weights = sorted((source["role"], source["sha256"]) for source in files.sources())
+    to_run: list[UpsampleJob] = []
+    finished: list[UpsampleJob] = []
+    for job in jobs:
+        image, sidecar = job.output, sidecar_path(job.output)
+        record = _read_sidecar(sidecar) if sidecar.exists() else None
+        if not image.exists():
+            if record is not None:
+                sidecar.unlink()
+            to_run.append(job)
+            continue
+        if record is None:
+            raise OutputError(
+                f"{image}: exists without the sidecar {sidecar.name} that would say what made it "
+                "(use --overwrite to replace it)"
+            )
+        differences = [
+            what
+            for what, same in (
+                (f"input {record.get('input')}", _same_file(record.get("input"), job.input)),
+                (f"alpha {record.get('alpha')}", record.get("alpha") == job.alpha),
+                (
+                    "other weights",
+                    sorted((w.get("role"), w.get("sha256")) for w in record.get("weights") or [])
+                    == weights,
+                ),
+            )
+            if not same
+        ]
+        if differences:
+            raise OutputError(
+                f"{image}: made by another run ({', '.join(differences)}); use --overwrite to "
+                "replace it, or another output name"
+            )
+        finished.append(job)
+    return to_run, finished
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    """An mrisr sidecar's record, or an error naming the file."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: not a sidecar mrisr can read ({exc})") from exc
+    if not isinstance(record, dict) or "mrisr_version" not in record:
+        raise OutputError(f"{path}: exists and is not an mrisr sidecar (use --overwrite)")
+    return record
+
+
+def _same_file(recorded: object, path: Path) -> bool:
+    """Whether a sidecar's absolute input path names ``path`` (also through another link)."""
+    if not isinstance(recorded, str):
+        return False
+    if recorded == os.path.abspath(path):
+        return True
+    try:
+        return os.path.samefile(recorded, path)
+    except OSError:
+        return False
 
 
 def run_upsample_jobs(
@@ -140,14 +229,30 @@ def run_upsample_jobs(
     warn: Callable[[str], None],
     error: Callable[[str], None],
 ) -> int:
-    """Run every job (one generator per alpha); return how many failed."""
-    failures = 0
+    """Run every job (one generator per alpha); return how many failed.
+
+    Every alpha is checked against the files first: a missing GAN file surfaces before the
+    first alpha has run, not after it. Where the console is not a terminal (a batch job's log)
+    there is no bar, so each job's start gets a line; each "wrote" line names the device.
+    """
+    for alpha in dict.fromkeys(job.alpha for job in jobs):
+        files.check(alpha)
+    device = options.inference.device
+    if device.startswith("cuda"):
+        device = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device = f"{device}, {torch.get_num_threads()} threads"
+    failures = started = 0
     with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
         for alpha in dict.fromkeys(job.alpha for job in jobs):
             generator = files.generator(alpha, options.inference.device)
             for job in (j for j in jobs if j.alpha == alpha):
                 task = progress.add_task(f"{job.input.name} (alpha {alpha:g})", total=None)
+                started += 1
+                if len(jobs) > 1 and not console.is_terminal:
+                    line = f"[{started}/{len(jobs)}] {job.input} (alpha {alpha:g})"
+                    console.print(line, markup=False)
 
                 def advance(done: int, total: int, task: int = task) -> None:
                     progress.update(task, completed=done, total=total)
@@ -160,10 +265,9 @@ def run_upsample_jobs(
                 else:
                     for message in result.warnings:
                         warn(f"{job.input}: {message}")
-                    progress.console.print(
-                        f"wrote {os.fspath(job.output)} ({result.seconds['total']:.1f} s)",
-                        markup=False,
-                    )
+                    seconds = result.seconds["total"]
+                    line = f"wrote {os.fspath(job.output)} ({seconds:.1f} s, {device})"
+                    progress.console.print(line, markup=False)
                 progress.remove_task(task)
                 progress.advance(subjects)
     return failures

@@ -182,6 +182,14 @@ def upsample(
         ),
     ] = False,
     overwrite: Annotated[bool, switch("--overwrite", help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[
+        bool,
+        switch(
+            "--skip-existing",
+            help="Skip outputs an earlier run finished (their sidecar records the same input, "
+            "alpha and weights), to resume a batch; other existing outputs stay an error.",
+        ),
+    ] = False,
 ) -> None:
     """Super-resolve T1-weighted volumes: mrisr upsample in.nii.gz out.nii.gz --alpha 0.5"""
     alphas = _parse_alphas(alpha)
@@ -198,10 +206,12 @@ def upsample(
 
     if slow := slow_tiling_warning(patch_size, margin, overlap):
         warn(slow)
+    if skip_existing and overwrite:
+        raise fail("--skip-existing keeps finished outputs and --overwrite replaces them: give one")
     if bias_corrected and n4 is False:
         raise fail("--bias-corrected writes N4's corrected output: it cannot go with --no-n4")
     with user_errors():
-        from mrisr_cli.batch import plan_jobs, run_upsample_jobs
+        from mrisr_cli.batch import plan_jobs, run_upsample_jobs, split_finished
         from mrisr_cli.inference import InferenceOptions, resolve_device, resolve_half
         from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
         from mrisr_cli.threads import configure_threads
@@ -213,12 +223,19 @@ def upsample(
             alphas,
             overwrite=overwrite,
             output_is_folder=paths[-1].endswith(("/", os.sep)),
+            skip_existing=skip_existing,
         )
         resolved = resolve_device(device)
         half, half_warning = resolve_half(resolved, half)
         if half_warning:
             warn(half_warning)
         files = load_generator_files(psnr_weights, gan_weights)
+        if skip_existing:
+            jobs, finished = split_finished(jobs, files)
+            for job in finished:
+                report_line("skipped", f"{job.output}: finished by an earlier run of {job.input}")
+            if not jobs:
+                return
         options = UpsampleOptions(
             inference=InferenceOptions(
                 patch=patch_size,

@@ -28,11 +28,13 @@ EXIT_INTERNAL_ERROR = 3
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    # soft wrap: a message is one line in a log file (rich would break it at 80 columns there,
+    # splitting long paths); a terminal wraps it for display
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def stdout_console() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def report_line(kind: str, message: str, console: Console | None = None) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from mrisr_cli import __version__
 from mrisr_cli.blending import blend_weights, check_alpha
-from mrisr_cli.errors import MrisrError, WeightsError
+from mrisr_cli.errors import MrisrError, OutputError, WeightsError
 from mrisr_cli.grid import plan_grid
 from mrisr_cli.inference import (
     InferenceOptions,
@@ -37,6 +37,7 @@ from mrisr_cli.volumes import (
     check_not_label_map,
     check_output_path,
     load_volume,
+    os_reason,
     save_volume,
     strip_suffix,
 )
@@ -84,19 +85,23 @@ class GeneratorFiles:
             if w is not None
         ]
 
+    def check(self, alpha: float) -> float:
+        """``alpha`` if these files can make it, else why not: one file alone gives only its own
+        end of the blend. Cheap, so that a run checks every alpha before the first one runs."""
+        alpha = check_alpha(alpha)
+        if self.gan is None and alpha != 1.0:
+            raise MrisrError(f"--alpha {alpha} blends in a GAN model: give --gan-weights too")
+        if self.psnr is None and alpha != 0.0:
+            raise MrisrError(f"--alpha {alpha} blends in a PSNR model: give --psnr-weights too")
+        return alpha
+
     def generator(self, alpha: float, device: str) -> Generator:
         """The blended generator for one alpha, on ``device``."""
-        alpha = check_alpha(alpha)
+        alpha = self.check(alpha)
         if self.psnr is not None and self.gan is not None:
             weights = blend_weights(self.psnr, self.gan, alpha)
-        elif self.psnr is not None:
-            if alpha != 1.0:
-                raise MrisrError(f"--alpha {alpha} blends in a GAN model: give --gan-weights too")
-            weights = self.psnr
-        elif self.gan is not None:
-            if alpha != 0.0:
-                raise MrisrError(f"--alpha {alpha} blends in a PSNR model: give --psnr-weights too")
-            weights = self.gan
+        elif self.psnr is not None or self.gan is not None:
+            weights = self.psnr or self.gan
         else:  # pragma: no cover - load_generator_files never returns this
             raise WeightsError("no weights")
         model = weights.build().to(device)
@@ -264,7 +269,16 @@ def upsample_file(
         background_kept=int(background.sum()) if background is not None else 0,
     )
     if options.sidecar:
-        write_sidecar(result, generator, replace(options, inference=inference), use_n4)
+        try:
+            write_sidecar(result, generator, replace(options, inference=inference), use_n4)
+        except BaseException as exc:  # an image without its record would pass for a finished
+            output_path.unlink(missing_ok=True)  # one (mrisr upsample --skip-existing)
+            if not isinstance(exc, OSError):
+                raise
+            raise OutputError(
+                f"{sidecar_path(output_path)}: cannot be written ({os_reason(exc)}); "
+                f"{output_path} was removed again"
+            ) from exc
     return result
 
 

@@ -26,6 +26,8 @@ from nibabel import orientations as ornt
 from mrisr_cli.errors import InputError, OutputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+#: A link whose file is missing: in DataLad/git-annex datasets, content not yet fetched.
+BROKEN_LINK = "a link to a missing file (in a DataLad dataset, run datalad get first)"
 
 
 @dataclass
@@ -50,10 +52,15 @@ def is_volume_path(path: Path) -> bool:
 
 def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
     """The images in ``folder`` (and below it with ``recursive``), sorted. Hidden files are left
-    out: macOS ``._`` files and the ``.name.part`` files of an interrupted write are not scans."""
+    out: macOS ``._`` files and the ``.name.part`` files of an interrupted write are not scans.
+    Links to missing files are kept, so that reading them says so instead of skipping them."""
     found = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(
-        p for p in found if p.is_file() and is_volume_path(p) and not p.name.startswith(".")
+        p
+        for p in found
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and is_volume_path(p)
+        and not p.name.startswith(".")
     )
 
 
@@ -70,7 +77,7 @@ def load_volume(path: Path) -> Volume:
     """Read a 3D image (a 4D file with one volume is accepted) and check it is usable."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {BROKEN_LINK if path.is_symlink() else 'no such file'}")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not an image file")
     with _nibabel_header_fixes() as fixes, nibabel_readable(path) as readable:

@@ -204,7 +204,7 @@ def test_impossible_plans_are_one_line_before_any_work(
     (tmp_path / "taken.nii.gz").write_bytes(b"not an output folder")
     paths: list[str | Path] = {
         "empty_folder": [tmp_path / "empty", tmp_path / "out"],
-        "folder_into_file": [phantom_file, phantom_file, tmp_path / "taken.nii.gz"],
+        "folder_into_file": [phantom_file, tmp_path / "b.nii.gz", tmp_path / "taken.nii.gz"],
         "missing_input": [tmp_path / "absent.nii.gz", tmp_path / "o.nii.gz"],
         "not_nifti_name": [phantom_file, tmp_path / "o.png"],
         # a typo'd folder name, or a file name where several outputs need a folder: it used to
@@ -220,7 +220,7 @@ def test_impossible_plans_are_one_line_before_any_work(
         # both named o_alpha-0.123457: the second used to fail after the first had run
         "alphas_named_alike": [*SMALL_PATCH, "--alpha", "0.123456789,0.1234567891"],
     }.get(case, SMALL_PATCH)
-    if case == "several_into_image_name":
+    if case in ("several_into_image_name", "folder_into_file"):
         write_nifti(tmp_path / "b.nii.gz", head_phantom((30, 20, 30)))
     if case == "folder_into_image_name":
         (tmp_path / "in").mkdir()
@@ -250,6 +250,125 @@ def test_a_bad_input_in_a_folder_is_reported_and_the_others_go_on(
     assert len(errors) == 1 and str(folder / "b.nii.gz") in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "c.json", "c.nii.gz"]
+
+
+def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
+    tmp_path: Path, psnr_weights: Path, gan_weights: Path
+) -> None:
+    """A rerun with --skip-existing skips outputs whose sidecar records the same input, alpha
+    and weights, runs the missing ones, and refuses any other existing output."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, seed in (("a", 0), ("b", 1)):
+        write_nifti(folder / f"{name}.nii.gz", head_phantom((30, 20, 30), seed=seed))
+    out = tmp_path / "out"
+    weights = ["--psnr-weights", psnr_weights, "--gan-weights", gan_weights, *SMALL_PATCH]
+    first = upsample(folder, out, *weights, "--alpha", "0,1")
+    assert first.exit_code == 0, first.stderr
+    assert "cpu, " in first.stderr and " threads)" in first.stderr  # "wrote X (1.0 s, cpu, 2 ...)"
+    assert "[4/4] " in first.stderr  # not a terminal: each job's start has a line
+    (out / "b_alpha-1.nii.gz").unlink()  # stopped before its last output
+    (out / "b_alpha-1.json").unlink()
+    (out / "a_alpha-0.nii.gz").unlink()  # deleted to be redone: its sidecar is left over
+    kept = (out / "a_alpha-1.nii.gz").stat().st_mtime_ns
+
+    again = upsample(folder, out, *weights, "--alpha", "0,1", "--skip-existing")
+    assert again.exit_code == 0, again.stderr
+    skipped = [line for line in again.stderr.splitlines() if line.startswith("mrisr: skipped:")]
+    assert len(skipped) == 2 and "finished by an earlier run" in skipped[0], again.stderr
+    assert (out / "a_alpha-1.nii.gz").stat().st_mtime_ns == kept
+    assert len(list(out.glob("*.nii.gz"))) == len(list(out.glob("*.json"))) == 4
+    assert (
+        "wrote" not in upsample(folder, out, *weights, "--alpha", "0,1", "--skip-existing").stderr
+    )
+
+    other_weights = upsample(
+        folder, out, "--psnr-weights", gan_weights, "--gan-weights", psnr_weights,
+        *SMALL_PATCH, "--alpha", "0,1", "--skip-existing",
+    )  # fmt: skip
+    assert_one_line_error(other_weights, "made by another run (other weights)")
+    other_input = upsample(
+        folder / "b.nii.gz", out / "a_alpha-1.nii.gz", *weights, "--skip-existing"
+    )
+    assert_one_line_error(other_input, f"made by another run (input {folder / 'a.nii.gz'})")
+    (out / "a_alpha-0.json").unlink()
+    no_record = upsample(folder, out, *weights, "--alpha", "0,1", "--skip-existing")
+    assert_one_line_error(no_record, "a_alpha-0.nii.gz: exists without the sidecar a_alpha-0.json")
+    both = upsample(folder, out, *weights, "--skip-existing", "--overwrite")
+    assert_one_line_error(both, "give one")
+
+
+def test_an_input_named_twice_is_run_once(tmp_path: Path, fast_weights: Path) -> None:
+    write_nifti(tmp_path / "a.nii.gz", head_phantom((30, 20, 30)))
+    out = tmp_path / "out"
+    args = [tmp_path / "a.nii.gz", f"{tmp_path}/./a.nii.gz", tmp_path, out]
+    result = upsample(*args, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz"]
+
+
+def test_a_link_to_a_missing_file_in_a_folder_is_reported_not_skipped(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """DataLad content not fetched yet: a dangling link among the inputs is an error line."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_nifti(folder / "a.nii.gz", head_phantom((30, 20, 30)))
+    (folder / "b.nii.gz").symlink_to(tmp_path / "annex" / "missing.nii.gz")
+    out = tmp_path / "out"
+    result = upsample(folder, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mrisr: error:")]
+    assert errors == [
+        f"mrisr: error: {folder / 'b.nii.gz'}: a link to a missing file (in a DataLad dataset, "
+        "run datalad get first)"
+    ], result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz"]
+
+
+def test_an_input_folder_that_cannot_be_listed_is_an_input_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mrisr_cli import batch
+    from mrisr_cli.errors import InputError
+
+    def refuse(folder: Path) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(batch, "image_files", refuse)
+    (tmp_path / "in").mkdir()
+    with pytest.raises(InputError, match=r"in: folder cannot be read \(Permission denied\)"):
+        batch.expand_inputs([tmp_path / "in"])
+
+
+def test_every_alpha_is_checked_before_the_first_runs(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    out = tmp_path / "o.nii.gz"
+    result = upsample(
+        phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH, "--alpha", "1,0.5"
+    )
+    assert_one_line_error(result, "--alpha 0.5 blends in a GAN model: give --gan-weights too")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.safetensors", "phantom.nii.gz"]
+
+
+def test_a_sidecar_that_cannot_be_written_takes_its_image_with_it(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the sidecar: no image is left that would pass for a finished output."""
+    import errno
+
+    from mrisr_cli import pipeline
+
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_sidecar", full)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert_one_line_error(result, "o.json: cannot be written (No space left on device); ")
+    assert f"{out} was removed again" in result.stderr
+    assert not out.exists() and no_partial_files(tmp_path)
 
 
 def test_a_refused_plan_makes_no_output_folder(tmp_path: Path, fast_weights: Path) -> None:

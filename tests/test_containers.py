@@ -518,7 +518,7 @@ def subjects(tmp_path: Path) -> Path:
     return listing
 
 
-def test_slurm_upsample_runs_its_line_once(subjects: Path, tmp_path: Path) -> None:
+def test_slurm_upsample_runs_its_line(subjects: Path, tmp_path: Path) -> None:
     out = tmp_path / "sr"
     env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_CPUS_PER_TASK": "6", "CUDA_VISIBLE_DEVICES": "2"}
     first = _run_example("slurm_upsample.sh", [str(subjects), str(out)], env, tmp_path)
@@ -537,13 +537,16 @@ def test_slurm_upsample_runs_its_line_once(subjects: Path, tmp_path: Path) -> No
         "6",
         "--device",
         "auto",
+        "--skip-existing",
     ]
     assert Path(expected_out).exists()
 
-    again = _run_example("slurm_upsample.sh", [str(subjects), str(out)], env, tmp_path)
+    overwrite = {**env, "MRISR_ARGS": "--overwrite --alpha 0.5"}
+    again = _run_example("slurm_upsample.sh", [str(subjects), str(out)], overwrite, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "skipping" in again.stdout
-    assert len(_calls(tmp_path)) == 1, "an existing output is not computed again"
+    assert _calls(tmp_path)[-1][-4:] == ["auto", "--overwrite", "--alpha", "0.5"], (
+        "--overwrite redoes the subject: no --skip-existing"
+    )
 
 
 def test_slurm_upsample_other_lines(subjects: Path, tmp_path: Path) -> None:
@@ -619,60 +622,56 @@ def test_slurm_upsample_follows_links(tmp_path: Path) -> None:
     assert "not found" in gone.stderr and "datalad get" in gone.stderr
 
 
-@pytest.mark.parametrize(
-    ("name", "mrisr_args", "alphas"),
-    [
-        ("sub-04_T1w.mgz", "", [1.0]),
-        ("sub-05_T1w.MGH", "--alpha 0.5", [0.5]),
-        ("sub-01_T1w.nii.gz", "--alpha 0,1", [0.0, 1.0]),
-        ("sub-02_T1w.nii", "--half --alpha=0,.50,1", [0.0, 0.5, 1.0]),
-        ("sub-06_T1w.nii.gz", "--alpha 0.5,0.50", [0.5, 0.5]),  # one alpha: no tag
-    ],
-)
-def test_slurm_upsample_names_and_skips_as_mrisr_writes(
-    tmp_path: Path, name: str, mrisr_args: str, alphas: list[float]
+REAL_SINGULARITY = """#!/bin/bash
+# Runs the command after the image's name with this checkout's mrisr, as the container would.
+while [[ "$1" != *.sif ]]; do shift; done
+shift 2  # the image, "mrisr"
+exec {python} -m mrisr_cli "$@"
+"""
+
+
+def test_slurm_upsample_resumes_and_refuses_a_second_subject_of_the_same_name(
+    tmp_path: Path, fast_weights: Path
 ) -> None:
-    """The outputs the script looks for are the ones mrisr's own plan writes for its OUT."""
-    from mrisr_cli.batch import plan_jobs
-    from mrisr_cli.volumes import strip_suffix
+    """With mrisr itself behind the stand-in: a resubmitted task skips its finished outputs
+    (alpha by alpha), and a subject whose file name another subject's output took fails instead
+    of being skipped. The list may have Windows line ends."""
+    from conftest import head_phantom, write_nifti
 
-    source = tmp_path / "in" / name
-    source.parent.mkdir()
-    source.write_bytes(b"")
-    out = (tmp_path / "sr").resolve()
-    out.mkdir()
-    out_arg = out / f"{strip_suffix(name)}_sr.nii.gz"
-    written = [job.output for job in plan_jobs([source], out_arg, alphas, overwrite=False)]
-    listing = _one_line_list(tmp_path, str(source))
-    env = {"SLURM_ARRAY_TASK_ID": "1", "MRISR_ARGS": mrisr_args}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "singularity").write_text(REAL_SINGULARITY.format(python=sys.executable))
+    (bin_dir / "singularity").chmod(0o755)
+    inputs = []
+    for subject in ("subjA", "subjB"):
+        path = tmp_path / subject / "mri" / "T1.nii.gz"
+        path.parent.mkdir(parents=True)
+        inputs.append(write_nifti(path, head_phantom((20, 16, 20), seed=len(inputs))))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\r\n" for p in inputs))
+    out = tmp_path / "sr"
+    args = f"--psnr-weights {fast_weights} --gan-weights {fast_weights} --device cpu"
 
-    def run() -> subprocess.CompletedProcess[str]:
-        done = _run_example("slurm_upsample.sh", [str(listing), str(out)], env, tmp_path)
-        assert done.returncode == 0, done.stderr
-        return done
+    def task(n: int, alphas: str = "0,1") -> subprocess.CompletedProcess[str]:
+        env = {"SLURM_ARRAY_TASK_ID": str(n), "MRISR_ARGS": f"{args} --alpha {alphas}"}
+        return _run_example("slurm_upsample.sh", [str(listing), str(out)], env, tmp_path)
 
-    run()
-    (call,) = _calls(tmp_path)
-    assert call[call.index("upsample") + 2] == str(out_arg)
-    assert "--overwrite" not in call
-    if out_arg not in written:
-        out_arg.unlink()  # the stand-in makes OUT; for several alphas, mrisr does not
-    for path in written:
-        path.touch()  # what mrisr writes
+    first = task(1)
+    assert first.returncode == 0, first.stderr
+    outputs = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert outputs == ["T1_sr_alpha-0.nii.gz", "T1_sr_alpha-1.nii.gz"]
+    (out / "T1_sr_alpha-1.nii.gz").unlink()  # a task stopped after its first alpha
+    done = (out / "T1_sr_alpha-0.nii.gz").stat().st_mtime_ns
+    again = task(1)
+    assert again.returncode == 0, again.stderr
+    assert "T1_sr_alpha-0.nii.gz: finished by an earlier run" in again.stderr
+    assert (out / "T1_sr_alpha-0.nii.gz").stat().st_mtime_ns == done
+    assert (out / "T1_sr_alpha-1.nii.gz").exists()
 
-    if len(written) > 1:  # a task stopped after its first alpha: redo them all
-        for path in written[1:]:
-            path.unlink()
-        run()
-        assert len(_calls(tmp_path)) == 2
-        assert _calls(tmp_path)[-1][-1] == "--overwrite"
-        for path in written:
-            path.touch()
-
-    calls = len(_calls(tmp_path))
-    again = run()
-    assert "skipping" in again.stdout
-    assert len(_calls(tmp_path)) == calls, "finished outputs are not computed again"
+    other = task(2)
+    assert other.returncode != 0
+    assert f"made by another run (input {inputs[0].resolve()})" in other.stderr
+    assert "Traceback" not in other.stderr
 
 
 @pytest.mark.parametrize("cuda", ["0,1,2,3", None])
