@@ -378,14 +378,20 @@ def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
 @app.command(cls=Command)
 def selftest(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
+    ] = None,
 ) -> None:
     """Check the installation end to end with a tiny random network (not a trained model)."""
     with user_errors():
         from mrisr_cli.inference import resolve_device
         from mrisr_cli.selftest import run_selftest
+        from mrisr_cli.threads import configure_threads
 
+        configure_threads(threads)
         report = run_selftest(resolve_device(device))
-    stdout_console().print(f"selftest passed: {report}")
+    stdout_console().print(f"selftest passed: {report}", markup=False)
 
 
 app.command("evaluate", cls=Command)(evaluate_command)

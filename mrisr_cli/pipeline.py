@@ -114,6 +114,11 @@ def load_generator_files(psnr: Path | None, gan: Path | None) -> GeneratorFiles:
         folder = default_weights_dir()
         psnr_default, gan_default = folder / DEFAULT_PSNR_NAME, folder / DEFAULT_GAN_NAME
         if not psnr_default.is_file():
+            if os.environ.get("MRISR_WEIGHTS"):
+                raise WeightsError(
+                    f"MRISR_WEIGHTS={folder}: that folder holds no {DEFAULT_PSNR_NAME}; set "
+                    "MRISR_WEIGHTS to the folder that does, or pass --psnr-weights/--gan-weights"
+                )
             raise WeightsError(
                 f"no trained weights are installed in {folder} (the release ships them in the "
                 "repository's weights/ folder); pass --psnr-weights/--gan-weights or set "

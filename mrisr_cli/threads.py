@@ -143,6 +143,10 @@ def _count_from_env(name: str) -> int | None:
     return value if value > 0 else None
 
 
+#: An explicit thread count above this many per usable CPU is refused as a typo.
+MAX_THREADS_PER_CPU = 4
+
+
 def resolve_thread_count(threads: int | None = None) -> int:
     """The thread count to use, without applying it.
 
@@ -150,13 +154,20 @@ def resolve_thread_count(threads: int | None = None) -> int:
     for), ``OMP_NUM_THREADS`` (what the user or the launcher, e.g. torchrun, set), then the CPUs
     this process may use (:func:`available_cpus`). The two variables are capped by those CPUs: they
     are inherited by job steps and containers that got fewer, and more threads than CPUs only
-    slow the work down. An explicit ``--threads`` is taken as given.
+    slow the work down. An explicit ``--threads`` is taken as given up to
+    :data:`MAX_THREADS_PER_CPU` per CPU; beyond that it is a typo (``--threads 100000`` made
+    torch start threads until memory ran out).
     """
+    cpus = available_cpus()
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise MrisrError(f"the number of threads must be a positive integer, got {threads!r}")
+        if threads > MAX_THREADS_PER_CPU * cpus:
+            raise MrisrError(
+                f"--threads {threads} is more than {MAX_THREADS_PER_CPU} per CPU this process may "
+                f"use ({cpus}): give at most {MAX_THREADS_PER_CPU * cpus}"
+            )
         return threads
-    cpus = available_cpus()
     for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
         value = _count_from_env(name)
         if value is not None:

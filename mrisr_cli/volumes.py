@@ -131,7 +131,10 @@ def _checked_volume(image: object, path: Path, fixes: list[str]) -> Volume:
         raise InputError(f"{path}: the header gives a voxel size of 0 mm (pixdim)")
     check_affine(image.affine, str(path))
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+        # a damaged stream can decode to huge values; numpy's cast warning would be printed
+        # above the error line that _check_gzip_stream gives for it
+        with np.errstate(over="ignore", invalid="ignore"):
+            data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: {_unreadable_reason(path, exc, header_read=True)}") from exc
     if isinstance(image.header, nib.Nifti1Header):
@@ -238,6 +241,8 @@ def _unreadable_reason(path: Path, exc: BaseException, *, header_read: bool = Fa
         return f"not a NIfTI/MGH image (named {suffix} but not gzip-compressed)"
     if problem:
         return f"{TRUNCATED_OR_CORRUPT} ({problem})"
+    if magic == GZIP_MAGIC and not lower.endswith((".gz", ".mgz")) and start in HEADER_SIZES:
+        return "gzip-compressed, but not named .nii.gz or .mgz (rename it)"
     if size == 0:
         return "not a NIfTI/MGH image (the file is empty)"
     if start in HEADER_SIZES and size < HEADER_SIZES[start]:

@@ -127,6 +127,8 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
 def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
     """Read and check a weights file; every failure is one WeightsError line."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder; name a .safetensors file in it")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     with path.open("rb") as handle:

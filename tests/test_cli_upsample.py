@@ -853,8 +853,18 @@ def test_cuda_without_gpu(tmp_path: Path, fast_weights: Path, phantom_file: Path
 def test_no_weights_installed(
     tmp_path: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mrisr_cli import pipeline
+
     monkeypatch.setenv("MRISR_WEIGHTS", str(tmp_path / "empty"))
+    assert_one_line_error(
+        upsample(phantom_file, tmp_path / "o.nii.gz"),
+        f"MRISR_WEIGHTS={tmp_path / 'empty'}: that folder holds no rrdg_psnr.safetensors",
+    )
+    monkeypatch.delenv("MRISR_WEIGHTS")
+    monkeypatch.setattr(pipeline, "default_weights_dir", lambda: tmp_path / "empty")
     assert_one_line_error(upsample(phantom_file, tmp_path / "o.nii.gz"), "no trained weights")
+    named_folder = upsample(phantom_file, tmp_path / "o.nii.gz", "--psnr-weights", tmp_path)
+    assert_one_line_error(named_folder, f"{tmp_path}: is a folder; name a .safetensors file")
 
 
 def test_console_script_reports_usage_and_library_errors_without_traceback(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
@@ -51,8 +52,9 @@ def test_cli_selftest_passes_and_names_what_it_checked(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("MRISR_WEIGHTS", str(tmp_path))
-    result = CliRunner().invoke(app, ["selftest", "--device", "cpu"])
+    result = CliRunner().invoke(app, ["selftest", "--device", "cpu", "--threads", "1"])
     assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == 1  # a login node's self-test takes one CPU, not all
     text = " ".join(result.output.split())
     assert "selftest passed" in text and "through N4" in text
     assert "no trained weights installed" in text

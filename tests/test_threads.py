@@ -142,6 +142,17 @@ def test_environment_counts_are_capped_by_the_cpus_given(monkeypatch: pytest.Mon
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert resolve_thread_count() == 4
     assert resolve_thread_count(8) == 8  # --threads is taken as given
+    assert resolve_thread_count(16) == 16  # up to 4 per CPU
+
+
+def test_a_thread_count_far_beyond_the_cpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--threads 100000 started threads until memory ran out (three MemoryError tracebacks)."""
+    monkeypatch.setattr(threads_module, "available_cpus", lambda: 2)
+    for typo in (9, 100000, 10**20):
+        with pytest.raises(
+            MrisrError, match=f"--threads {typo} is more than 4 per CPU .* at most 8"
+        ):
+            configure_threads(typo)
 
 
 def _cgroup_v1(root, quota: str, period: str = "100000", mount: str = "cpu", path: str = ""):

@@ -368,3 +368,25 @@ def test_a_damaged_file_in_mixed_case_is_still_reported_as_damaged(tmp_path: Pat
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(InputError, match="truncated"):
         load_volume(path)
+
+
+def test_values_beyond_float32_are_an_input_error_without_a_numpy_warning(tmp_path: Path) -> None:
+    """What a gzip stream damaged in the middle can decode to: numpy's cast warning used to be
+    printed above the error line."""
+    data = head_phantom((12, 10, 14)).astype(np.float64)
+    data[3, 3, 3] = 1e300
+    path = write_nifti(tmp_path / "huge.nii.gz", data, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="NaN or infinite"):
+            load_volume(path)
+
+
+def test_a_gzip_image_named_nii_is_told_to_be_renamed(tmp_path: Path) -> None:
+    path = tmp_path / "scan.nii"
+    path.write_bytes(gzip.compress(nib.Nifti1Image(head_phantom((8, 8, 8)), np.eye(4)).to_bytes()))
+    with pytest.raises(InputError) as caught:
+        load_volume(path)
+    assert (
+        str(caught.value) == f"{path}: gzip-compressed, but not named .nii.gz or .mgz (rename it)"
+    )
