@@ -18,7 +18,13 @@ from rich.console import Console
 
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
-from mrisr_cli.pipeline import GeneratorFiles, UpsampleOptions, sidecar_path, upsample_file
+from mrisr_cli.pipeline import (
+    GeneratorFiles,
+    UpsampleOptions,
+    prepare_input,
+    sidecar_path,
+    upsample_prepared,
+)
 from mrisr_cli.volumes import (
     BROKEN_LINK,
     NIFTI_SUFFIXES,
@@ -229,36 +235,54 @@ def run_upsample_jobs(
     warn: Callable[[str], None],
     error: Callable[[str], None],
 ) -> int:
-    """Run every job (one generator per alpha); return how many failed.
+    """Run every job; return how many failed.
 
-    Every alpha is checked against the files first: a missing GAN file surfaces before the
-    first alpha has run, not after it. Where the console is not a terminal (a batch job's log)
-    there is no bar, so each job's start gets a line; each "wrote" line names the device.
+    One generator per alpha, all made first: a missing GAN file or two files that cannot be
+    blended surface before any input is read. Each input is read and N4-corrected once for all
+    its alphas (a whole head's N4 takes minutes on a few cores). Where the console is not a
+    terminal (a batch job's log) there is no bar, so each job's start gets a line; each "wrote"
+    line names the device.
     """
-    for alpha in dict.fromkeys(job.alpha for job in jobs):
-        files.check(alpha)
     device = options.inference.device
+    generators = {
+        alpha: files.generator(alpha, device) for alpha in dict.fromkeys(j.alpha for j in jobs)
+    }
     if device.startswith("cuda"):
-        device = torch.cuda.get_device_name(torch.device(device))
+        where = torch.cuda.get_device_name(torch.device(device))
     else:
-        device = f"{device}, {torch.get_num_threads()} threads"
+        where = f"{device}, {torch.get_num_threads()} threads"
+    by_input: dict[Path, list[UpsampleJob]] = {}
+    for job in jobs:
+        by_input.setdefault(job.input, []).append(job)
     failures = started = 0
     with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
-        for alpha in dict.fromkeys(job.alpha for job in jobs):
-            generator = files.generator(alpha, options.inference.device)
-            for job in (j for j in jobs if j.alpha == alpha):
-                task = progress.add_task(f"{job.input.name} (alpha {alpha:g})", total=None)
+        for path, its_jobs in by_input.items():
+            task = progress.add_task(f"{path.name} (reading, N4)", total=None)
+            try:
+                generator = generators[its_jobs[0].alpha]
+                prepared = prepare_input(path, generator.weights.degradation, options)
+            except MrisrError as exc:
+                failures += len(its_jobs)
+                error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+                progress.remove_task(task)
+                progress.advance(subjects, len(its_jobs))
+                started += len(its_jobs)
+                continue
+            for job in its_jobs:
+                progress.update(task, description=f"{path.name} (alpha {job.alpha:g})")
                 started += 1
                 if len(jobs) > 1 and not console.is_terminal:
-                    line = f"[{started}/{len(jobs)}] {job.input} (alpha {alpha:g})"
+                    line = f"[{started}/{len(jobs)}] {job.input} (alpha {job.alpha:g})"
                     console.print(line, markup=False)
 
                 def advance(done: int, total: int, task: int = task) -> None:
                     progress.update(task, completed=done, total=total)
 
                 try:
-                    result = upsample_file(job.input, job.output, generator, options, advance)
+                    result = upsample_prepared(
+                        prepared, job.output, generators[job.alpha], options, advance
+                    )
                 except MrisrError as exc:
                     failures += 1
                     error(str(exc) if str(job.input) in str(exc) else f"{job.input}: {exc}")
@@ -266,8 +290,8 @@ def run_upsample_jobs(
                     for message in result.warnings:
                         warn(f"{job.input}: {message}")
                     seconds = result.seconds["total"]
-                    line = f"wrote {os.fspath(job.output)} ({seconds:.1f} s, {device})"
+                    line = f"wrote {os.fspath(job.output)} ({seconds:.1f} s, {where})"
                     progress.console.print(line, markup=False)
-                progress.remove_task(task)
                 progress.advance(subjects)
+            progress.remove_task(task)
     return failures

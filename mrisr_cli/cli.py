@@ -230,6 +230,9 @@ def upsample(
         if half_warning:
             warn(half_warning)
         files = load_generator_files(psnr_weights, gan_weights)
+        file_warnings = files.warnings()
+        for message in file_warnings:
+            warn(message)
         if skip_existing:
             jobs, finished = split_finished(jobs, files)
             for job in finished:
@@ -250,7 +253,7 @@ def upsample(
             bias_corrected=bias_corrected,
             keep_background=keep_background,
             overwrite=overwrite,
-            run_warnings=(half_warning,) if half_warning else (),
+            run_warnings=((half_warning,) if half_warning else ()) + tuple(file_warnings),
         )
         # one console for the progress bar and the lines printed while it runs, so that on a
         # terminal rich prints them above the bar instead of through it

@@ -22,8 +22,9 @@ from torch import nn
 
 from mrisr_cli import __version__
 from mrisr_cli.blending import blend_weights, check_alpha
+from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.errors import MrisrError, OutputError, WeightsError
-from mrisr_cli.grid import plan_grid
+from mrisr_cli.grid import GridPlan, plan_grid
 from mrisr_cli.inference import (
     InferenceOptions,
     ProgressCallback,
@@ -31,8 +32,9 @@ from mrisr_cli.inference import (
     super_resolve,
 )
 from mrisr_cli.intensity import flat_background, foreground_mask, foreground_stats
-from mrisr_cli.n4 import n4_fit
+from mrisr_cli.n4 import BiasField, n4_fit
 from mrisr_cli.volumes import (
+    Volume,
     atomic_path,
     check_not_label_map,
     check_output_path,
@@ -84,6 +86,28 @@ class GeneratorFiles:
             for role, w in (("psnr", self.psnr), ("gan", self.gan))
             if w is not None
         ]
+
+    def warnings(self) -> list[str]:
+        """What the files' provenance says against blending them as given: a file trained in
+        the other stage (the roles swapped), or a GAN model not fine-tuned from this PSNR model
+        (equation 3 interpolates between a model and its own fine-tuned copy)."""
+        found = []
+        for role, weights in (("psnr", self.psnr), ("gan", self.gan)):
+            stage = weights.provenance.get("stage") if weights is not None else None
+            if weights is not None and stage in ("psnr", "gan") and stage != role:
+                found.append(
+                    f"{weights.path}: trained as the {stage.upper()} model, given as "
+                    f"--{role}-weights"
+                )
+        if self.psnr is not None and self.gan is not None:
+            init = self.gan.provenance.get("init")
+            start = init.get("sha256") if isinstance(init, dict) else None
+            if isinstance(start, str) and start != self.psnr.sha256:
+                found.append(
+                    f"{self.gan.path}: fine-tuned from another model (sha256 {start[:12]}) than "
+                    f"{self.psnr.path} ({self.psnr.sha256[:12]}): the blend mixes unrelated weights"
+                )
+        return found
 
     def check(self, alpha: float) -> float:
         """``alpha`` if these files can make it, else why not: one file alone gives only its own
@@ -200,6 +224,55 @@ def upsample_array(
     return out
 
 
+@dataclass
+class PreparedInput:
+    """One input read, planned onto the model's grid and (with N4) bias-corrected: what every
+    alpha of it shares, so that several alphas read the file and fit N4 once."""
+
+    path: Path
+    volume: Volume
+    plan: GridPlan
+    data: np.ndarray  # on the model grid, N4's field divided out
+    bias: BiasField | None  # fitted (None: N4 off)
+    use_n4: bool
+    background: np.ndarray | None  # the flat background to keep, on the model grid
+    background_value: float
+    seconds: dict[str, float]  # "read", "n4"
+
+
+def prepare_input(
+    input_path: Path, degradation: DegradationConfig, options: UpsampleOptions
+) -> PreparedInput:
+    """Read and check an input, plan its grid and fit N4 as the weights' ``degradation`` says
+    (unless ``options.n4`` decides)."""
+    started = time.perf_counter()
+    volume = load_volume(input_path)
+    check_not_label_map(volume.data, str(input_path))
+    plan = plan_grid(volume.affine, volume.data.shape, degradation)  # type: ignore[arg-type]
+    data = plan.to_model(volume.data)
+    loaded = time.perf_counter()
+    background = flat_background(data) if options.keep_background else None
+    background_value = float(data.min())
+    use_n4 = degradation.n4 if options.n4 is None else options.n4
+    # the network sees corrected intensities, as in training; the output keeps the input's
+    # shading unless the corrected image is asked for, so it compares with the input's reference
+    bias = n4_fit(data, plan.model_spacing) if use_n4 else None
+    if bias is not None:
+        data = bias.remove(data)
+    corrected = time.perf_counter()
+    return PreparedInput(
+        path=Path(input_path),
+        volume=volume,
+        plan=plan,
+        data=data,
+        bias=bias,
+        use_n4=use_n4,
+        background=background,
+        background_value=background_value,
+        seconds={"read": loaded - started, "n4": corrected - loaded},
+    )
+
+
 def upsample_file(
     input_path: Path,
     output_path: Path,
@@ -212,55 +285,65 @@ def upsample_file(
     ``half`` where it would only be emulated runs fp32 (:func:`~mrisr_cli.inference.super_resolve`
     decides); the result's warnings then say so.
     """
+    check_output_path(output_path, overwrite=options.overwrite)
+    if options.sidecar:
+        check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
+    prepared = prepare_input(input_path, generator.weights.degradation, options)
+    return upsample_prepared(prepared, output_path, generator, options, progress)
+
+
+def upsample_prepared(
+    prepared: PreparedInput,
+    output_path: Path,
+    generator: Generator,
+    options: UpsampleOptions,
+    progress: ProgressCallback | None = None,
+) -> UpsampleResult:
+    """Run one generator on a prepared input and write the output (atomically) with a sidecar;
+    the input is left as it was, for the next alpha."""
     started = time.perf_counter()
     inference, half_warning = resolve_options(options.inference)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
-    volume = load_volume(input_path)
-    check_not_label_map(volume.data, str(input_path))
-    config = generator.weights.degradation
-    plan = plan_grid(volume.affine, volume.data.shape, config)  # type: ignore[arg-type]
-    data = plan.to_model(volume.data)
-    loaded = time.perf_counter()
-    background = flat_background(data) if options.keep_background else None
-    background_value = float(data.min())
-    use_n4 = config.n4 if options.n4 is None else options.n4
-    # the network sees corrected intensities, as in training; the output keeps the input's
-    # shading unless the corrected image is asked for, so it compares with the input's reference
-    bias = n4_fit(data, plan.model_spacing) if use_n4 else None
-    put_back = None if options.bias_corrected else bias
-    if bias is not None:
-        data = bias.remove(data)
-    corrected = time.perf_counter()
+    plan = prepared.plan
     out = upsample_array(
-        plan.permute(data), generator, options=inference, progress=progress, nonnegative=False
+        plan.permute(prepared.data),
+        generator,
+        options=inference,
+        progress=progress,
+        nonnegative=False,
     )
     out = plan.unpermute(out)
-    if put_back is not None:
-        out = put_back.restore(out)
+    if prepared.bias is not None and not options.bias_corrected:
+        out = prepared.bias.restore(out)
     # a magnitude image stays non-negative: clipped here, after the field is back, because N4
     # moves an exact-zero background below 0 and putting the field back can too
-    if volume.data.min() >= 0:
+    if prepared.volume.data.min() >= 0:
         np.maximum(out, 0.0, out=out)
-    if background is not None:
-        out[background] = background_value
+    if prepared.background is not None:
+        out[prepared.background] = prepared.background_value
     out = plan.to_output(out)
     inferred = time.perf_counter()
-    affine = plan.output_affine()
-    save_volume(output_path, out, affine, volume.header, overwrite=options.overwrite)
+    save_volume(
+        output_path,
+        out,
+        plan.output_affine(),
+        prepared.volume.header,
+        overwrite=options.overwrite,
+    )
     finished = time.perf_counter()
+    earlier = prepared.seconds["read"] + prepared.seconds["n4"]
     seconds = {
-        "read": loaded - started,
-        "n4": corrected - loaded,
-        "network": inferred - corrected,
+        **prepared.seconds,
+        "network": inferred - started,
         "write": finished - inferred,
-        "total": finished - started,
+        "total": finished - started + earlier,
     }
     result = UpsampleResult(
-        input=Path(input_path),
+        input=prepared.path,
         output=Path(output_path),
-        input_shape=tuple(volume.data.shape),
+        input_shape=tuple(prepared.volume.data.shape),
         output_shape=tuple(out.shape),
         resampled=plan.resampled,
         seconds=seconds,
@@ -268,16 +351,16 @@ def upsample_file(
         + ([half_warning] if half_warning else [])
         + (
             ["--bias-corrected: these weights run without N4, so there is no field to leave out"]
-            if options.bias_corrected and not use_n4
+            if options.bias_corrected and not prepared.use_n4
             else []
         ),
-        background_kept=int(background.sum()) if background is not None else 0,
+        background_kept=int(prepared.background.sum()) if prepared.background is not None else 0,
     )
     if options.sidecar:
         try:
-            write_sidecar(result, generator, replace(options, inference=inference), use_n4)
+            write_sidecar(result, generator, replace(options, inference=inference), prepared.use_n4)
         except BaseException as exc:  # an image without its record would pass for a finished
-            output_path.unlink(missing_ok=True)  # one (mrisr upsample --skip-existing)
+            Path(output_path).unlink(missing_ok=True)  # one (mrisr upsample --skip-existing)
             if not isinstance(exc, OSError):
                 raise
             raise OutputError(
