@@ -38,7 +38,8 @@ def evaluate_command(
             "--pred",
             metavar="DIR",
             help="Folder of predictions, matched to --ref by file name; repeat it to compare "
-            "methods in one table (exactly two: also a paired t-test).",
+            "methods in one table (exactly two: also a paired t-test). A folder of several "
+            "alphas (upsample --alpha: NAME_alpha-A) is one method per alpha.",
             show_default=False,
         ),
     ],

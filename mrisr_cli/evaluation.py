@@ -75,6 +75,7 @@ class Pairing:
     unmatched_refs: tuple[str, ...]
     unmatched: tuple[str, ...]  # names in the other folder without a reference
     ambiguous: tuple[str, ...]  # one line each: why a name could not be paired
+    ties: tuple[str, ...] = ()  # the lines of ambiguous about this folder's names (not twin refs)
 
 
 def list_volumes(folder: Path, what: str) -> list[Path]:
@@ -114,26 +115,30 @@ def name_score(ref_stem: str, other_stem: str) -> int:
     return len(short) if short and _is_subsequence(short, long) else 0
 
 
-def match_files(refs: Sequence[Path], others: Sequence[Path]) -> Pairing:
+def match_files(
+    refs: Sequence[Path], others: Sequence[Path], *, stem: Callable[[str], str] = strip_suffix
+) -> Pairing:
     """Pair each reference with the file whose name shares its longest stem (unique best only).
 
     References that share a stem (``X.nii`` and ``X.nii.gz``) cannot be told apart: both are
-    left out, with a note.
+    left out, with a note. ``stem`` gives the name an other file is matched by (a folder split
+    by alpha matches without the ``_alpha-A`` tag, so that the rules are those of one alpha).
     """
     by_stem: dict[str, list[Path]] = {}
     for path in refs:
         by_stem.setdefault(strip_suffix(path.name), []).append(path)
-    ref_stems = {stem: paths[0] for stem, paths in by_stem.items() if len(paths) == 1}
+    ref_stems = {s: paths[0] for s, paths in by_stem.items() if len(paths) == 1}
+    other_stems = {other: stem(other.name) for other in others}
     best_for_other: dict[Path, str] = {}
     ambiguous: list[str] = [
-        f"{', '.join(p.name for p in paths)} share the name {stem}: left out"
-        for stem, paths in by_stem.items()
+        f"{', '.join(p.name for p in paths)} share the name {s}: left out"
+        for s, paths in by_stem.items()
         if len(paths) > 1
     ]
+    twins = len(ambiguous)
     ambiguous_names: set[str] = set()
     for other in others:
-        stem = strip_suffix(other.name)
-        scores = {r: name_score(r, stem) for r in ref_stems}
+        scores = {r: name_score(r, other_stems[other]) for r in ref_stems}
         top = max(scores.values(), default=0)
         if top == 0:
             continue
@@ -148,19 +153,40 @@ def match_files(refs: Sequence[Path], others: Sequence[Path]) -> Pairing:
         by_ref.setdefault(ref, []).append(other)
     matches: dict[str, Path] = {}
     for ref, candidates in by_ref.items():
-        scored = sorted(candidates, key=lambda o: -name_score(ref, strip_suffix(o.name)))
-        top = name_score(ref, strip_suffix(scored[0].name))
-        tied = [o for o in scored if name_score(ref, strip_suffix(o.name)) == top]
+        scored = sorted(candidates, key=lambda o: -name_score(ref, other_stems[o]))
+        top = name_score(ref, other_stems[scored[0]])
+        tied = [o for o in scored if name_score(ref, other_stems[o]) == top]
         if len(tied) > 1:
-            names = ", ".join(o.name for o in tied[:3])
-            ambiguous.append(f"{ref_stems[ref].name} is matched equally by {names}")
+            ambiguous.append(f"{ref_stems[ref].name} is matched equally by {_names(tied)}")
             ambiguous_names.update(o.name for o in tied)
             continue
         matches[ref] = scored[0]
     paired = set(matches.values())
     unmatched = tuple(o.name for o in others if o not in paired and o.name not in ambiguous_names)
     unmatched_refs = tuple(p.name for r, p in ref_stems.items() if r not in matches)
-    return Pairing(matches, unmatched_refs, unmatched, tuple(ambiguous))
+    return Pairing(matches, unmatched_refs, unmatched, tuple(ambiguous), tuple(ambiguous[twins:]))
+
+
+def _names(paths: Sequence[Path], limit: int = 5) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+_ALPHA_TAG = re.compile(r"(?:^|_)alpha-([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=_|$)")
+
+
+def alpha_tag(stem: str) -> tuple[float | None, str]:
+    """The alpha that ``upsample --alpha A,B`` wrote into a name (``sub-01_T1w_alpha-0.5``), and
+    the stem without that tag; (None, stem) for a name with no tag, or with more than one."""
+    found = list(_ALPHA_TAG.finditer(stem))
+    if len(found) != 1:
+        return None, stem
+    tag = found[0]
+    return float(tag.group(1)), (stem[: tag.start()] + stem[tag.end() :]).strip("_")
+
+
+def _untagged_stem(name: str) -> str:
+    return alpha_tag(strip_suffix(name))[1]
 
 
 # --- per-subject evaluation ------------------------------------------------------------------
@@ -450,6 +476,8 @@ class Evaluation:
     comparison: dict[str, PairedTest] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # pairing -> how notes name its files
+    alphas: dict[str, float | None] = field(default_factory=dict)  # methods of split folders
 
     @property
     def errors(self) -> list[PairResult]:
@@ -472,29 +500,91 @@ def method_names(preds: Sequence[Path]) -> list[str]:
     return names
 
 
-def plan(
-    ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None
-) -> tuple[dict[str, Path], dict[str, Pairing], Pairing | None, list[Path]]:
-    """List and pair the folders; raises InputError where nothing at all can be paired."""
+@dataclass(frozen=True)
+class Plan:
+    """The run's methods and how the files of each pair with the references."""
+
+    refs: list[Path]
+    methods: dict[str, Path]  # method name -> its --pred folder
+    pairings: dict[str, Pairing]  # also a split folder's group that pairs with nothing
+    labels: dict[str, str]  # pairing name -> how notes name its files
+    alphas: dict[str, float | None]  # methods of a folder split by alpha (None: untagged files)
+    mask_pairing: Pairing | None
+
+
+def _alpha_groups(files: Sequence[Path]) -> dict[float | None, list[Path]]:
+    """The files by the alpha in their names: untagged first, then by increasing alpha."""
+    groups: dict[float | None, list[Path]] = {}
+    for path in files:
+        groups.setdefault(alpha_tag(strip_suffix(path.name))[0], []).append(path)
+    return dict(sorted(groups.items(), key=lambda item: (item[0] is not None, item[0] or 0.0)))
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _unpaired_error(
+    folder: Path, ref_dir: Path, files: list[Path], refs: list[Path], pairings: list[Pairing]
+) -> InputError:
+    """Why nothing in a --pred folder pairs: a tie (named, with its candidates), or no name."""
+    ties = [line for pairing in pairings for line in pairing.ties]
+    if ties:
+        more = f" (and {len(ties) - 1} more tie(s))" if len(ties) > 1 else ""
+        return InputError(
+            f"no file in {folder} can be paired with a reference in {ref_dir}: {ties[0]}{more}; "
+            "rename the files so that each reference has one best match, or put each method "
+            "in its own --pred folder"
+        )
+    return InputError(
+        f"no file in {folder} matches a reference in {ref_dir} by name "
+        f"(e.g. {files[0].name} vs {refs[0].name}); names must share their stem, "
+        "like sub-01_T1w.nii.gz and sub-01_desc-sr_T1w.nii.gz"
+    )
+
+
+def plan(ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None) -> Plan:
+    """List and pair the folders; raises InputError where a folder pairs nothing at all.
+
+    A folder whose names carry several alphas (``upsample --alpha 0,0.5,1`` writes
+    ``X_alpha-0``, ``X_alpha-0.5``, ``X_alpha-1`` per input) is one method per alpha, named
+    ``<folder>_alpha-<A>``: as one method, its alphas would tie for every reference.
+    """
     if not preds:
         raise InputError("give at least one --pred folder")
     refs = list_volumes(ref_dir, "reference")
-    methods = dict(zip(method_names(preds), preds, strict=True))
+    methods: dict[str, Path] = {}
     pairings: dict[str, Pairing] = {}
-    for name, folder in methods.items():
+    labels: dict[str, str] = {}
+    alphas: dict[str, float | None] = {}
+    taken: set[str] = set()
+    for base, folder in zip(method_names(preds), preds, strict=True):
         files = list_volumes(folder, "prediction")
-        pairing = match_files(refs, files)
-        if not pairing.matches:
-            raise InputError(
-                f"no file in {folder} matches a reference in {ref_dir} by name "
-                f"(e.g. {files[0].name} vs {refs[0].name}); names must share their stem, "
-                "like sub-01_T1w.nii.gz and sub-01_desc-sr_T1w.nii.gz"
-            )
-        pairings[name] = pairing
+        groups = _alpha_groups(files)
+        if len(groups) == 1:
+            pairing = match_files(refs, files)
+            if not pairing.matches:
+                raise _unpaired_error(folder, ref_dir, files, refs, [pairing])
+            name = _unique(base, taken)
+            methods[name], pairings[name], labels[name] = folder, pairing, str(folder)
+            continue
+        split = {a: match_files(refs, g, stem=_untagged_stem) for a, g in groups.items()}
+        if not any(pairing.matches for pairing in split.values()):
+            raise _unpaired_error(folder, ref_dir, files, refs, list(split.values()))
+        for alpha, pairing in split.items():
+            name = _unique(base if alpha is None else f"{base}_alpha-{alpha:g}", taken)
+            tag = "names without _alpha-" if alpha is None else f"alpha {alpha:g}"
+            pairings[name], labels[name] = pairing, f"{folder} ({tag})"
+            if pairing.matches:  # a group that pairs nothing is only noted (its files)
+                methods[name], alphas[name] = folder, alpha
     mask_pairing = None
     if mask_dir is not None:
         mask_pairing = match_files(refs, list_volumes(mask_dir, "mask"))
-    return methods, pairings, mask_pairing, refs
+    return Plan(refs, methods, pairings, labels, alphas, mask_pairing)
 
 
 def check_inputs(
@@ -517,11 +607,12 @@ def evaluate(
     progress: ProgressCallback | None = None,
 ) -> Evaluation:
     """Evaluate every matched pair (in ``jobs`` worker processes), then summarise and compare."""
-    methods, pairings, mask_pairing, refs = plan(ref_dir, preds, mask_dir)
+    planned = plan(ref_dir, preds, mask_dir)
+    methods, pairings, mask_pairing = planned.methods, planned.pairings, planned.mask_pairing
     if options.weights is not None:
         _model(options.weights)  # a wrong weights file stops the run before any work (cached)
     tasks: list[SubjectTask] = []
-    for ref in refs:
+    for ref in planned.refs:
         stem = strip_suffix(ref.name)
         subject_preds = tuple(
             (name, pairings[name].matches[stem])
@@ -557,6 +648,8 @@ def evaluate(
         pairings=pairings,
         metrics=_active_metrics(options),
         settings=_settings(options, mask_dir, jobs, compared=len(methods) == 2),
+        labels=planned.labels,
+        alphas=planned.alphas,
     )
     evaluation.notes = _notes(evaluation, options)
     if jobs > 1 and options.device.startswith("cuda"):
@@ -645,7 +738,7 @@ def _settings(
         "n4_mask": "the automatic reference mask (also when --mask is given)",
         "std": "sample standard deviation (ddof=1) over subjects with a finite value",
         "test": "paired two-tailed t-test (scipy.stats.ttest_rel) over subjects evaluated in "
-        f"both folders; the better method is named only where p < {SIGNIFICANCE_LEVEL}"
+        f"both methods; the better method is named only where p < {SIGNIFICANCE_LEVEL}"
         if compared
         else None,
         "device": options.device,
@@ -670,21 +763,24 @@ def _notes(evaluation: Evaluation, options: EvaluationOptions) -> list[str]:
     if not options.n4 and (options.tissue or options.weights):
         notes.append("N4 bias correction skipped (--no-n4); the paper applies it before M_h")
     for name, pairing in evaluation.pairings.items():
-        folder = evaluation.methods[name]
+        folder = evaluation.labels.get(name) or str(evaluation.methods[name])
         if pairing.unmatched:
             notes.append(
                 f"{folder}: {len(pairing.unmatched)} file(s) without a reference: "
                 + ", ".join(pairing.unmatched[:5])
                 + (" ..." if len(pairing.unmatched) > 5 else "")
             )
-        if pairing.unmatched_refs:
+        if pairing.unmatched_refs and name in evaluation.methods:
             notes.append(
                 f"{evaluation.ref_dir}: {len(pairing.unmatched_refs)} reference(s) without a "
                 f"prediction in {folder}: "
                 + ", ".join(pairing.unmatched_refs[:5])
                 + (" ..." if len(pairing.unmatched_refs) > 5 else "")
             )
-        notes += [f"{folder}: {line}" for line in pairing.ambiguous]
+        for line in pairing.ambiguous:  # references sharing a name: once, not once per folder
+            note = f"{folder}: {line}" if line in pairing.ties else f"{evaluation.ref_dir}: {line}"
+            if note not in notes:
+                notes.append(note)
     for result in evaluation.results:
         notes += [n for n in result.notes if n not in notes]
     return notes
@@ -864,6 +960,7 @@ def summary_dict(evaluation: Evaluation) -> dict[str, Any]:
         rows = [r for r in evaluation.results if r.method == name]
         methods[name] = {
             "folder": str(folder),
+            "alpha": evaluation.alphas.get(name),  # set where the folder was split by alpha
             "pairs": len(rows),
             "evaluated": sum(1 for r in rows if not r.error),
             "errors": {r.subject: r.error for r in rows if r.error},

@@ -484,3 +484,96 @@ def test_cuda_without_a_gpu(tmp_path: Path) -> None:
     hr, sharp, _ = dataset(tmp_path)
     result = invoke("--ref", hr, "--pred", sharp, "--device", "cuda")
     assert result.exit_code == 1 and "no CUDA GPU" in result.stderr
+
+
+# --- a folder of several alphas (upsample --alpha 0,0.5,1) ----------------------------------
+
+
+def alpha_folder(root: Path, hr: Path, blurs: dict[str, float]) -> Path:
+    """What ``mrisr upsample lr/ sr/ --alpha ...`` writes: ``<input>_alpha-<A>.nii.gz`` per
+    reference and alpha (here a blur per alpha, so that the alphas score differently)."""
+    for ref in sorted(hr.iterdir()):
+        data = np.asarray(nib.load(str(ref)).dataobj, dtype=np.float32)
+        stem = ref.name.removesuffix(".nii.gz")
+        for alpha, sigma in blurs.items():
+            save(root / f"{stem}_alpha-{alpha}.nii.gz", ndi.gaussian_filter(data, sigma))
+            (root / f"{stem}_alpha-{alpha}.json").write_text("{}")  # upsample's sidecar
+    return root
+
+
+def test_a_folder_of_several_alphas_is_one_method_per_alpha(tmp_path: Path) -> None:
+    """Every reference has one file per alpha: as one method they all tied and nothing paired
+    (exit 1, 'no file in sr matches a reference'); each alpha is now a method of its own, in
+    the same table and report as another --pred folder."""
+    hr, _, blurry = dataset(tmp_path, subjects=3)
+    sr = alpha_folder(tmp_path / "sr", hr, {"0": 1.2, "0.5": 0.8, "1": 0.4})
+    out = tmp_path / "report"
+    args = ["--ref", hr, "--pred", sr, "--pred", blurry, "--no-tissue", "--threads", "1", *FAST]
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    methods = ["sr_alpha-0", "sr_alpha-0.5", "sr_alpha-1", "blurry"]
+    for name in methods:
+        assert _table_row(result.stdout, name)[1] == "3"
+    assert "matched equally" not in result.output and "without a reference" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == methods and summary["comparison"] is None
+    assert [m["alpha"] for m in summary["methods"].values()] == [0.0, 0.5, 1.0, None]
+    assert {m["folder"] for m in list(summary["methods"].values())[:3]} == {str(sr)}
+    psnr = [summary["methods"][m]["metrics"]["psnr"]["mean"] for m in methods[:3]]
+    assert psnr == sorted(psnr)  # less blur, higher PSNR: each alpha scored its own files
+    rows = read_rows(out / "subjects.csv")
+    assert len(rows) == 12 and all(r["error"] == "" for r in rows)
+    pairs = {(r["method"], r["subject"]): r["prediction"] for r in rows}
+    assert pairs["sr_alpha-0.5", "sub-01_T1w"] == "sub-01_T1w_alpha-0.5.nii.gz"
+    assert pairs["blurry", "sub-01_T1w"] == "sub-01_T1w.nii"
+    # a folder of exactly two alphas is two methods: the paired t-test compares them
+    two = alpha_folder(tmp_path / "two", hr, {"0": 1.2, "1": 0.4})
+    result = invoke("--ref", hr, "--pred", two, "--no-tissue", "--threads", "1", *FAST)
+    assert result.exit_code == 0, result.output
+    assert _table_row(result.stdout, "better")[2:] == ["two_alpha-1"] * 6
+
+
+def test_alpha_groups_keep_untagged_files_and_single_alpha_folders(tmp_path: Path) -> None:
+    """Untagged files beside alpha-tagged ones are the folder's own method; a folder of one
+    alpha is unchanged (one method named after the folder); a tie inside one alpha is a note
+    that names the reference and the tied files."""
+    from mrisr_cli.evaluation import plan
+
+    hr, _, _ = dataset(tmp_path, subjects=2)
+    mixed = tmp_path / "sr"
+    save(mixed / "sub-00_T1w.nii.gz", head(0))
+    save(mixed / "sub-00_T1w_alpha-0.5.nii.gz", head(0))
+    save(mixed / "sub-01_T1w_alpha-0.5.nii.gz", head(1))
+    save(mixed / "sub-00_T1w_a_alpha-1.nii.gz", head(0))
+    save(mixed / "sub-00_T1w_b_alpha-1.nii.gz", head(0))
+    save(mixed / "sub-01_T1w_alpha-1.nii.gz", head(1))
+    one = alpha_folder(tmp_path / "one", hr, {"0.5": 0.8})
+    planned = plan(hr, [mixed, one], None)
+    assert list(planned.methods) == ["sr", "sr_alpha-0.5", "sr_alpha-1", "one"]
+    assert planned.alphas == {"sr": None, "sr_alpha-0.5": 0.5, "sr_alpha-1": 1.0}
+    assert planned.pairings["sr"].matches == {"sub-00_T1w": mixed / "sub-00_T1w.nii.gz"}
+    assert set(planned.pairings["sr_alpha-0.5"].matches) == {"sub-00_T1w", "sub-01_T1w"}
+    tie = planned.pairings["sr_alpha-1"]
+    assert list(tie.matches) == ["sub-01_T1w"]
+    assert tie.ambiguous == (
+        "sub-00_T1w.nii.gz is matched equally by sub-00_T1w_a_alpha-1.nii.gz, "
+        "sub-00_T1w_b_alpha-1.nii.gz",
+    )
+    assert planned.pairings["one"].matches["sub-01_T1w"].name == "sub-01_T1w_alpha-0.5.nii.gz"
+
+
+def test_ties_that_leave_nothing_paired_name_the_reference_and_the_candidates(
+    tmp_path: Path,
+) -> None:
+    """Every reference tied between two files: the error said only that no name matched."""
+    hr, _, _ = dataset(tmp_path, subjects=1)
+    sr = tmp_path / "sr"
+    save(sr / "sub-00_T1w_a.nii.gz", head(0))
+    save(sr / "sub-00_T1w_b.nii.gz", head(0))
+    result = invoke("--ref", hr, "--pred", sr, "--no-tissue", "--threads", "1", *FAST)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "matches a reference" not in result.stderr
+    assert (
+        "sub-00_T1w.nii.gz is matched equally by sub-00_T1w_a.nii.gz, sub-00_T1w_b.nii.gz"
+        in result.stderr
+    )
