@@ -17,7 +17,9 @@ Layout of OUT_DIR (plain .npy so that training memory-maps them and never decode
 
 float16 halves disk and page cache; on z-scores its rounding error (~5e-4 relative) is far below
 the L1 errors a network reaches. Subjects run in separate processes; a failed scan is reported
-and skipped, and a rerun skips the subjects already done with the same settings.
+and skipped. OUT must be new, empty or a dataset made with the same settings, split and seed: a
+rerun then skips the subjects already done (and readable), and the subjects already split keep
+their split, so that extending a dataset never moves a held-out subject into train.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
-from mrisr_cli.errors import InputError, MrisrError, WeightsError
+from mrisr_cli.errors import InputError, MrisrError, OutputError, WeightsError
 from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.volumes import (
     atomic_path,
@@ -239,17 +242,17 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
         source_sha = sha256_of(scan.path)
     except OSError as exc:
         return SubjectOutcome(scan, "failed", f"{scan.path}: cannot be read ({exc.strerror})")
+    damage = None
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
         except ValueError:
             record = {}
-        if (
-            record.get("settings") == _settings(options)
-            and record.get("source_sha256") == source_sha
-            and all((folder / f"{n}.npy").is_file() for n in ARRAY_NAMES)
-        ):
-            return SubjectOutcome(scan, "skipped", "already prepared", record)
+        same = (record.get("settings"), record.get("source_sha256"))
+        if same == (_settings(options), source_sha):
+            damage = _array_damage(folder, record)
+            if damage is None:
+                return SubjectOutcome(scan, "skipped", "already prepared", record)
     try:
         record = _process(scan, folder, options, source_sha)
     except MrisrError as exc:
@@ -258,7 +261,33 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
         text = str(exc).strip().splitlines()
         detail = text[0][:200] if text else type(exc).__name__
         return SubjectOutcome(scan, "failed", f"{scan.path}: {type(exc).__name__}: {detail}")
-    return SubjectOutcome(scan, "done", "", record)
+    return SubjectOutcome(scan, "done", f"redone: {damage}" if damage else "", record)
+
+
+def _array_damage(folder: Path, record: dict[str, Any]) -> str | None:
+    """Why a done subject's arrays cannot be trained on (None: they can).
+
+    Training memory-maps them and refuses a truncated or foreign file, so a rerun must not count
+    such a subject as done; mapping reads only the header, so this is cheap.
+    """
+    shape = tuple(record.get("shape") or ())
+    dtypes = (np.float16, np.float16, np.uint8, np.int16)
+    for name, dtype in zip(ARRAY_NAMES, dtypes, strict=True):
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return f"subjects/{folder.name}/{name}.npy was missing or unreadable"
+        fits = (
+            (array.ndim == 2 and array.shape[1] == 3) if name == "centres" else array.shape == shape
+        )
+        if array.dtype != dtype or not fits:
+            return (
+                f"subjects/{folder.name}/{name}.npy held {array.dtype} {array.shape}, "
+                f"not what subject.json records"
+            )
+        del array
+    return None
 
 
 def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str) -> dict:
@@ -321,14 +350,19 @@ def parse_ratios(text: str) -> tuple[float, float, float, float]:
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> tuple[int, int, int, int]:
-    """Group counts per split: held-out splits get round(share x n), train gets the rest.
+    """Group counts per split: each held-out split gets share / sum of shares x n rounded to the
+    nearest (halves to even, as Python's round), train gets the rest.
 
-    This gives the paper's 780/111/111/111 for 1113 subjects at 0.7,0.1,0.1,0.1. With few
+    The shares are taken as the decimals they were written as, so that 0.7,0.1,0.1,0.1 and
+    7,1,1,1 give the same counts (in floats 5 x 0.1 / 0.9999999999999999 rounded to 1 and 5 x 1 /
+    10 to 0). Halves go to even as before, so a dataset prepared by an earlier version is split
+    the same way again. This gives the paper's 780/111/111/111 for 1113 subjects. With few
     subjects, train and then val each keep at least one (taken from the largest other split),
-    because training needs both.
+    because training needs both: with two or more subjects val gets one even at share 0.
     """
-    total = float(sum(ratios))
-    counts = [0] + [round(n * r / total) for r in ratios[1:]]
+    shares = [Fraction(str(r)) for r in ratios]
+    total = sum(shares)
+    counts = [0] + [round(n * share / total) for share in shares[1:]]  # exact: halves to even
     counts[0] = n - sum(counts[1:])
 
     def take_from_largest(candidates: list[int]) -> None:
@@ -343,11 +377,26 @@ def split_counts(n: int, ratios: Sequence[float]) -> tuple[int, int, int, int]:
     return counts[0], counts[1], counts[2], counts[3]
 
 
-def assign_splits(subjects: Sequence[str], ratios: Sequence[float], seed: int) -> dict[str, str]:
-    """Subject -> split, by subject, the same for the same subjects, ratios and seed."""
+def assign_splits(
+    subjects: Sequence[str],
+    ratios: Sequence[float],
+    seed: int,
+    kept: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Subject -> split for new subjects, the same for the same subjects, ratios, seed and
+    ``kept`` (split -> subjects already assigned there, which keep their split).
+
+    The new subjects, in the seed's random order, fill each split up to its :func:`split_counts`
+    share of all subjects (largest shortfall first); with none kept this is a fresh split.
+    """
     unique = sorted(set(subjects))
     order = np.random.default_rng(seed).permutation(len(unique))
-    counts = split_counts(len(unique), ratios)
+    have = [int((kept or {}).get(name, 0)) for name in SPLITS]
+    target = split_counts(len(unique) + sum(have), ratios)
+    counts = [0, 0, 0, 0]
+    for _ in unique:  # no split over its target can take one: the kept ones stay where they are
+        gap = [target[i] - have[i] - counts[i] for i in range(4)]
+        counts[max(range(4), key=lambda i: (gap[i], -i))] += 1
     result: dict[str, str] = {}
     position = 0
     for name, count in zip(SPLITS, counts, strict=True):
@@ -355,6 +404,27 @@ def assign_splits(subjects: Sequence[str], ratios: Sequence[float], seed: int) -
             result[unique[int(index)]] = name
         position += count
     return result
+
+
+def split_groups(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Record id -> group that shares a split: the scans of one subject, and identical files
+    (same source sha256, e.g. one scan copied under two names) that would otherwise leak a
+    held-out scan into train. A group is named by its first subject."""
+    parent: dict[str, str] = {}
+
+    def root(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            node = parent[node]
+        return node
+
+    for record in records:
+        a, b = root("subject:" + record["subject"]), root("sha256:" + record["source_sha256"])
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    name: dict[str, str] = {}
+    for record in sorted(records, key=lambda r: r["subject"]):
+        name.setdefault(root("subject:" + record["subject"]), record["subject"])
+    return {r["id"]: name[root("subject:" + r["subject"])] for r in records}
 
 
 def dataset_fingerprint(degradation: str, subjects: Sequence[dict[str, Any]]) -> str:
@@ -370,24 +440,88 @@ def dataset_fingerprint(degradation: str, subjects: Sequence[dict[str, Any]]) ->
 
 
 def write_manifest(
-    out_dir: Path, options: PrepareOptions, outcomes: Sequence[SubjectOutcome]
+    out_dir: Path,
+    options: PrepareOptions,
+    outcomes: Sequence[SubjectOutcome],
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` (atomically) from the outcomes; return it."""
+    """Write ``manifest.json`` (atomically) from the outcomes; return it, with ``"run"``.
+
+    Groups (:func:`split_groups`) that hold a subject or file of the ``previous`` manifest keep
+    its split; only new groups are assigned. ``"run"`` (returned, not written: a rerun must
+    write the same file) says how many scans kept their split and how many were newly assigned,
+    and carries the warnings for the user.
+    """
     good = sorted((o for o in outcomes if o.record is not None), key=lambda o: o.scan.id)
-    splits = assign_splits([o.scan.subject for o in good], options.ratios, options.seed)
+    records = [dict(o.record or {}) for o in good]
+    group_of = split_groups(records)
+    members: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        members.setdefault(group_of[record["id"]], []).append(record)
+    old = list((previous or {}).get("subjects", []))
+    old_by_id = {r.get("id"): r.get("split") for r in old}
+    warnings: list[str] = []
+    split_of: dict[str, str] = {}  # record id -> split
+    kept: dict[str, int] = {}
+    for group_records in members.values():
+        names = {r["subject"] for r in group_records}
+        shas = {r["source_sha256"] for r in group_records}
+        matches = {
+            r.get("split")
+            for r in old
+            if r.get("subject") in names or r.get("source_sha256") in shas
+        }
+        before = [name for name in SPLITS if name in matches]
+        if not before:
+            continue
+        kept[before[0]] = kept.get(before[0], 0) + 1
+        for record in group_records:  # where an earlier run split a group, each keeps its own
+            own = old_by_id.get(record["id"])
+            split_of[record["id"]] = own if own in before else before[0]
+        if len(before) > 1:
+            warnings.append(
+                f"{', '.join(r['source'] for r in group_records)}: the same subject or identical "
+                f"files were put in different splits ({', '.join(before)}) by an earlier "
+                "preparation and keep them; remove the copies from the source folder, or "
+                "prepare into a new folder, to keep held-out scans out of train"
+            )
+    new_groups = [g for g in members if not any(r["id"] in split_of for r in members[g])]
+    new_splits = assign_splits(new_groups, options.ratios, options.seed, kept)
+    for group in new_groups:
+        for record in members[group]:
+            split_of[record["id"]] = new_splits[group]
+    by_sha: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_sha.setdefault(record["source_sha256"], []).append(record)
+    for same in by_sha.values():
+        if len(same) > 1 and len({split_of[r["id"]] for r in same}) == 1:
+            warnings.append(
+                f"{', '.join(r['source'] for r in same)}: identical files (same sha256); "
+                f"kept together in {split_of[same[0]['id']]}; remove the copies unless they "
+                "are meant to count twice"
+            )
     subjects = []
-    for outcome in good:
-        record = dict(outcome.record or {})
+    for record in records:
         record.pop("settings", None)
-        record["split"] = splits[outcome.scan.subject]
+        record["split"] = split_of[record["id"]]
         subjects.append(record)
+    for outcome in good:
+        if outcome.message.startswith("redone: "):
+            warnings.append(f"{outcome.message.removeprefix('redone: ')}; prepared it again")
     failures = [
         {"source": str(o.scan.path), "error": o.message}
         for o in sorted(outcomes, key=lambda o: str(o.scan.path))
         if o.status == "failed"
     ]
     split = {"ratios": list(options.ratios), "seed": options.seed, "by": "subject"}
-    return save_manifest(out_dir, options.degradation, split, subjects, failures)
+    manifest = save_manifest(out_dir, options.degradation, split, subjects, failures)
+    new_ids = {r["id"] for g in new_groups for r in members[g]}
+    manifest["run"] = {
+        "kept": len(records) - len(new_ids),
+        "assigned": len(new_ids),
+        "warnings": warnings,
+    }
+    return manifest
 
 
 def save_manifest(
@@ -413,6 +547,95 @@ def save_manifest(
     with atomic_path(Path(out_dir) / MANIFEST_NAME, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def _option_text(key: str, value: Any) -> str:
+    """A setting as the `prepare` option that sets it (``factor 2`` -> ``--factor 2``)."""
+    if key == "n4":
+        return "--n4" if value else "--no-n4"
+    if isinstance(value, list | tuple):
+        value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    names = {"spacing_mm": "--spacing", "factor": "--factor", "axes": "--axes"}
+    return f"{names.get(key, '--' + key.replace('_', '-'))} {value}"
+
+
+def check_output_folder(
+    src_dir: Path, out_dir: Path, options: PrepareOptions
+) -> dict[str, Any] | None:
+    """Refuse an OUT that a run would damage or mix up; return its manifest if it has one.
+
+    OUT may be new, empty (hidden files aside), a run interrupted before its manifest (only
+    ``subjects/``, of the same settings), or a dataset of the same settings, split and seed:
+    anything else would be silently rebuilt, overwritten or re-split.
+    """
+    out_dir, advice = Path(out_dir), "choose another (new or empty) OUT folder"
+    src, out = Path(src_dir).resolve(), out_dir.resolve()
+    if out == src or src in out.parents:
+        raise OutputError(f"{out_dir}: is the source folder or inside it; {advice}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: is a file, not a folder; {advice}")
+    if not out_dir.is_dir():
+        return None
+    try:
+        entries = sorted(e.name for e in out_dir.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot be read ({exc.strerror})") from exc
+    ours = json.loads(options.degradation.to_json())
+    if MANIFEST_NAME not in entries:
+        if entries not in ([], ["subjects"]):
+            raise OutputError(f"{out_dir}: is not empty and holds no mrisr dataset; {advice}")
+        others = set()
+        for record_path in (out_dir / "subjects").glob("*/subject.json"):
+            try:
+                settings = json.loads(record_path.read_text())["settings"]
+                if settings != _settings(options):
+                    others.add(settings)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # unreadable: that subject is redone anyway
+        if others:
+            try:
+                changes = _changes(json.loads(sorted(others)[0]), ours)
+            except (ValueError, TypeError, AttributeError):
+                changes = ""
+            raise OutputError(
+                f"{out_dir}: holds subjects prepared with {changes or 'other settings'}; "
+                f"rerun with those settings to complete it, or {advice}"
+            )
+        return None
+    try:
+        manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError("not an mrisr dataset")
+        theirs = json.loads(
+            DegradationConfig.from_json(json.dumps(manifest["degradation"])).to_json()
+        )
+        split = manifest["split"]
+        ratios, seed = tuple(float(r) for r in split["ratios"]), int(split["seed"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, WeightsError):
+        raise OutputError(
+            f"{out_dir}: holds a {MANIFEST_NAME} that is not an mrisr dataset; {advice}"
+        ) from None
+    if theirs != ours:
+        raise OutputError(
+            f"{out_dir}: holds a dataset prepared with {_changes(theirs, ours)}; rerun with "
+            f"those settings to extend it, or {advice}"
+        )
+    if ratios != tuple(options.ratios) or seed != options.seed:
+        was = f"--split {','.join(f'{r:g}' for r in ratios)} --seed {seed}"
+        now = f"--split {','.join(f'{r:g}' for r in options.ratios)} --seed {options.seed}"
+        raise OutputError(
+            f"{out_dir}: was split with {was}, not {now}: that would move subjects already "
+            f"assigned; rerun with {was}, or {advice}"
+        )
+    return manifest
+
+
+def _changes(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """``--factor 2 (now --factor 3)`` for each setting that differs."""
+    keys = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+    return ", ".join(
+        f"{_option_text(k, theirs.get(k))} (now {_option_text(k, ours.get(k))})" for k in keys
+    )
 
 
 # --- reading a prepared dataset -------------------------------------------------------------
@@ -484,10 +707,12 @@ def prepare_dataset(
     scans: Sequence[Scan] | None = None,
 ) -> dict[str, Any]:
     """Prepare every scan of ``src_dir`` (or the ``scans`` found there already) into
-    ``out_dir`` with ``jobs`` processes; return the manifest. Failed scans are reported through
-    ``on_outcome`` and listed in the manifest."""
+    ``out_dir`` with ``jobs`` processes; return the manifest with ``"run"`` (see
+    :func:`write_manifest`). Failed scans are reported through ``on_outcome`` and listed in the
+    manifest; an OUT that :func:`check_output_folder` refuses is an OutputError."""
     scans = list(scans) if scans is not None else find_scans(src_dir)
     out_dir = Path(out_dir)
+    previous = check_output_folder(src_dir, out_dir, options)
     try:
         (out_dir / "subjects").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -526,7 +751,7 @@ def prepare_dataset(
                 ) from exc
     if not any(o.record is not None for o in outcomes):
         raise InputError(f"{src_dir}: none of the {len(scans)} images could be prepared")
-    return write_manifest(out_dir, options, outcomes)
+    return write_manifest(out_dir, options, outcomes, previous)
 
 
 def default_jobs(threads: int | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`mrisr prepare`: layout, geometry, normalisation, split, skipping and bad input."""
+"""`mrisr prepare`: layout, geometry, normalisation, split, skipping, reruns and bad input."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
-from mrisr_cli.errors import InputError
+from mrisr_cli.errors import InputError, OutputError
 from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.prepare import (
     PrepareOptions,
+    SubjectOutcome,
     assign_splits,
     load_manifest,
     prepare_dataset,
@@ -27,6 +28,10 @@ from mrisr_cli.weights import sha256_of
 
 SHAPE = (68, 66, 70)
 NO_N4 = PrepareOptions(DegradationConfig(n4=False))
+# tiny heads for the tests of reruns: a tenth of a second per subject
+SMALL = (24, 22, 26)
+SMALL_OPTIONS = PrepareOptions(NO_N4.degradation, min_extent_mm=16)
+SMALL_ARGS = ("--no-n4", "--min-extent", "16", "--jobs", "1")
 
 
 def head(seed: int, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:
@@ -56,6 +61,17 @@ def prepared_heads(root: Path, count: int, ratios: tuple[float, float, float, fl
     options = PrepareOptions(NO_N4.degradation, ratios=ratios)
     prepare_dataset(root / "src", root / "prepared", options)
     return root / "prepared"
+
+
+def small_heads(src: Path, seeds: range | list[int]) -> None:
+    """Tiny distinct heads ``src/s<seed>.nii.gz`` (prepare with SMALL_OPTIONS / SMALL_ARGS)."""
+    for seed in seeds:
+        save(src / f"s{seed}.nii.gz", head(seed, SMALL))
+
+
+def splits_of(out: Path) -> dict[str, str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s["id"]: s["split"] for s in manifest["subjects"]}
 
 
 def invoke(*args: str | Path):
@@ -136,12 +152,11 @@ def test_bad_files_are_reported_and_skipped_and_reruns_skip_done(tmp_path: Path)
     assert sorted(o.status for o in again) == ["failed"] * 5 + ["skipped"] * 2
     assert (out / "manifest.json").read_bytes() == first  # deterministic
 
-    # other settings are not "already done": the subjects are prepared again
+    # other settings would rebuild the dataset in place: refused, nothing touched
     cubic = PrepareOptions(DegradationConfig(n4=False, interpolation="cubic"))
-    third: list = []
-    prepare_dataset(src, out, cubic, on_outcome=third.append)
-    assert sorted(o.status for o in third).count("done") == 2
-    assert load_manifest(out).degradation.interpolation == "cubic"
+    with pytest.raises(OutputError, match=r"--interpolation linear \(now --interpolation cubic\)"):
+        prepare_dataset(src, out, cubic)
+    assert (out / "manifest.json").read_bytes() == first
 
 
 def test_empty_or_missing_source_folder(tmp_path: Path) -> None:
@@ -176,7 +191,7 @@ def test_cli_prepare_in_parallel_processes(tmp_path: Path) -> None:
     assert manifest["counts"] == {"train": 1, "val": 1, "eval": 0, "test": 0}
     assert manifest["split"] == {"ratios": [0.5, 0.5, 0.0, 0.0], "seed": 3, "by": "subject"}
     summary = " ".join(result.output.split())
-    assert "prepared 2 subjects (2 new, 0 already done, 1 failed)" in summary
+    assert "prepared 2 subjects (2 new, 0 redone, 0 already done, 1 failed)" in summary
 
 
 def test_bad_options(tmp_path: Path) -> None:
@@ -189,6 +204,31 @@ def test_bad_options(tmp_path: Path) -> None:
         result = invoke(tmp_path / "src", tmp_path / "out", "--split", split, "--no-n4")
         assert result.exit_code == 1 and "--split takes four shares" in result.output
         assert not (tmp_path / "out" / "subjects").exists()
+
+
+def test_split_counts_round_the_written_shares_exactly() -> None:
+    """The rule docs/training.md states: shares as written (7,1,1,1 == 0.7,0.1,0.1,0.1; in
+    floats 5 x 0.1 / 0.9999999999999999 rounded to 1 but 5 x 1 / 10 to 0), halves to even (as
+    earlier versions, whose splits must not change), and val keeps one subject at share 0."""
+    assert split_counts(5, (0.7, 0.1, 0.1, 0.1)) == split_counts(5, (7, 1, 1, 1)) == (4, 1, 0, 0)
+    assert split_counts(25, (7, 1, 1, 1)) == split_counts(25, (0.7, 0.1, 0.1, 0.1)) == (19, 2, 2, 2)
+    assert split_counts(5, (1, 0, 0, 0)) == (4, 1, 0, 0)
+    assert split_counts(10, (0.625, 0.125, 0, 0.25)) == (7, 1, 0, 2)  # 2.5 -> 2
+    assert split_counts(16, (0.625, 0.125, 0, 0.25)) == (10, 2, 0, 4)  # the release's split
+    assert split_counts(1113, (0.7, 0.1, 0.1, 0.1)) == (780, 111, 111, 111)  # the paper's
+
+
+def test_new_subjects_fill_the_splits_around_the_kept_ones() -> None:
+    subjects = [f"sub-{i:03d}" for i in range(40)]
+    first = assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=1)
+    kept = {name: list(first.values()).count(name) for name in ("train", "val", "eval", "test")}
+    more = [f"sub-{i:03d}" for i in range(40, 50)]
+    added = assign_splits(more, (0.7, 0.1, 0.1, 0.1), seed=1, kept=kept)
+    assert sorted(added) == more
+    total = [kept[n] + list(added.values()).count(n) for n in ("train", "val", "eval", "test")]
+    assert tuple(total) == split_counts(50, (0.7, 0.1, 0.1, 0.1))  # (35, 5, 5, 5)
+    # none kept: the fresh split, unchanged
+    assert assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=1, kept={}) == first
 
 
 def test_split_is_by_subject_deterministic_and_the_papers_ratio() -> None:
@@ -256,3 +296,149 @@ def test_n4_runs_when_asked(tmp_path: Path) -> None:
     assert manifest["n4"] is True and manifest["degradation"]["n4"] is True
     hr = np.load(tmp_path / "out" / manifest["subjects"][0]["files"]["hr"]["path"])
     assert np.isfinite(hr).all()
+
+
+def test_extending_a_dataset_keeps_every_split(tmp_path: Path) -> None:
+    """8 -> 9 scans moved subjects test->val, val->eval, eval->test: a test subject could then
+    end in train after a model was trained. Now only the new one is assigned."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(8))
+    first = prepare_dataset(src, out, SMALL_OPTIONS)
+    before = splits_of(out)
+    small_heads(src, [8])
+    again = prepare_dataset(src, out, SMALL_OPTIONS)
+    after = splits_of(out)
+    assert {k: after[k] for k in before} == before and "s8" in after
+    assert first["run"] == {"kept": 0, "assigned": 8, "warnings": []}
+    assert again["run"] == {"kept": 8, "assigned": 1, "warnings": []}
+    assert again["counts"] == dict(
+        zip(("train", "val", "eval", "test"), split_counts(9, (7, 1, 1, 1)), strict=True)
+    )
+    written = (out / "manifest.json").read_bytes()
+    assert "run" not in json.loads(written)  # a rerun writes the same file
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    assert (out / "manifest.json").read_bytes() == written
+
+    # the CLI says what was kept and what newly assigned
+    small_heads(src, [9])
+    result = invoke(src, out, *SMALL_ARGS)
+    assert result.exit_code == 0, result.output
+    summary = " ".join(result.output.split())
+    assert "(1 new, 0 redone, 9 already done, 0 failed)" in summary
+    assert "9 kept their split, 1 newly assigned" in summary
+    (src / "s9.nii.gz").unlink()
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    written = (out / "manifest.json").read_bytes()
+
+    # another --seed or --split would re-split: refused on one line, nothing changed
+    for extra in (("--seed", "1"), ("--split", "0.6,0.2,0.1,0.1")):
+        result = invoke(src, out, *SMALL_ARGS, *extra)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mrisr: error:")
+        assert "--split 0.7,0.1,0.1,0.1 --seed 0" in lines[0] and "move subjects" in lines[0]
+        assert (out / "manifest.json").read_bytes() == written
+
+
+def test_out_must_be_new_empty_or_the_same_dataset(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(2))
+    assert invoke(src, out, *SMALL_ARGS).exit_code == 0
+    manifest = (out / "manifest.json").read_bytes()
+    hr = sha256_of(out / "subjects" / "s0" / "hr.npy")
+
+    def refused(target: Path, *args: str) -> str:
+        result = invoke(src, target, *SMALL_ARGS, *args)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mrisr: error:"), result.output
+        assert "Traceback" not in result.output and "OUT folder" in lines[0]
+        return lines[0]
+
+    # another --factor would re-prepare everything in place
+    assert "--factor 2 (now --factor 3)" in refused(out, "--factor", "3")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert sha256_of(out / "subjects" / "s0" / "hr.npy") == hr
+    # a folder that is not an mrisr dataset: its manifest.json is not overwritten
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"x": 1}\n')
+    assert "not an mrisr dataset" in refused(foreign)
+    assert (foreign / "manifest.json").read_text() == '{"x": 1}\n'
+    assert not (foreign / "subjects").exists()
+    (foreign / "manifest.json").unlink()
+    (foreign / "notes.txt").write_text("mine")
+    assert "not empty" in refused(foreign)
+    # OUT == SRC or inside it, and a file
+    assert "source folder" in refused(src)
+    assert "source folder" in refused(src / "prepared")
+    assert sorted(p.name for p in src.iterdir()) == ["s0.nii.gz", "s1.nii.gz"]
+    (tmp_path / "file").write_text("")
+    assert "not a folder" in refused(tmp_path / "file")
+    # a run interrupted before its manifest resumes with the same settings, not with others
+    (out / "manifest.json").unlink()
+    assert "--factor 2 (now --factor 3)" in refused(out, "--factor", "3")
+    result = invoke(src, out, *SMALL_ARGS)
+    assert result.exit_code == 0 and "0 new, 0 redone, 2 already done" in " ".join(
+        result.output.split()
+    )
+    # a new folder and an empty one are fine
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", tmp_path / "new" / "deeper"):
+        assert invoke(src, target, *SMALL_ARGS).exit_code == 0
+
+
+def test_identical_files_share_a_split_and_are_named(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    (src / "copy_of_s0.nii.gz").write_bytes((src / "s0.nii.gz").read_bytes())
+    options = PrepareOptions(SMALL_OPTIONS.degradation, (0.5, 0.5, 0, 0), 0, 16)
+    first = prepare_dataset(src, out, options)
+    splits = splits_of(out)
+    assert splits["s0"] == splits["copy_of_s0"]
+    assert [splits[k] for k in ("s0", "s1", "s2")].count("val") == 2  # 3 groups: 1.5 rounds up
+    (warning,) = first["run"]["warnings"]
+    assert "copy_of_s0.nii.gz" in warning and "s0.nii.gz" in warning and "identical" in warning
+    shown = invoke(src, tmp_path / "out2", "--split", "0.5,0.5,0,0", *SMALL_ARGS)
+    assert shown.exit_code == 0, shown.output
+    assert f"mrisr: warning: {warning}" in " ".join(shown.output.split()) or (
+        "identical" in shown.output and "copy_of_s0.nii.gz" in shown.output
+    )
+
+    # a copy added later joins its original's split
+    (src / "later_s1.nii.gz").write_bytes((src / "s1.nii.gz").read_bytes())
+    second = prepare_dataset(src, out, options)
+    assert splits_of(out)["later_s1"] == splits["s1"]
+    assert second["run"]["kept"] == 5 and second["run"]["assigned"] == 0
+
+    # copies that an earlier version put in different splits keep them, and are named
+    raw = json.loads((out / "manifest.json").read_text())
+    for record in raw["subjects"]:
+        if record["id"] in ("s0", "copy_of_s0"):
+            record["split"] = "train" if record["id"] == "s0" else "test"
+    (out / "manifest.json").write_text(json.dumps(raw))
+    third = prepare_dataset(src, out, options)
+    assert splits_of(out)["s0"] == "train" and splits_of(out)["copy_of_s0"] == "test"
+    assert any("different splits (train, test)" in w for w in third["run"]["warnings"])
+
+
+def test_damaged_subjects_are_redone_and_named(tmp_path: Path) -> None:
+    """`train` refuses a truncated hr.npy; prepare used to count it as done (files existed)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    with (out / "subjects" / "s0" / "hr.npy").open("r+b") as handle:
+        handle.truncate(1000)
+    np.save(out / "subjects" / "s1" / "mask.npy", np.zeros(SMALL, np.float32))  # wrong dtype
+    seen: list[SubjectOutcome] = []
+    manifest = prepare_dataset(src, out, SMALL_OPTIONS, on_outcome=seen.append)
+    status = {o.scan.id: (o.status, o.message) for o in seen}
+    assert status["s0"] == ("done", "redone: subjects/s0/hr.npy was missing or unreadable")
+    assert status["s1"][0] == "done" and "mask.npy held float32" in status["s1"][1]
+    assert status["s2"] == ("skipped", "already prepared")
+    assert len(manifest["run"]["warnings"]) == 2
+    assert all("prepared it again" in w for w in manifest["run"]["warnings"])
+    for record in load_manifest(out).subjects:  # what training opens
+        for entry in record["files"].values():
+            assert np.load(out / entry["path"], mmap_mode="r").size > 0
+            assert sha256_of(out / entry["path"]) == entry["sha256"]
