@@ -161,13 +161,22 @@ def prepare_command(
                 on_start=on_start,
                 scans=scans,
             )
-    done = sum(o.status == "done" for o in outcomes)
+    run = manifest.get("run", {})
+    for message in run.get("warnings", []):
+        warn(message)
+    redone = sum(o.status == "done" and o.message.startswith("redone: ") for o in outcomes)
+    done = sum(o.status == "done" for o in outcomes) - redone
     skipped = sum(o.status == "skipped" for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
     counts = ", ".join(f"{name} {n}" for name, n in manifest["counts"].items())
+    splits = (
+        f"; {run['kept']} kept their split, {run['assigned']} newly assigned"
+        if run.get("kept")
+        else ""
+    )
     stderr_console().print(
-        f"prepared {done + skipped} subjects ({done} new, {skipped} already done, {failed} "
-        f"failed): {counts}; wrote {out_dir / MANIFEST_NAME}",
+        f"prepared {done + redone + skipped} subjects ({done} new, {redone} redone, {skipped} "
+        f"already done, {failed} failed): {counts}{splits}; wrote {out_dir / MANIFEST_NAME}",
         markup=False,
     )
 
@@ -326,19 +335,24 @@ def train_command(
     with user_errors():
         from mrisr_cli.networks import NetworkConfig
         from mrisr_cli.threads import configure_threads
-        from mrisr_cli.training import TrainConfig, train, worker_threads
+        from mrisr_cli.training import (
+            StoppedAtOnce,
+            TrainConfig,
+            load_init_weights,
+            train,
+            worker_threads,
+        )
         from mrisr_cli.training import resume as resume_run
-        from mrisr_cli.weights import load_weights
 
         patch_size = parse_triple(patch, "--patch")
         val_size = parse_triple(val_patch, "--val-patch")
         defaults = GAN_DEFAULTS if stage is Stage.gan else PSNR_DEFAULTS
         params = _parse_json_object(net_params, "--net-params")
-        if params is None and init is not None:
-            found = load_weights(init)
-            params = found.network.params if found.network.name == net else {}
-        if params is None and resume:
+        if params is None and resume:  # the run's own; its --init file may have moved since
             params = _run_params(out)
+        if params is None and init is not None and not (resume and not init.exists()):
+            found = load_init_weights(init)
+            params = found.network.params if found.network.name == net else {}
         critic = _parse_json_object(critic_params, "--critic-params") or {}
         rate = lr if lr is not None else float(defaults["lr"])
         config = TrainConfig(
@@ -373,8 +387,16 @@ def train_command(
         )
         configure_threads(worker_threads(threads))
         progress, on_event = _train_display(config, stderr_console(), warn, enabled=is_main)
-        with progress:
-            result = (resume_run if resume else train)(config, on_event=on_event)
+        stopped: StoppedAtOnce | None = None
+        try:
+            with progress:
+                result = (resume_run if resume else train)(config, on_event=on_event)
+        except StoppedAtOnce as exc:
+            stopped = exc
+    if stopped is not None:
+        if is_main:
+            _report_stopped_at_once(stopped)
+        raise typer.Exit(130)
     if not is_main:
         return
     console = stderr_console()
@@ -396,6 +418,20 @@ def train_command(
     )
     if result.last_weights is None:
         raise fail("no weights were written", EXIT_USER_ERROR)
+
+
+def _report_stopped_at_once(stopped: Any) -> None:
+    """A second Ctrl-C ends training without the usual summary: say whether --resume has a
+    checkpoint to start from (the one written before, not one of this moment)."""
+    where = f"stopped at once at step {stopped.step} of {stopped.total_steps} (second Ctrl-C)"
+    if stopped.saved_step is None:
+        saved = "no checkpoint was written, so there is nothing to resume"
+    else:
+        saved = (
+            f"{stopped.checkpoint} holds step {stopped.saved_step}; continue from it with the "
+            "same command and --resume"
+        )
+    stderr_console().print(f"{where}; {saved}", markup=False)
 
 
 def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tuple[Any, Any]:
@@ -439,6 +475,8 @@ def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tu
             losses = payload["losses"]
             text = " ".join(f"{k} {v:.4f}" for k, v in sorted(losses.items()))
             progress.update(task, completed=payload["step"], status=text)
+        elif kind == "validating":  # whole volumes take a while: say why the bar stands still
+            progress.update(task, status=f"validating ({payload['subjects']} volumes)")
         elif kind == "epoch":
             metrics = payload["metrics"]
             scores = (

@@ -32,10 +32,12 @@ Losses (SPEC "Losses and training"; the critic scores how *fake* a patch looks):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -58,9 +60,9 @@ from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, W
 from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
 from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
-from mrisr_cli.prepare import Manifest, load_manifest
+from mrisr_cli.prepare import MANIFEST_NAME, Manifest, load_manifest
 from mrisr_cli.tiling import PAPER_PATCH
-from mrisr_cli.volumes import atomic_path
+from mrisr_cli.volumes import atomic_path, os_reason
 from mrisr_cli.weights import WeightsFile, load_weights, save_weights
 
 STAGES: tuple[str, ...] = ("psnr", "gan")
@@ -91,6 +93,11 @@ RESUME_MAY_CHANGE = frozenset(
         "time_limit",
         "precise_bn",  # only the exported BatchNorm buffers, recomputed from scratch each time
     }
+)
+#: Settings the PSNR stage never reads: on its resume they may change (the CLI derives
+#: --critic-lr from --lr, so a new --lr must not be reported as a new --critic-lr too).
+GAN_ONLY = frozenset(
+    {"critic", "critic_lr", "lambda_adv", "lambda_gp", "critic_steps", "critic_warmup"}
 )
 OPTION_NAMES = {
     "network": "--net/--net-params",
@@ -194,6 +201,18 @@ class TrainResult:
     last_weights: Path | None = None
     best_weights: Path | None = None
     validation: dict[str, float] = field(default_factory=dict)
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C stopped training mid-step or mid-validation. Still a KeyboardInterrupt,
+    but it says what is on disk, so the CLI can tell the user whether --resume has a start."""
+
+    def __init__(self, step: int, total_steps: int, checkpoint: Path, saved_step: int | None):
+        super().__init__(step)
+        self.step = step
+        self.total_steps = total_steps
+        self.checkpoint = checkpoint
+        self.saved_step = saved_step  # the step checkpoint.pt holds; None: there is none
 
 
 # --- distributed helpers --------------------------------------------------------------------
@@ -564,17 +583,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- checkpoints, logs, weights -----------------------------------------------------------
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def write_failure(exc: BaseException, folder: Path, needed: int) -> str:
+    """Why a write into ``folder`` failed, in words. torch.save reports a full disk as a
+    RuntimeError of its zip writer ("[enforce fail at inline_container.cc:672] . unexpected pos
+    60672 vs 60576"), which tells a user nothing; the free space does."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on device"
+        if exc.errno == errno.EDQUOT:
+            return "disk quota exceeded"
+        return os_reason(exc)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < needed:
+        mib = 2**20
+        return f"no space left on device ({free / mib:.1f} MiB free, {needed / mib:.1f} needed)"
+    return "the write failed (disk full or quota exceeded?)"
+
+
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save to a temporary file, renamed into place: a failed write (disk full) leaves
-    the previous checkpoint as it was."""
+    the previous checkpoint as it was, and the message says whether there is one."""
     try:
         with atomic_path(path, overwrite=True) as tmp:
             torch.save(payload, tmp)
     except (OSError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise OutputError(
-            f"{path}: could not write the checkpoint ({reason}); the previous checkpoint is kept"
-        ) from exc
+        reason = write_failure(exc, path.parent, _tensor_bytes(payload))
+        kept = (
+            "the previous checkpoint is kept"
+            if path.is_file()
+            else "no checkpoint has been saved yet"
+        )
+        raise OutputError(f"{path}: could not write the checkpoint ({reason}); {kept}") from exc
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -800,19 +853,22 @@ def _run(
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cudnn.deterministic = config.deterministic
     out = Path(config.out)
-    manifest = load_manifest(Path(config.data))
+    manifest = _load_data(Path(config.data))
     checkpoint_path = out / CHECKPOINT_NAME
     payload: dict[str, Any] = {}
     if resume:
-        payload = read_checkpoint(checkpoint_path)
+        payload = _read_run_checkpoint(out)
     elif checkpoint_path.exists():
         raise OutputError(
             f"{out}: already holds a training run; continue it with --resume or choose "
             "another --out"
         )
-    init = _load_init(config, manifest, resume)
+    else:
+        _refuse_trained_weights(out)
+    init = _load_init(config, manifest, resume, payload, lambda m: emit("warning", message=m))
     if resume:
         _check_resume(payload, config, manifest, init, dist)
+        _check_schedule(payload, config)
     init_sha = init.sha256 if init else str(payload.get("init_sha256", ""))
     trainer = Trainer(config, device=device, dist=dist, init=init)
     step, best = 0, None
@@ -870,7 +926,10 @@ def _run(
             for k in range(trainer.fetches_per_step(s)):
                 yield (s, k)
 
+    saved_at: int | None = step if resume else None  # the step checkpoint.pt holds
+
     def save_checkpoint(at: int) -> None:
+        nonlocal saved_at
         states = _all_gather(dist, rng_state())
         if dist.is_main:
             write_checkpoint(
@@ -889,6 +948,7 @@ def _run(
                     "rng": states,
                 },
             )
+            saved_at = at
             emit("checkpoint", step=at, path=str(checkpoint_path))
         _barrier(dist)
 
@@ -906,7 +966,8 @@ def _run(
                 overwrite=True,
             )
         except (OSError, RuntimeError, SafetensorError) as exc:
-            raise OutputError(f"{path}: could not write the weights ({exc})") from exc
+            reason = write_failure(exc, out, _tensor_bytes(trainer.generator.state_dict()))
+            raise OutputError(f"{path}: could not write the weights ({reason})") from exc
         return path
 
     window: dict[str, float] = {}
@@ -914,99 +975,103 @@ def _run(
     epoch_wait = epoch_time = 0.0
     epoch_patches = 0
     fetch = _fetcher(sampler, config, dist, device)
-    with (
-        StopRequest() as stop,
-        Prefetcher(fetch, keys(), depth=config.prefetch, workers=config.workers) as prefetch,
-    ):
-        batches = (
-            (lr.to(device, non_blocking=True), hr.to(device, non_blocking=True))
-            for lr, hr in prefetch
-        )
-        loop_started = time.perf_counter()
-        while step < total:
-            started, waited = time.perf_counter(), prefetch.wait_seconds
-            patches = trainer.fetches_per_step(step) * config.batch_size * dist.world
-            losses = trainer.step(step, batches)
-            time_up = bool(config.time_limit) and (
-                time.perf_counter() - loop_started >= config.time_limit
+    try:
+        with (
+            StopRequest() as stop,
+            Prefetcher(fetch, keys(), depth=config.prefetch, workers=config.workers) as prefetch,
+        ):
+            batches = (
+                (lr.to(device, non_blocking=True), hr.to(device, non_blocking=True))
+                for lr, hr in prefetch
             )
-            values = _reduce_losses(losses, stop.requested or time_up, dist, device)
-            stopping = bool(values.pop("_stop"))
-            timed_out = stopping and not stop.requested
-            step += 1
-            elapsed = time.perf_counter() - started
-            epoch_time += elapsed
-            epoch_wait += prefetch.wait_seconds - waited
-            epoch_patches += patches
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
-            if bad:
-                raise MrisrError(
-                    f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); lower "
-                    "--lr or resume from the last checkpoint"
+            loop_started = time.perf_counter()
+            while step < total:
+                started, waited = time.perf_counter(), prefetch.wait_seconds
+                patches = trainer.fetches_per_step(step) * config.batch_size * dist.world
+                losses = trainer.step(step, batches)
+                time_up = bool(config.time_limit) and (
+                    time.perf_counter() - loop_started >= config.time_limit
                 )
-            for k, v in values.items():
-                window[k] = window.get(k, 0.0) + v
-            window_steps += 1
-            emit("step", step=step, losses=values, lr=config.lr * _lr_factor(config, step - 1))
-            if log is not None and (step % config.log_every == 0 or step == total):
-                log.write(
-                    "train",
-                    step=step,
-                    epoch=(step - 1) // config.steps_per_epoch + 1,
-                    lr=config.lr * _lr_factor(config, step - 1),
-                    **{k: v / window_steps for k, v in window.items()},
-                )
-                window, window_steps = {}, 0
-            # a time limit ends the call like an epoch: validated, exported weights
-            if step % config.steps_per_epoch == 0 or (timed_out and step < total):
-                epoch = math.ceil(step / config.steps_per_epoch)
-                if config.precise_bn and batchnorm_layers(trainer.generator):
-                    recalibrate_batchnorm(
-                        trainer.generator,
-                        sampler_batches(sampler, config.precise_bn, config.batch_size, device),
+                values = _reduce_losses(losses, stop.requested or time_up, dist, device)
+                stopping = bool(values.pop("_stop"))
+                timed_out = stopping and not stop.requested
+                step += 1
+                elapsed = time.perf_counter() - started
+                epoch_time += elapsed
+                epoch_wait += prefetch.wait_seconds - waited
+                epoch_patches += patches
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    raise MrisrError(
+                        f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); lower "
+                        "--lr or resume from the last checkpoint"
                     )
-                metrics = validate(trainer.generator, val_subjects, val_options, dist)
-                data_wait = epoch_wait / max(epoch_time, 1e-9)
-                rate = epoch_patches / max(epoch_time, 1e-9)
-                improved = bool(metrics) and (best is None or metrics["psnr"] > best)
-                if improved:
-                    best = metrics["psnr"]
-                if dist.is_main:
-                    result.last_weights = export(LAST_NAME, step, metrics)
-                    if improved:
-                        result.best_weights = export(BEST_NAME, step, metrics)
-                    if log is not None:
-                        log.write(
-                            "epoch",
-                            step=step,
-                            epoch=epoch,
-                            data_wait_fraction=data_wait,
-                            patches_per_second=rate,
-                            best=improved,
-                            **{f"val_{k}": v for k, v in metrics.items()},
+                for k, v in values.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_steps += 1
+                emit("step", step=step, losses=values, lr=config.lr * _lr_factor(config, step - 1))
+                if log is not None and (step % config.log_every == 0 or step == total):
+                    log.write(
+                        "train",
+                        step=step,
+                        epoch=(step - 1) // config.steps_per_epoch + 1,
+                        lr=config.lr * _lr_factor(config, step - 1),
+                        **{k: v / window_steps for k, v in window.items()},
+                    )
+                    window, window_steps = {}, 0
+                # a time limit ends the call like an epoch: validated, exported weights
+                if step % config.steps_per_epoch == 0 or (timed_out and step < total):
+                    epoch = math.ceil(step / config.steps_per_epoch)
+                    emit("validating", step=step, epoch=epoch, subjects=len(val_subjects))
+                    if config.precise_bn and batchnorm_layers(trainer.generator):
+                        recalibrate_batchnorm(
+                            trainer.generator,
+                            sampler_batches(sampler, config.precise_bn, config.batch_size, device),
                         )
-                emit(
-                    "epoch",
-                    step=step,
-                    epoch=epoch,
-                    metrics=metrics,
-                    best=improved,
-                    data_wait_fraction=data_wait,
-                    patches_per_second=rate,
-                )
-                epoch_wait = epoch_time = 0.0
-                epoch_patches = 0
-                save_checkpoint(step)
-            elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                save_checkpoint(step)
-            if stopping and step < total:
-                if step % config.steps_per_epoch and not timed_out:  # else it was just written
+                    metrics = validate(trainer.generator, val_subjects, val_options, dist)
+                    data_wait = epoch_wait / max(epoch_time, 1e-9)
+                    rate = epoch_patches / max(epoch_time, 1e-9)
+                    improved = bool(metrics) and (best is None or metrics["psnr"] > best)
+                    if improved:
+                        best = metrics["psnr"]
+                    if dist.is_main:
+                        result.last_weights = export(LAST_NAME, step, metrics)
+                        if improved:
+                            result.best_weights = export(BEST_NAME, step, metrics)
+                        if log is not None:
+                            log.write(
+                                "epoch",
+                                step=step,
+                                epoch=epoch,
+                                data_wait_fraction=data_wait,
+                                patches_per_second=rate,
+                                best=improved,
+                                **{f"val_{k}": v for k, v in metrics.items()},
+                            )
+                    emit(
+                        "epoch",
+                        step=step,
+                        epoch=epoch,
+                        metrics=metrics,
+                        best=improved,
+                        data_wait_fraction=data_wait,
+                        patches_per_second=rate,
+                    )
+                    epoch_wait = epoch_time = 0.0
+                    epoch_patches = 0
                     save_checkpoint(step)
-                status = "time-limit" if timed_out else "interrupted"
-                if log is not None:
-                    log.write(status, step=step)
-                result.status = status
-                break
+                elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                    save_checkpoint(step)
+                if stopping and step < total:
+                    if step % config.steps_per_epoch and not timed_out:  # else it was just written
+                        save_checkpoint(step)
+                    status = "time-limit" if timed_out else "interrupted"
+                    if log is not None:
+                        log.write(status, step=step)
+                    result.status = status
+                    break
+    except KeyboardInterrupt as exc:  # a second Ctrl-C (StopRequest): say what is on disk
+        raise StoppedAtOnce(step, total, checkpoint_path, saved_at) from exc
     result.step = step
     result.best_psnr = best
     if result.status == "done" and log is not None:
@@ -1037,15 +1102,99 @@ def _reduce_losses(
     return out
 
 
-def _load_init(config: TrainConfig, manifest: Manifest, resume: bool) -> WeightsFile | None:
+def _load_data(path: Path) -> Manifest:
+    """The data folder's manifest; a manifest named instead of its folder gets a hint."""
+    if path.is_file():
+        if path.name == MANIFEST_NAME:
+            raise InputError(
+                f"{path}: is the manifest; give --data the folder that holds it ({path.parent})"
+            )
+        raise InputError(f"{path}: is a file; give --data the folder made by `mrisr prepare`")
+    return load_manifest(path)
+
+
+def _trained_weights(out: Path) -> list[str]:
+    return [name for name in (BEST_NAME, LAST_NAME) if (out / name).exists()]
+
+
+def _refuse_trained_weights(out: Path) -> None:
+    """A run folder whose checkpoint is gone (a full disk, deleted) still holds trained
+    weights: a fresh start would silently overwrite them."""
+    names = _trained_weights(out)
+    if names:
+        raise OutputError(
+            f"{out}: already holds trained weights ({', '.join(names)}) but no {CHECKPOINT_NAME}; "
+            f"choose another --out (--resume needs {CHECKPOINT_NAME}; --init "
+            f"{out / names[-1]} starts a new run from these weights)"
+        )
+
+
+def _read_run_checkpoint(out: Path) -> dict[str, Any]:
+    """The checkpoint --resume continues; without one, say what the folder still offers."""
+    names = _trained_weights(out)
+    if not (out / CHECKPOINT_NAME).exists() and names:
+        raise InputError(
+            f"{out / CHECKPOINT_NAME}: no checkpoint to resume from, only trained weights "
+            f"({', '.join(names)}); start a new run with another --out and --init "
+            f"{out / names[-1]} to train on from them"
+        )
+    return read_checkpoint(out / CHECKPOINT_NAME)
+
+
+def _check_schedule(payload: dict[str, Any], config: TrainConfig) -> None:
+    """A resume with fewer --epochs than already trained would report "done: 31 of 30 steps"."""
+    step = int(payload["step"])
+    if step > config.total_steps:
+        more = step // config.steps_per_epoch + 1
+        raise InputError(
+            f"{config.out}: the run is already at step {step}, past the {config.total_steps} "
+            f"steps of --epochs {config.epochs} x --steps-per-epoch {config.steps_per_epoch}; "
+            f"give --epochs {more} or more to train on"
+        )
+
+
+def load_init_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
+    """:func:`load_weights`, pointing from a run's checkpoint (a pickle) to its weights files."""
+    path = Path(path)
+    if path.name == CHECKPOINT_NAME and path.is_file():
+        raise WeightsError(
+            f"{path}: is a training checkpoint, not weights; give {path.parent / BEST_NAME} or "
+            f"{path.parent / LAST_NAME}"
+        )
+    return load_weights(path, expect_network=expect_network)
+
+
+def _load_init(
+    config: TrainConfig,
+    manifest: Manifest,
+    resume: bool,
+    payload: dict[str, Any],
+    warn: Callable[[str], None],
+) -> WeightsFile | None:
+    """The --init weights. On --resume the checkpoint holds the weights, so a file that has
+    moved since is not needed; one that is there must be the run's own (see _check_resume)."""
     if config.init is None:
         if config.stage == "gan" and not resume:
             raise InputError(
                 "--stage gan starts from the PSNR model: give --init PSNR_RUN/best.safetensors"
             )
         return None
-    init = load_weights(Path(config.init), expect_network=config.network.name)
+    path = Path(config.init)
+    if resume and not path.exists():
+        warn(f"--init {path}: not found; ignored, since {CHECKPOINT_NAME} holds the run's weights")
+        return None
+    init = load_init_weights(path, expect_network=config.network.name)
     check_init(init, config, manifest.degradation)
+    recorded = init.provenance.get("stage") if isinstance(init.provenance, dict) else None
+    if not resume and recorded == "gan":
+        hint = (
+            "the GAN stage usually starts from PSNR weights (PSNR_RUN/best.safetensors)"
+            if config.stage == "gan"
+            else "--stage psnr trains them on with the L1 loss alone"
+        )
+        warn(
+            f"--init {path}: holds GAN-stage weights (their provenance records stage 'gan'); {hint}"
+        )
     return init
 
 
@@ -1058,7 +1207,8 @@ def _check_resume(
 ) -> None:
     """Refuse to continue a run with settings that would change what it computes."""
     before = json.loads(payload["config"])
-    diffs = _differences(before, config.as_dict(), RESUME_MAY_CHANGE)
+    may_change = RESUME_MAY_CHANGE | (GAN_ONLY if config.stage == "psnr" else frozenset())
+    diffs = _differences(before, config.as_dict(), may_change)
     global_before = int(before["batch_size"]) * int(payload["world_size"])
     global_now = config.batch_size * dist.world
     if global_before != global_now:
@@ -1067,7 +1217,9 @@ def _check_resume(
         )
     if payload["data_fingerprint"] != manifest.fingerprint:
         diffs.append(f"--data {config.data} holds other data than the run was started on")
-    if init is not None and payload.get("init_sha256") and init.sha256 != payload["init_sha256"]:
+    if init is not None and not payload.get("init_sha256"):
+        diffs.append(f"--init {config.init} is given, but the run was started without --init")
+    elif init is not None and init.sha256 != payload["init_sha256"]:
         diffs.append(f"--init {config.init} is another file than the run was started from")
     if diffs:
         raise InputError(
@@ -1097,8 +1249,9 @@ def _provenance_base(
     init_info = None
     if init is not None:
         init_info = {"path": str(init.path), "sha256": init.sha256}
-    elif payload.get("init_sha256"):
-        init_info = {"path": config.init, "sha256": payload["init_sha256"]}
+    elif payload.get("init_sha256"):  # resumed without the file: the path it started from
+        started = json.loads(payload["config"]).get("init")
+        init_info = {"path": started, "sha256": payload["init_sha256"]}
     return {
         "stage": config.stage,
         "data_dir": str(Path(config.data).resolve()),

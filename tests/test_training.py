@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -500,6 +501,7 @@ def test_resume_refuses_other_settings_and_a_fresh_start_refuses_a_used_folder(
     message = " ".join(result.output.split())
     assert "cannot resume with different settings" in message
     assert "--lr was 0.003, now 0.001" in message
+    assert "--critic-lr" not in message  # derived from --lr, and the PSNR stage has no critic
     result = invoke(*train_args(data, psnr_run, *base[:-1], "--lr", "3e-3", "--seed", "1"))
     assert result.exit_code == 1 and "already holds a training run" in result.output
     result = invoke(*train_args(data, prepared / "nothing-here", *base, "--lr", "3e-3"))
@@ -526,7 +528,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training.torch, "save", full_disk_after_the_first)
-    with pytest.raises(OutputError, match=r"No space left on device.*previous checkpoint is kept"):
+    with pytest.raises(OutputError, match=r"no space left on device.*previous checkpoint is kept"):
         train(config)
     assert len(calls) == 2 and not calls[1].exists()  # the half-written file is gone
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
@@ -534,6 +536,214 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
     monkeypatch.undo()
     again = training.resume(config)  # the surviving checkpoint is a valid starting point
     assert again.status == "done" and again.step == 4
+
+
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 60672 vs 60576"
+
+
+def test_a_failed_checkpoint_write_says_why_in_words_and_whether_one_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save reports a full disk as its zip writer's RuntimeError; the message gives the
+    free space instead, and says "kept" only where an earlier checkpoint exists."""
+    path = tmp_path / "checkpoint.pt"
+    payload = {"state": torch.zeros(1000)}  # 4000 bytes
+
+    def full_disk(obj: object, target: Path) -> None:
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise RuntimeError(TORCH_FULL_DISK)
+
+    monkeypatch.setattr(training.torch, "save", full_disk)
+    with pytest.raises(OutputError) as caught:
+        training.write_checkpoint(path, payload)
+    message = str(caught.value)
+    assert "enforce fail" not in message and "disk full" in message
+    assert "no checkpoint has been saved yet" in message and "kept" not in message
+    assert not path.exists() and not list(tmp_path.iterdir())  # the partial file is gone
+
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda folder: SimpleNamespace(free=100))
+    with pytest.raises(OutputError, match=r"no space left on device \(0\.0 MiB free"):
+        training.write_checkpoint(path, payload)
+
+    monkeypatch.undo()
+    training.write_checkpoint(path, payload)
+    monkeypatch.setattr(training.torch, "save", full_disk)
+    with pytest.raises(OutputError, match="previous checkpoint is kept"):
+        training.write_checkpoint(path, payload)
+    assert torch.equal(read_checkpoint_raw(path)["state"], payload["state"])
+
+
+def read_checkpoint_raw(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_run_folder_with_weights_but_no_checkpoint_is_not_overwritten(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """A full disk or a deleted checkpoint.pt leaves best/last.safetensors: a fresh start in
+    that folder would overwrite them, and --resume has nothing to continue."""
+    out = tmp_path / "run"
+    out.mkdir()
+    net = NetworkConfig("rrdg", TINY)
+    degradation = load_manifest(prepared / "data").degradation
+    save_weights(out / "last.safetensors", build_network(net).state_dict(), net, degradation)
+    before = (out / "last.safetensors").read_bytes()
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "1"]
+    result = invoke(*train_args(prepared / "data", out, *args))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "already holds trained weights (last.safetensors)" in lines[0]
+    assert "another --out" in lines[0] and "checkpoint.pt" in lines[0]
+    result = invoke(*train_args(prepared / "data", out, *args, "--resume"))
+    assert result.exit_code == 1 and "only trained weights" in result.output
+    assert (out / "last.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["last.safetensors"]
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(prepared: Path, psnr_run: Path) -> None:
+    """psnr_run is at step 8 (2 epochs of 4): --epochs 1 used to print "done: 8 of 4 steps"."""
+    log_before = (psnr_run / LOG).read_text()
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "4", "--lr", "3e-3"]
+    result = invoke(*train_args(prepared / "data", psnr_run, *args, "--resume"))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "already at step 8" in lines[0] and "--epochs 3" in lines[0]
+    assert (psnr_run / LOG).read_text() == log_before  # the log was not cut back or extended
+
+
+def ctrl_c_twice_in_validation(monkeypatch: pytest.MonkeyPatch, events: list[str]) -> None:
+    """validate() that presses Ctrl-C twice: the first asks to stop, the second stops at once."""
+
+    def pressed(*args: object, **kwargs: object) -> dict:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signal handler runs at the next bytecode; never reached
+        events.append("validated")
+        return {}
+
+    monkeypatch.setattr(training, "validate", pressed)
+
+
+def test_a_second_ctrl_c_in_validation_says_what_was_saved(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    ctrl_c_twice_in_validation(monkeypatch, events)
+    out = tmp_path / "run"
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "2", "--checkpoint-every", "1"]
+    result = invoke(*train_args(prepared / "data", out, *args))
+    assert result.exit_code == 130, result.output
+    lines = result.output.strip().splitlines()
+    assert "stopped at once at step 2 of 2" in lines[-1]
+    assert f"{out / 'checkpoint.pt'} holds step 1" in lines[-1] and "--resume" in lines[-1]
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == 1 and events == []
+
+    seen: list[str] = []
+    config = tiny_config(prepared / "data", tmp_path / "none", steps_per_epoch=2)
+    with pytest.raises(training.StoppedAtOnce) as caught:
+        train(config, on_event=lambda kind, payload: seen.append(kind))
+    assert isinstance(caught.value, KeyboardInterrupt)  # still one for library callers
+    assert caught.value.saved_step is None and caught.value.step == 2
+    assert not (tmp_path / "none" / "checkpoint.pt").exists()
+    assert seen[-1] == "validating"  # the progress bar says why it stands still
+
+
+class Stop(Exception):
+    """Ends a run from its event callback once what a test looks for has happened."""
+
+
+def stop_at_start(warnings: list[str]):
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "warning":
+            warnings.append(payload["message"])
+        if kind == "start":
+            raise Stop
+
+    return on_event
+
+
+@pytest.mark.parametrize("stage", ["psnr", "gan"])
+def test_init_weights_of_the_gan_stage_are_warned_about(
+    prepared: Path, tmp_path: Path, stage: str
+) -> None:
+    """The provenance records the stage: a GAN file as the start of either stage is told (it
+    may be deliberate, so not refused); a PSNR file is the usual start and is not."""
+    net = NetworkConfig("rrdg", TINY)
+    degradation = load_manifest(prepared / "data").degradation
+    for recorded in ("gan", "psnr"):
+        init = tmp_path / f"{recorded}.safetensors"
+        state = build_network(net).state_dict()
+        save_weights(init, state, net, degradation, provenance={"stage": recorded})
+        warnings: list[str] = []
+        config = tiny_config(
+            prepared / "data", tmp_path / f"run-{recorded}", stage=stage, init=str(init)
+        )
+        with pytest.raises(Stop):
+            train(config, on_event=stop_at_start(warnings))
+        if recorded == "gan":
+            assert len(warnings) == 1 and "stage 'gan'" in warnings[0], warnings
+            assert str(init) in warnings[0]
+        else:
+            assert warnings == []
+
+
+def test_gan_resume_needs_no_init_file_but_refuses_another(
+    prepared: Path, tmp_path: Path, psnr_run: Path
+) -> None:
+    """The documented resume, the same command plus --resume, once the --init file has moved:
+    the checkpoint holds the weights, so the missing file is only warned about."""
+    net = NetworkConfig("rrdg", TINY)
+    degradation = load_manifest(prepared / "data").degradation
+    init = tmp_path / "init_tmp.safetensors"
+    save_weights(init, build_network(net).state_dict(), net, degradation)
+    sha = load_weights(init).sha256
+    out = tmp_path / "gan"
+    args = ["--stage", "gan", "--init", str(init), "--epochs", "1", "--steps-per-epoch", "2"]
+    args += ["--critic-steps", "1", "--critic-warmup", "0"]
+    first = invoke(*train_args(prepared / "data", out, *args, "--time-limit", "1e-9"))
+    assert first.exit_code == 0 and "time limit reached: 1 of 2" in first.output, first.output
+    init.rename(tmp_path / "moved.safetensors")
+    resumed = train_args(prepared / "data", out, *args, "--resume")
+    at = resumed.index("--net-params")  # as users run it: the network came from --init
+    del resumed[at : at + 2]
+    result = invoke(*resumed)
+    assert result.exit_code == 0, result.output
+    assert "done: 2 of 2 steps" in result.output
+    assert f"mrisr: warning: --init {init}: not found; ignored" in result.output
+    provenance = load_weights(out / "last.safetensors").provenance
+    assert provenance["init"] == {"path": str(init), "sha256": sha}
+
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(5)
+    save_weights(other, build_network(net).state_dict(), net, degradation)
+    resumed[resumed.index(str(init))] = str(other)
+    result = invoke(*resumed)
+    assert result.exit_code == 1 and "is another file than the run was started from" in (
+        " ".join(result.output.split())
+    )
+    # a PSNR run started without --init does not take one on resume either
+    psnr = ["--stage", "psnr", "--epochs", "3", "--steps-per-epoch", "4", "--lr", "3e-3"]
+    result = invoke(*train_args(prepared / "data", psnr_run, *psnr, "--init", other, "--resume"))
+    assert result.exit_code == 1 and "the run was started without --init" in result.output
+
+
+def test_data_given_as_its_manifest_and_a_checkpoint_given_as_weights(
+    prepared: Path, tmp_path: Path, psnr_run: Path
+) -> None:
+    data = prepared / "data"
+    result = invoke(*train_args(data / "manifest.json", tmp_path / "run", "--stage", "psnr"))
+    assert result.exit_code == 1
+    assert f"is the manifest; give --data the folder that holds it ({data})" in result.output
+    args = train_args(data, tmp_path / "run", "--stage", "gan")
+    args += ["--init", str(psnr_run / "checkpoint.pt")]
+    at = args.index("--net-params")
+    # without --net-params the CLI reads --init for the network, with them the library does
+    for command in (args, args[:at] + args[at + 2 :]):
+        result = invoke(*command)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and "is a training checkpoint, not weights" in message
+        assert str(psnr_run / "best.safetensors") in message
+    assert not (tmp_path / "run").exists()
 
 
 # --- bad input --------------------------------------------------------------------------------
