@@ -269,6 +269,7 @@ def run_upsample_jobs(
                 progress.advance(subjects, len(its_jobs))
                 started += len(its_jobs)
                 continue
+            shown: set[str] = set()
             for job in its_jobs:
                 progress.update(task, description=f"{path.name} (alpha {job.alpha:g})")
                 started += 1
@@ -287,8 +288,10 @@ def run_upsample_jobs(
                     failures += 1
                     error(str(exc) if str(job.input) in str(exc) else f"{job.input}: {exc}")
                 else:
-                    for message in result.warnings:
-                        warn(f"{job.input}: {message}")
+                    for message in result.warnings:  # an input's own warnings: once, not per alpha
+                        if message not in shown:
+                            shown.add(message)
+                            warn(f"{job.input}: {message}")
                     seconds = result.seconds["total"]
                     line = f"wrote {os.fspath(job.output)} ({seconds:.1f} s, {where})"
                     progress.console.print(line, markup=False)

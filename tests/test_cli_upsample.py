@@ -809,6 +809,12 @@ def test_slightly_oblique_affine_is_processed_with_a_warning(
     assert result.exit_code == 0, result.stderr
     assert "warning" in result.stderr and "oblique" in result.stderr
     np.testing.assert_allclose(nib.load(out).affine, affine)
+    several = upsample(
+        src, tmp_path / "a.nii.gz", "--psnr-weights", fast_weights, "--gan-weights", fast_weights,
+        "--alpha", "0,0.5,1", *SMALL_PATCH,
+    )  # fmt: skip
+    assert several.exit_code == 0, several.stderr
+    assert several.stderr.count("degrees oblique") == 1  # the input's warning, not one per alpha
 
 
 def test_existing_output_is_not_replaced(
