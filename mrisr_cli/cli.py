@@ -217,6 +217,7 @@ def upsample(
         from mrisr_cli.threads import configure_threads
 
         configure_threads(threads)
+        output_existed = os.path.lexists(paths[-1])
         jobs = plan_jobs(
             [Path(p) for p in paths[:-1]],
             Path(paths[-1]),
@@ -267,6 +268,9 @@ def upsample(
             error=lambda message: report_line("error", message, console),
         )
     if failures:
+        output = Path(paths[-1])
+        if not output_existed and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()  # made for this run, which wrote nothing into it
         raise typer.Exit(EXIT_USER_ERROR)
 
 

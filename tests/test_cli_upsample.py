@@ -298,6 +298,24 @@ def test_impossible_plans_are_one_line_before_any_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or made
 
 
+def test_a_run_that_wrote_nothing_leaves_no_new_output_folder(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    (tmp_path / "a.nii.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 20)
+    (tmp_path / "b.nii.gz").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    result = upsample(
+        tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", out, "--psnr-weights", fast_weights
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert not out.exists()
+    out.mkdir()  # a folder that was there before stays
+    result = upsample(
+        tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", out, "--psnr-weights", fast_weights
+    )
+    assert result.exit_code == 1 and out.is_dir()
+
+
 def test_a_bad_input_in_a_folder_is_reported_and_the_others_go_on(
     tmp_path: Path, fast_weights: Path
 ) -> None:
