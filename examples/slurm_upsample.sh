@@ -9,7 +9,7 @@
 # lines starting with # are skipped). Task N reads line N and writes
 # OUTDIR/<input name without its suffix>_sr.nii.gz, or, for several alphas (MRISR_ARGS="--alpha
 # 0,1"), one <name>_sr_alpha-<alpha>.nii.gz per alpha, as mrisr names them. Input file names must
-# be unique (BIDS names are): a task whose output another input made fails, naming both. Outputs
+# be unique (BIDS names are): a task whose output another input made fails, naming that one. Outputs
 # a task finished are skipped (mrisr upsample --skip-existing): resubmitting the same array after
 # a failure redoes only what is missing, alpha by alpha; MRISR_ARGS="--overwrite" redoes all.
 # Symbolic links (DataLad/git-annex datasets) are followed: the file they point to is what the

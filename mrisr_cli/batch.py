@@ -165,15 +165,16 @@ def split_finished(
     would pass off someone else's result as this one's. A sidecar whose image is gone (deleted to
     redo it) is removed, and the job runs.
     """
-    weights = sorted((source["role"], source["sha256"]) for source in files.sources())
+    weights = _weights_of(files.sources())
     to_run: list[UpsampleJob] = []
     finished: list[UpsampleJob] = []
+    stale: list[Path] = []
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
         record = _read_sidecar(sidecar) if sidecar.exists() else None
         if not image.exists():
             if record is not None:
-                sidecar.unlink()
+                stale.append(sidecar)
             to_run.append(job)
             continue
         if record is None:
@@ -186,11 +187,7 @@ def split_finished(
             for what, same in (
                 (f"input {record.get('input')}", _same_file(record.get("input"), job.input)),
                 (f"alpha {record.get('alpha')}", record.get("alpha") == job.alpha),
-                (
-                    "other weights",
-                    sorted((w.get("role"), w.get("sha256")) for w in record.get("weights") or [])
-                    == weights,
-                ),
+                ("other weights", _weights_of(record.get("weights")) == weights),
             )
             if not same
         ]
@@ -200,7 +197,18 @@ def split_finished(
                 "replace it, or another output name"
             )
         finished.append(job)
+    for sidecar in stale:  # only once every output has passed: a refusal changes nothing
+        sidecar.unlink(missing_ok=True)
     return to_run, finished
+
+
+def _weights_of(sources: object) -> list[tuple[str, str]]:
+    """(role, sha256) of each weights file a sidecar records (anything else: none)."""
+    if not isinstance(sources, list):
+        return []
+    return sorted(
+        (str(s.get("role")), str(s.get("sha256"))) for s in sources if isinstance(s, dict)
+    )
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,15 +93,20 @@ class GeneratorFiles:
         the other stage (the roles swapped), or a GAN model not fine-tuned from this PSNR model
         (equation 3 interpolates between a model and its own fine-tuned copy)."""
         found = []
+
+        def provenance(weights: WeightsFile | None) -> dict[str, Any]:
+            found = weights.provenance if weights is not None else None
+            return found if isinstance(found, dict) else {}  # a hand-made file may hold anything
+
         for role, weights in (("psnr", self.psnr), ("gan", self.gan)):
-            stage = weights.provenance.get("stage") if weights is not None else None
+            stage = provenance(weights).get("stage")
             if weights is not None and stage in ("psnr", "gan") and stage != role:
                 found.append(
                     f"{weights.path}: trained as the {stage.upper()} model, given as "
                     f"--{role}-weights"
                 )
         if self.psnr is not None and self.gan is not None:
-            init = self.gan.provenance.get("init")
+            init = provenance(self.gan).get("init")
             start = init.get("sha256") if isinstance(init, dict) else None
             if isinstance(start, str) and start != self.psnr.sha256:
                 found.append(
@@ -111,7 +117,7 @@ class GeneratorFiles:
 
     def check(self, alpha: float) -> float:
         """``alpha`` if these files can make it, else why not: one file alone gives only its own
-        end of the blend. Cheap, so that a run checks every alpha before the first one runs."""
+        end of the blend."""
         alpha = check_alpha(alpha)
         if self.gan is None and alpha != 1.0:
             raise MrisrError(f"--alpha {alpha} blends in a GAN model: give --gan-weights too")

@@ -33,7 +33,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -350,19 +349,17 @@ def parse_ratios(text: str) -> tuple[float, float, float, float]:
 
 
 def split_counts(n: int, ratios: Sequence[float]) -> tuple[int, int, int, int]:
-    """Group counts per split: each held-out split gets share / sum of shares x n rounded to the
-    nearest (halves to even, as Python's round), train gets the rest.
+    """Group counts per split: held-out splits get round(share / sum of shares x n) in floating
+    point, train gets the rest (kept exactly as in earlier versions, so that a dataset prepared
+    again into a new folder is split as before: an exact half can round either way, 5 subjects
+    give 2/1/1/1 at 0.7,0.1,0.1,0.1, whose sum is 0.9999999999999999, and 4/1/0/0 at 7,1,1,1).
 
-    The shares are taken as the decimals they were written as, so that 0.7,0.1,0.1,0.1 and
-    7,1,1,1 give the same counts (in floats 5 x 0.1 / 0.9999999999999999 rounded to 1 and 5 x 1 /
-    10 to 0). Halves go to even as before, so a dataset prepared by an earlier version is split
-    the same way again. This gives the paper's 780/111/111/111 for 1113 subjects. With few
+    This gives the paper's 780/111/111/111 for 1113 subjects at 0.7,0.1,0.1,0.1. With few
     subjects, train and then val each keep at least one (taken from the largest other split),
     because training needs both: with two or more subjects val gets one even at share 0.
     """
-    shares = [Fraction(str(r)) for r in ratios]
-    total = sum(shares)
-    counts = [0] + [round(n * share / total) for share in shares[1:]]  # exact: halves to even
+    total = float(sum(ratios))
+    counts = [0] + [round(n * r / total) for r in ratios[1:]]
     counts[0] = n - sum(counts[1:])
 
     def take_from_largest(candidates: list[int]) -> None:
@@ -458,7 +455,11 @@ def write_manifest(
     members: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         members.setdefault(group_of[record["id"]], []).append(record)
-    old = list((previous or {}).get("subjects", []))
+    old = [
+        r
+        for r in [*(previous or {}).get("subjects", []), *(previous or {}).get("former", [])]
+        if isinstance(r, dict)
+    ]
     old_by_id = {r.get("id"): r.get("split") for r in old}
     warnings: list[str] = []
     split_of: dict[str, str] = {}  # record id -> split
@@ -514,7 +515,19 @@ def write_manifest(
         if o.status == "failed"
     ]
     split = {"ratios": list(options.ratios), "seed": options.seed, "by": "subject"}
-    manifest = save_manifest(out_dir, options.degradation, split, subjects, failures)
+    # scans that left (moved away, failed, not fetched) keep their split for when they return
+    names = {r["subject"] for r in records}
+    shas = {r["source_sha256"] for r in records}
+    former = sorted(
+        (
+            {key: r.get(key) for key in ("id", "subject", "source_sha256", "split")}
+            for r in old
+            if r.get("subject") not in names and r.get("source_sha256") not in shas
+        ),
+        key=lambda r: str(r["id"]),
+    )
+    former = list({str(r["id"]): r for r in former}.values())
+    manifest = save_manifest(out_dir, options.degradation, split, subjects, failures, former)
     new_ids = {r["id"] for g in new_groups for r in members[g]}
     manifest["run"] = {
         "kept": len(records) - len(new_ids),
@@ -530,9 +543,11 @@ def save_manifest(
     split: dict[str, Any],
     subjects: list[dict[str, Any]],
     failures: list[dict[str, str]],
+    former: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``manifest.json`` (atomically) for subjects whose split is already assigned."""
-    manifest = {
+    """Write ``manifest.json`` (atomically) for subjects whose split is already assigned;
+    ``former``: the splits of subjects that left the dataset, kept for their return."""
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "degradation": json.loads(config.to_json()),
@@ -544,6 +559,8 @@ def save_manifest(
         "subjects": subjects,
         "failures": failures,
     }
+    if former:
+        manifest["former"] = former
     with atomic_path(Path(out_dir) / MANIFEST_NAME, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
@@ -624,8 +641,8 @@ def check_output_folder(
         was = f"--split {','.join(f'{r:g}' for r in ratios)} --seed {seed}"
         now = f"--split {','.join(f'{r:g}' for r in options.ratios)} --seed {options.seed}"
         raise OutputError(
-            f"{out_dir}: was split with {was}, not {now}: that would move subjects already "
-            f"assigned; rerun with {was}, or {advice}"
+            f"{out_dir}: was split with {was}, not {now}: new subjects would follow another "
+            f"rule than those already assigned; rerun with {was}, or {advice}"
         )
     return manifest
 

@@ -381,6 +381,28 @@ def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
     assert_one_line_error(both, "give one")
 
 
+def test_hand_made_records_are_refused_or_ignored_without_a_traceback(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """A sidecar whose weights entry is not a list of records is 'other weights'; a weights
+    file whose provenance is not a mapping gives no provenance warning."""
+    from mrisr_cli.pipeline import load_generator_files
+
+    out = tmp_path / "o.nii.gz"
+    assert upsample(phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH).exit_code == 0
+    record = json.loads((tmp_path / "o.json").read_text())
+    for weights in ("x", [None, {"sha256": 1}]):
+        (tmp_path / "o.json").write_text(json.dumps({**record, "weights": weights}))
+        again = upsample(
+            phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH, "--skip-existing"
+        )
+        assert_one_line_error(again, "made by another run (other weights)")
+    torch.manual_seed(0)
+    odd = tmp_path / "odd.safetensors"
+    save_weights(odd, build_network(TINY_FAST).state_dict(), TINY_FAST, NO_N4, provenance=[1])  # type: ignore[arg-type]
+    assert load_generator_files(odd, fast_weights).warnings() == []
+
+
 def test_an_input_named_twice_is_run_once(tmp_path: Path, fast_weights: Path) -> None:
     write_nifti(tmp_path / "a.nii.gz", head_phantom((30, 20, 30)))
     out = tmp_path / "out"
