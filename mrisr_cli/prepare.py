@@ -679,6 +679,11 @@ def load_manifest(data_dir: Path) -> Manifest:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: no such data folder")
     if not path.is_file():
+        if image_files(data_dir):  # the scans themselves, not yet prepared
+            raise InputError(
+                f"{data_dir}: holds images but no {MANIFEST_NAME}: prepare them first, "
+                f"`mrisr prepare {data_dir} PREPARED_DIR`, then give --data PREPARED_DIR"
+            )
         raise InputError(
             f"{data_dir}: no {MANIFEST_NAME}; make the data folder with "
             f"`mrisr prepare SRC_DIR {data_dir}` first"

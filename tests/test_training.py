@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import head_phantom, write_nifti
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -755,6 +756,12 @@ def test_data_folder_without_manifest(tmp_path: Path) -> None:
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "no manifest.json" in lines[0] and "mrisr prepare" in lines[0]
+    # the folder of raw scans given as --data: prepare it into another folder, not into itself
+    write_nifti(tmp_path / "data" / "sub-01_T1w.nii.gz", head_phantom((12, 10, 12)))
+    result = invoke(*train_args(tmp_path / "data", tmp_path / "run", "--stage", "psnr"))
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1
+    assert f"mrisr prepare {tmp_path / 'data'} PREPARED_DIR" in " ".join(result.output.split())
 
 
 def test_gan_stage_without_init(prepared: Path, tmp_path: Path) -> None:
