@@ -21,6 +21,7 @@ from mrisr_cli.errors import InputError, MrisrError, OutputError
 from mrisr_cli.pipeline import (
     GeneratorFiles,
     UpsampleOptions,
+    output_settings,
     prepare_input,
     sidecar_path,
     upsample_prepared,
@@ -34,6 +35,7 @@ from mrisr_cli.volumes import (
     os_reason,
     strip_suffix,
 )
+from mrisr_cli.weights import sha256_of
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,9 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
             raise InputError(f"{path}: {BROKEN_LINK}")
         else:
             raise InputError(f"{path}: no such file or folder")
-    unique: dict[str, Path] = {}
-    for path in files:
-        unique.setdefault(os.path.abspath(path), path)
+    unique: dict[tuple[str, str], Path] = {}
+    for path in files:  # one file named twice, also through a link of the same name
+        unique.setdefault((os.path.realpath(path), path.name), path)
     return list(unique.values())
 
 
@@ -101,6 +103,11 @@ def plan_jobs(
     )
     jobs: list[UpsampleJob] = []
     if into_folder:
+        if output.is_dir() and any(p.is_dir() and p.samefile(output) for p in inputs):
+            raise OutputError(
+                f"{output}: is an input folder; its outputs would be read as inputs by the "
+                "next run: choose another output folder"
+            )
         if output.exists() and not output.is_dir():
             raise OutputError(f"{output}: several inputs need an output folder, this is a file")
         if not output.exists() and not output_is_folder and is_volume_path(output):
@@ -154,52 +161,90 @@ def plan_jobs(
     return jobs
 
 
-def split_finished(
-    jobs: list[UpsampleJob], files: GeneratorFiles
-) -> tuple[list[UpsampleJob], list[UpsampleJob]]:
-    """The jobs still to run, and those an earlier run finished: their image exists next to a
-    sidecar that records the same input, alpha and weights (``mrisr upsample --skip-existing``,
-    so that a resubmitted batch job redoes only what is missing).
+@dataclass
+class Resume:
+    """What ``--skip-existing`` makes of a plan: jobs to run, jobs an earlier run finished, and
+    jobs whose existing output it cannot take over (each with its one-line reason)."""
 
-    An existing output that another run made, or that has no sidecar, is an error: skipping it
-    would pass off someone else's result as this one's. A sidecar whose image is gone (deleted to
-    redo it) is removed, and the job runs.
+    to_run: list[UpsampleJob]
+    finished: list[UpsampleJob]
+    refused: list[tuple[UpsampleJob, str]]
+
+
+def split_finished(
+    jobs: list[UpsampleJob], files: GeneratorFiles, options: UpsampleOptions
+) -> Resume:
+    """Sort the jobs for ``mrisr upsample --skip-existing``, so that a resubmitted batch job
+    redoes only what is missing.
+
+    An output is finished when its image exists next to a sidecar that records the same input
+    file (its sha256: a moved folder is fine, an input changed since is not), alpha, weights and
+    voxel-changing settings (:func:`~mrisr_cli.pipeline.output_settings`). Any other existing
+    output is refused, with the reason: skipping it would pass off another result as this one's,
+    and replacing it is for ``--overwrite``. A sidecar of this output whose image is gone
+    (deleted to redo it) is removed, and the job runs.
     """
     weights = _weights_of(files.sources())
-    to_run: list[UpsampleJob] = []
-    finished: list[UpsampleJob] = []
+    trained = (files.psnr or files.gan).degradation.n4  # type: ignore[union-attr]
+    n4 = trained if options.n4 is None else options.n4
+    settings = output_settings(options, n4)
+    hashes: dict[Path, str] = {}
+    resume = Resume([], [], [])
     stale: list[Path] = []
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
-        record = _read_sidecar(sidecar) if sidecar.exists() else None
+        redo = f"delete {image.name} and {sidecar.name} to make it again, or choose another output"
+        try:
+            record = _read_sidecar(sidecar) if sidecar.exists() else None
+        except OutputError as exc:
+            resume.refused.append((job, f"{exc}; {redo}"))
+            continue
+        recorded_output = Path(str((record or {}).get("output", image))).name
+        if record is not None and recorded_output != image.name:
+            resume.refused.append(
+                (job, f"{sidecar}: is the sidecar of {recorded_output}; choose another output")
+            )
+            continue
         if not image.exists():
             if record is not None:
                 stale.append(sidecar)
-            to_run.append(job)
+            resume.to_run.append(job)
             continue
-        if record is None:
-            raise OutputError(
-                f"{image}: exists without the sidecar {sidecar.name} that would say what made it "
-                "(use --overwrite to replace it)"
+        if record is None or image.is_dir():
+            resume.refused.append(
+                (job, f"{image}: exists, but no sidecar {sidecar.name} says what made it; {redo}")
             )
+            continue
+        if job.input not in hashes:
+            hashes[job.input] = sha256_of(job.input)
+        recorded_sha = record.get("input_sha256")
+        same_input = (
+            recorded_sha == hashes[job.input]
+            if isinstance(recorded_sha, str)
+            else _same_file(record.get("input"), job.input)  # a sidecar of an earlier version
+        )
         differences = [
             what
             for what, same in (
-                (f"input {record.get('input')}", _same_file(record.get("input"), job.input)),
+                (f"input {record.get('input')}", same_input),
                 (f"alpha {record.get('alpha')}", record.get("alpha") == job.alpha),
                 ("other weights", _weights_of(record.get("weights")) == weights),
+                *(
+                    (f"{key} {record.get(key)!r}", record.get(key) == value)
+                    for key, value in settings.items()
+                ),
             )
             if not same
         ]
         if differences:
-            raise OutputError(
-                f"{image}: made by another run ({', '.join(differences)}); use --overwrite to "
-                "replace it, or another output name"
+            resume.refused.append(
+                (job, f"{image}: made by another run ({', '.join(differences)}); {redo}")
             )
-        finished.append(job)
+            continue
+        resume.finished.append(job)
     for sidecar in stale:  # only once every output has passed: a refusal changes nothing
         sidecar.unlink(missing_ok=True)
-    return to_run, finished
+    return resume
 
 
 def _weights_of(sources: object) -> list[tuple[str, str]]:
@@ -258,7 +303,8 @@ def run_upsample_jobs(
     if device.startswith("cuda"):
         where = torch.cuda.get_device_name(torch.device(device))
     else:
-        where = f"{device}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        where = f"{device}, {threads} thread{'s' if threads != 1 else ''}"
     by_input: dict[Path, list[UpsampleJob]] = {}
     for job in jobs:
         by_input.setdefault(job.input, []).append(job)
@@ -266,7 +312,7 @@ def run_upsample_jobs(
     with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
         for path, its_jobs in by_input.items():
-            task = progress.add_task(f"{path.name} (reading, N4)", total=None)
+            task = progress.add_task(f"{path.name} (reading)", total=None)
             try:
                 generator = generators[its_jobs[0].alpha]
                 prepared = prepare_input(path, generator.weights.degradation, options)

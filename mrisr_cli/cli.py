@@ -186,8 +186,9 @@ def upsample(
         bool,
         switch(
             "--skip-existing",
-            help="Skip outputs an earlier run finished (their sidecar records the same input, "
-            "alpha and weights), to resume a batch; other existing outputs stay an error.",
+            help="Skip outputs an earlier run finished (their sidecar records the same input "
+            "file, alpha, weights and settings), to resume a batch; other existing outputs are "
+            "errors.",
         ),
     ] = False,
 ) -> None:
@@ -210,67 +211,74 @@ def upsample(
         raise fail("--skip-existing keeps finished outputs and --overwrite replaces them: give one")
     if bias_corrected and n4 is False:
         raise fail("--bias-corrected writes N4's corrected output: it cannot go with --no-n4")
-    with user_errors():
-        from mrisr_cli.batch import plan_jobs, run_upsample_jobs, split_finished
-        from mrisr_cli.inference import InferenceOptions, resolve_device, resolve_half
-        from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
-        from mrisr_cli.threads import configure_threads
+    output = Path(paths[-1])
+    output_existed = os.path.lexists(output)
+    try:
+        with user_errors():
+            from mrisr_cli.batch import plan_jobs, run_upsample_jobs, split_finished
+            from mrisr_cli.inference import InferenceOptions, resolve_device, resolve_half
+            from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
+            from mrisr_cli.threads import configure_threads
 
-        configure_threads(threads)
-        output_existed = os.path.lexists(paths[-1])
-        jobs = plan_jobs(
-            [Path(p) for p in paths[:-1]],
-            Path(paths[-1]),
-            alphas,
-            overwrite=overwrite,
-            output_is_folder=paths[-1].endswith(("/", os.sep)),
-            skip_existing=skip_existing,
-        )
-        resolved = resolve_device(device)
-        half, half_warning = resolve_half(resolved, half)
-        if half_warning:
-            warn(half_warning)
-        files = load_generator_files(psnr_weights, gan_weights)
-        file_warnings = files.warnings()
-        for message in file_warnings:
-            warn(message)
-        if skip_existing:
-            jobs, finished = split_finished(jobs, files)
-            for job in finished:
-                report_line("skipped", f"{job.output}: finished by an earlier run of {job.input}")
-            if not jobs:
-                return
-        options = UpsampleOptions(
-            inference=InferenceOptions(
-                patch=patch_size,
-                margin=margin,
-                batch_size=batch_size,
-                device=resolved,
-                half=half,
-                overlap=overlap,
-                compile=compile_network,
-            ),
-            n4=n4,
-            bias_corrected=bias_corrected,
-            keep_background=keep_background,
-            overwrite=overwrite,
-            run_warnings=((half_warning,) if half_warning else ()) + tuple(file_warnings),
-        )
-        # one console for the progress bar and the lines printed while it runs, so that on a
-        # terminal rich prints them above the bar instead of through it
-        console = stderr_console()
-        failures = run_upsample_jobs(
-            jobs,
-            files,
-            options,
-            console=console,
-            warn=lambda message: report_line("warning", message, console),
-            error=lambda message: report_line("error", message, console),
-        )
-    if failures:
-        output = Path(paths[-1])
+            configure_threads(threads)
+            jobs = plan_jobs(
+                [Path(p) for p in paths[:-1]],
+                output,
+                alphas,
+                overwrite=overwrite,
+                output_is_folder=paths[-1].endswith(("/", os.sep)),
+                skip_existing=skip_existing,
+            )
+            resolved = resolve_device(device)
+            half, half_warning = resolve_half(resolved, half)
+            if half_warning:
+                warn(half_warning)
+            files = load_generator_files(psnr_weights, gan_weights)
+            file_warnings = files.warnings()
+            for message in file_warnings:
+                warn(message)
+            options = UpsampleOptions(
+                inference=InferenceOptions(
+                    patch=patch_size,
+                    margin=margin,
+                    batch_size=batch_size,
+                    device=resolved,
+                    half=half,
+                    overlap=overlap,
+                    compile=compile_network,
+                ),
+                n4=n4,
+                bias_corrected=bias_corrected,
+                keep_background=keep_background,
+                overwrite=overwrite,
+                run_warnings=((half_warning,) if half_warning else ()) + tuple(file_warnings),
+            )
+            failures = 0
+            if skip_existing:
+                resume = split_finished(jobs, files, options)
+                for job in resume.finished:
+                    report_line(
+                        "skipped", f"{job.output}: finished by an earlier run of {job.input}"
+                    )
+                for _job, reason in resume.refused:
+                    report_line("error", reason)
+                jobs, failures = resume.to_run, len(resume.refused)
+            if jobs:
+                # one console for the progress bar and the lines printed while it runs, so that
+                # on a terminal rich prints them above the bar instead of through it
+                console = stderr_console()
+                failures += run_upsample_jobs(
+                    jobs,
+                    files,
+                    options,
+                    console=console,
+                    warn=lambda message: report_line("warning", message, console),
+                    error=lambda message: report_line("error", message, console),
+                )
+    finally:  # an error, or nothing written: a folder made for this run is removed again
         if not output_existed and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()  # made for this run, which wrote nothing into it
+            output.rmdir()
+    if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
 

@@ -44,7 +44,7 @@ from mrisr_cli.volumes import (
     save_volume,
     strip_suffix,
 )
-from mrisr_cli.weights import WeightsFile, load_weights
+from mrisr_cli.weights import WeightsFile, load_weights, sha256_of
 
 DEFAULT_PSNR_NAME = "rrdg_psnr.safetensors"
 DEFAULT_GAN_NAME = "rrdg_gan.safetensors"
@@ -120,9 +120,9 @@ class GeneratorFiles:
         end of the blend."""
         alpha = check_alpha(alpha)
         if self.gan is None and alpha != 1.0:
-            raise MrisrError(f"--alpha {alpha} blends in a GAN model: give --gan-weights too")
+            raise MrisrError(f"--alpha {alpha:g} blends in a GAN model: give --gan-weights too")
         if self.psnr is None and alpha != 0.0:
-            raise MrisrError(f"--alpha {alpha} blends in a PSNR model: give --psnr-weights too")
+            raise MrisrError(f"--alpha {alpha:g} blends in a PSNR model: give --psnr-weights too")
         return alpha
 
     def generator(self, alpha: float, device: str) -> Generator:
@@ -244,6 +244,8 @@ class PreparedInput:
     background: np.ndarray | None  # the flat background to keep, on the model grid
     background_value: float
     seconds: dict[str, float]  # "read", "n4"
+    sha256: str = ""  # of the input file: what --skip-existing recognises it by
+    charged: bool = False  # whether an output's "total" has counted the shared read and N4
 
 
 def prepare_input(
@@ -276,6 +278,7 @@ def prepare_input(
         background=background,
         background_value=background_value,
         seconds={"read": loaded - started, "n4": corrected - loaded},
+        sha256=sha256_of(input_path),
     )
 
 
@@ -339,7 +342,9 @@ def upsample_prepared(
         overwrite=options.overwrite,
     )
     finished = time.perf_counter()
-    earlier = prepared.seconds["read"] + prepared.seconds["n4"]
+    # the shared read and N4 count in the first output's total only, so totals add up
+    earlier = 0.0 if prepared.charged else prepared.seconds["read"] + prepared.seconds["n4"]
+    prepared.charged = True
     seconds = {
         **prepared.seconds,
         "network": inferred - started,
@@ -364,7 +369,8 @@ def upsample_prepared(
     )
     if options.sidecar:
         try:
-            write_sidecar(result, generator, replace(options, inference=inference), prepared.use_n4)
+            resolved = replace(options, inference=inference)
+            write_sidecar(result, generator, resolved, prepared.use_n4, prepared.sha256)
         except BaseException as exc:  # an image without its record would pass for a finished
             Path(output_path).unlink(missing_ok=True)  # one (mrisr upsample --skip-existing)
             if not isinstance(exc, OSError):
@@ -376,8 +382,27 @@ def upsample_prepared(
     return result
 
 
+def output_settings(options: UpsampleOptions, n4: bool) -> dict[str, Any]:
+    """The settings that change an output's voxels, as its sidecar records them: an earlier
+    output is taken as finished by ``--skip-existing`` only when they are the same."""
+    inference = options.inference
+    return {
+        "n4": n4,
+        # N4's field: removed before the network; put back into the output, or left out of it
+        "bias_field": ("removed" if options.bias_corrected else "restored") if n4 else None,
+        "keep_background": options.keep_background,
+        "patch": list(inference.patch),
+        "margin": inference.margin,
+        "overlap": inference.overlap,
+    }
+
+
 def write_sidecar(
-    result: UpsampleResult, generator: Generator, options: UpsampleOptions, n4: bool
+    result: UpsampleResult,
+    generator: Generator,
+    options: UpsampleOptions,
+    n4: bool,
+    input_sha256: str = "",
 ) -> None:
     """Record what produced an output, next to it: the tiling and precision as they ran
     (``options.inference`` already resolved by :func:`~mrisr_cli.inference.resolve_options`)."""
@@ -386,6 +411,7 @@ def write_sidecar(
         "mrisr_version": __version__,
         "torch_version": torch.__version__,
         "input": os.path.abspath(result.input),  # the sidecar may be read from anywhere
+        "input_sha256": input_sha256 or sha256_of(result.input),
         "output": os.path.abspath(result.output),
         "weights": generator.sources,
         "network": {"name": generator.weights.network.name, **generator.weights.network.params},
@@ -397,14 +423,8 @@ def write_sidecar(
         if inference.half
         else "fp32",
         "half": inference.half,
-        "n4": n4,
-        # N4's field: removed before the network; put back into the output, or left out of it
-        "bias_field": ("removed" if options.bias_corrected else "restored") if n4 else None,
-        "keep_background": options.keep_background,
+        **output_settings(options, n4),
         "background_voxels_kept": result.background_kept,
-        "patch": list(inference.patch),
-        "margin": inference.margin,
-        "overlap": inference.overlap,
         "input_shape": list(result.input_shape),
         "output_shape": list(result.output_shape),
         "resampled_to_model_grid": result.resampled,

@@ -242,7 +242,7 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
     base = ["--psnr-weights", fast_weights, "--overwrite", *SMALL_PATCH]
     assert_one_line_error(upsample(phantom_file, phantom_file, *base), "would overwrite an input")
     same_folder = upsample(tmp_path, f"{tmp_path}/", *base)
-    assert_one_line_error(same_folder, "would overwrite an input")
+    assert_one_line_error(same_folder, "is an input folder")
     assert phantom_file.read_bytes() == before and no_partial_files(tmp_path)
 
 
@@ -369,16 +369,99 @@ def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
         folder, out, "--psnr-weights", gan_weights, "--gan-weights", psnr_weights,
         *SMALL_PATCH, "--alpha", "0,1", "--skip-existing",
     )  # fmt: skip
-    assert_one_line_error(other_weights, "made by another run (other weights)")
+    assert other_weights.exit_code == 1 and "Traceback" not in other_weights.stderr
+    errors = error_lines(other_weights)
+    assert len(errors) == 4 and all("made by another run (other weights)" in e for e in errors)
     other_input = upsample(
         folder / "b.nii.gz", out / "a_alpha-1.nii.gz", *weights, "--skip-existing"
     )
-    assert_one_line_error(other_input, f"made by another run (input {folder / 'a.nii.gz'})")
+    assert_one_line_error(other_input, f"made by another run (input {folder / 'a.nii.gz'}")
+    other_settings = upsample(
+        folder / "a.nii.gz",
+        out / "a_alpha-1.nii.gz",
+        *weights,
+        "--skip-existing",
+        "--no-keep-background",
+    )
+    assert_one_line_error(other_settings, "made by another run (keep_background True)")
     (out / "a_alpha-0.json").unlink()
     no_record = upsample(folder, out, *weights, "--alpha", "0,1", "--skip-existing")
-    assert_one_line_error(no_record, "a_alpha-0.nii.gz: exists without the sidecar a_alpha-0.json")
+    assert no_record.exit_code == 1  # the one output it cannot take over; the others are done
+    assert error_lines(no_record) == [
+        f"mrisr: error: {out / 'a_alpha-0.nii.gz'}: exists, but no sidecar a_alpha-0.json says "
+        "what made it; delete a_alpha-0.nii.gz and a_alpha-0.json to make it again, or choose "
+        "another output"
+    ]
+    assert no_record.stderr.count("mrisr: skipped:") == 3
     both = upsample(folder, out, *weights, "--skip-existing", "--overwrite")
     assert_one_line_error(both, "give one")
+
+
+def error_lines(result: object) -> list[str]:
+    return [
+        line
+        for line in result.stderr.splitlines()  # type: ignore[attr-defined]
+        if line.startswith("mrisr: error:")
+    ]
+
+
+def test_skip_existing_goes_by_the_input_file_and_its_own_sidecar(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """A moved input folder is still the same input (its sha256); an input changed in place is
+    not; out.nii next to out.nii.gz shares out.json, which --skip-existing must not delete."""
+    first, out = tmp_path / "first", tmp_path / "out"
+    first.mkdir()
+    write_nifti(first / "a.nii.gz", head_phantom((30, 20, 30)))
+    weights = ["--psnr-weights", fast_weights, *SMALL_PATCH]
+    assert upsample(first, out, *weights).exit_code == 0
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    again = upsample(moved, out, *weights, "--skip-existing")
+    assert again.exit_code == 0 and "finished by an earlier run" in again.stderr, again.stderr
+    write_nifti(moved / "a.nii.gz", head_phantom((30, 20, 30), seed=5))  # changed in place
+    changed = upsample(moved, out, *weights, "--skip-existing")
+    assert_one_line_error(changed, f"made by another run (input {first / 'a.nii.gz'})")
+
+    record = (out / "a.json").read_text()
+    other = upsample(moved / "a.nii.gz", out / "a.nii", *weights, "--skip-existing")
+    assert_one_line_error(other, "a.json: is the sidecar of a.nii.gz; choose another output")
+    assert (out / "a.json").read_text() == record
+
+
+def test_wrote_lines_of_several_alphas_add_up_and_links_to_one_file_run_once(
+    tmp_path: Path, psnr_weights: Path, gan_weights: Path
+) -> None:
+    src = write_nifti(tmp_path / "a.nii.gz", head_phantom((30, 20, 30)))
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "a.nii.gz").symlink_to(src)
+    out = tmp_path / "out"
+    weights = ["--psnr-weights", psnr_weights, "--gan-weights", gan_weights, *SMALL_PATCH]
+    result = upsample(
+        src, tmp_path / "links" / "a.nii.gz", f"{out}/", *weights, "--alpha", "0,1", "--n4"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a_alpha-0.nii.gz", "a_alpha-1.nii.gz"]
+    first, second = (json.loads((out / f"a_alpha-{a}.json").read_text())["seconds"] for a in "01")
+    assert first["n4"] == second["n4"] > 0  # one fit, recorded in both
+
+    def own(seconds: dict[str, float]) -> float:  # total less this output's own steps
+        return seconds["total"] - seconds["network"] - seconds["write"]
+
+    # the shared read and N4 count in the first total only (3-decimal rounding aside)
+    assert own(first) == pytest.approx(first["read"] + first["n4"], abs=0.005)
+    assert own(second) == pytest.approx(0.0, abs=0.005) and first["n4"] > 0.01
+
+
+def test_a_folder_made_for_a_run_that_fails_before_any_input_is_removed(
+    tmp_path: Path, phantom_file: Path
+) -> None:
+    out = tmp_path / "new"
+    missing = tmp_path / "nope.safetensors"
+    write_nifti(tmp_path / "b.nii.gz", head_phantom((30, 20, 30)))
+    result = upsample(phantom_file, tmp_path / "b.nii.gz", f"{out}/", "--psnr-weights", missing)
+    assert_one_line_error(result, "no such weights file")
+    assert not out.exists()
 
 
 def test_hand_made_records_are_refused_or_ignored_without_a_traceback(
