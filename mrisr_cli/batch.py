@@ -216,7 +216,11 @@ def split_finished(
             )
             continue
         if job.input not in hashes:
-            hashes[job.input] = sha256_of(job.input)
+            try:
+                hashes[job.input] = sha256_of(job.input)
+            except OSError as exc:
+                resume.refused.append((job, f"{job.input}: cannot be read ({os_reason(exc)})"))
+                continue
         recorded_sha = record.get("input_sha256")
         same_input = (
             recorded_sha == hashes[job.input]
@@ -242,7 +246,7 @@ def split_finished(
             )
             continue
         resume.finished.append(job)
-    for sidecar in stale:  # only once every output has passed: a refusal changes nothing
+    for sidecar in stale:  # after the checks, so that a crash in them leaves every file as it was
         sidecar.unlink(missing_ok=True)
     return resume
 
