@@ -103,7 +103,9 @@ def plan_jobs(
     )
     jobs: list[UpsampleJob] = []
     if into_folder:
-        if output.is_dir() and any(p.is_dir() and p.samefile(output) for p in inputs):
+        if output.is_dir() and any(
+            p.samefile(output) for p in [*inputs, *(f.parent for f in files)] if p.is_dir()
+        ):
             raise OutputError(
                 f"{output}: is an input folder; its outputs would be read as inputs by the "
                 "next run: choose another output folder"
@@ -196,8 +198,8 @@ def split_finished(
         redo = f"delete {image.name} and {sidecar.name} to make it again, or choose another output"
         try:
             record = _read_sidecar(sidecar) if sidecar.exists() else None
-        except OutputError as exc:
-            resume.refused.append((job, f"{exc}; {redo}"))
+        except OutputError as exc:  # not ours to delete: the user's own file, perhaps
+            resume.refused.append((job, str(exc)))
             continue
         recorded_output = Path(str((record or {}).get("output", image))).name
         if record is not None and recorded_output != image.name:
@@ -240,6 +242,8 @@ def split_finished(
             )
             if not same
         ]
+        if not same_input and _same_file(record.get("input"), job.input):
+            differences[0] = "its input has changed since: another sha256"
         if differences:
             resume.refused.append(
                 (job, f"{image}: made by another run ({', '.join(differences)}); {redo}")
@@ -265,9 +269,11 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"{path}: not a sidecar mrisr can read ({exc})") from exc
+        raise OutputError(
+            f"{path}: not a sidecar mrisr can read ({exc}); choose another output name"
+        ) from exc
     if not isinstance(record, dict) or "mrisr_version" not in record:
-        raise OutputError(f"{path}: exists and is not an mrisr sidecar (use --overwrite)")
+        raise OutputError(f"{path}: exists and is not an mrisr sidecar; choose another output name")
     return record
 
 
@@ -309,6 +315,8 @@ def run_upsample_jobs(
     else:
         threads = torch.get_num_threads()
         where = f"{device}, {threads} thread{'s' if threads != 1 else ''}"
+    trained = next(iter(generators.values())).weights.degradation.n4
+    reading = "reading, N4" if (trained if options.n4 is None else options.n4) else "reading"
     by_input: dict[Path, list[UpsampleJob]] = {}
     for job in jobs:
         by_input.setdefault(job.input, []).append(job)
@@ -316,7 +324,7 @@ def run_upsample_jobs(
     with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
         for path, its_jobs in by_input.items():
-            task = progress.add_task(f"{path.name} (reading)", total=None)
+            task = progress.add_task(f"{path.name} ({reading})", total=None)
             try:
                 generator = generators[its_jobs[0].alpha]
                 prepared = prepare_input(path, generator.weights.degradation, options)

@@ -24,7 +24,7 @@ from torch import nn
 from mrisr_cli import __version__
 from mrisr_cli.blending import blend_weights, check_alpha
 from mrisr_cli.degradation import DegradationConfig
-from mrisr_cli.errors import MrisrError, OutputError, WeightsError
+from mrisr_cli.errors import InputError, MrisrError, OutputError, WeightsError
 from mrisr_cli.grid import GridPlan, plan_grid
 from mrisr_cli.inference import (
     InferenceOptions,
@@ -278,8 +278,16 @@ def prepare_input(
         background=background,
         background_value=background_value,
         seconds={"read": loaded - started, "n4": corrected - loaded},
-        sha256=sha256_of(input_path),
+        sha256=_input_sha256(Path(input_path)),
     )
+
+
+def _input_sha256(path: Path) -> str:
+    """The input's sha256, recorded for ``--skip-existing`` (about 0.05 s for a 10 MB scan)."""
+    try:
+        return sha256_of(path)
+    except OSError as exc:  # removed or locked since it was read
+        raise InputError(f"{path}: cannot be read ({os_reason(exc)})") from exc
 
 
 def upsample_file(

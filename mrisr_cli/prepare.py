@@ -679,7 +679,7 @@ def load_manifest(data_dir: Path) -> Manifest:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: no such data folder")
     if not path.is_file():
-        if image_files(data_dir):  # the scans themselves, not yet prepared
+        if image_files(data_dir, recursive=True):  # the scans (or a BIDS tree), unprepared
             raise InputError(
                 f"{data_dir}: holds images but no {MANIFEST_NAME}: prepare them first, "
                 f"`mrisr prepare {data_dir} PREPARED_DIR`, then give --data PREPARED_DIR"

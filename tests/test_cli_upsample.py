@@ -243,6 +243,9 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
     assert_one_line_error(upsample(phantom_file, phantom_file, *base), "would overwrite an input")
     same_folder = upsample(tmp_path, f"{tmp_path}/", *base)
     assert_one_line_error(same_folder, "is an input folder")
+    second = write_nifti(tmp_path / "second.nii", head_phantom((30, 20, 30)))
+    files_folder = upsample(phantom_file, second, f"{tmp_path}/", *base)  # written beside them
+    assert_one_line_error(files_folder, "is an input folder")
     assert phantom_file.read_bytes() == before and no_partial_files(tmp_path)
 
 
@@ -422,6 +425,20 @@ def test_skip_existing_goes_by_the_input_file_and_its_own_sidecar(
     write_nifti(moved / "a.nii.gz", head_phantom((30, 20, 30), seed=5))  # changed in place
     changed = upsample(moved, out, *weights, "--skip-existing")
     assert_one_line_error(changed, f"made by another run (input {first / 'a.nii.gz'})")
+
+    single = tmp_path / "single.nii.gz"
+    assert upsample(moved / "a.nii.gz", single, *weights).exit_code == 0
+    write_nifti(moved / "a.nii.gz", head_phantom((30, 20, 30), seed=6))
+    rerun = upsample(moved / "a.nii.gz", single, *weights, "--skip-existing")
+    assert_one_line_error(
+        rerun, "made by another run (its input has changed since: another sha256)"
+    )
+    (tmp_path / "single.json").write_text("[]")  # not a sidecar of mrisr: not deleted, refused
+    foreign = upsample(moved / "a.nii.gz", single, *weights, "--skip-existing")
+    assert_one_line_error(
+        foreign, "single.json: exists and is not an mrisr sidecar; choose another"
+    )
+    assert (tmp_path / "single.json").read_text() == "[]"
 
     record = (out / "a.json").read_text()
     other = upsample(moved / "a.nii.gz", out / "a.nii", *weights, "--skip-existing")

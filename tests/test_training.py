@@ -756,8 +756,11 @@ def test_data_folder_without_manifest(tmp_path: Path) -> None:
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "no manifest.json" in lines[0] and "mrisr prepare" in lines[0]
-    # the folder of raw scans given as --data: prepare it into another folder, not into itself
-    write_nifti(tmp_path / "data" / "sub-01_T1w.nii.gz", head_phantom((12, 10, 12)))
+    # a BIDS tree of raw scans given as --data: prepare it into another folder, not into itself
+    (tmp_path / "data" / "sub-01" / "anat").mkdir(parents=True)
+    write_nifti(
+        tmp_path / "data" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", head_phantom((12, 10, 12))
+    )
     result = invoke(*train_args(tmp_path / "data", tmp_path / "run", "--stage", "psnr"))
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1
