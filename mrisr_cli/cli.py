@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -276,8 +276,9 @@ def upsample(
                     error=lambda message: report_line("error", message, console),
                 )
     finally:  # an error, or nothing written: a folder made for this run is removed again
-        if not output_existed and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
+        with suppress(OSError):  # never in the way of the error being reported
+            if not output_existed and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 
