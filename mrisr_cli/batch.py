@@ -187,9 +187,7 @@ def split_finished(
     (deleted to redo it) is removed, and the job runs.
     """
     weights = _weights_of(files.sources())
-    trained = (files.psnr or files.gan).degradation.n4  # type: ignore[union-attr]
-    n4 = trained if options.n4 is None else options.n4
-    settings = output_settings(options, n4)
+    settings = output_settings(options, options.uses_n4(files.degradation))
     hashes: dict[Path, str] = {}
     resume = Resume([], [], [])
     stale: list[Path] = []
@@ -315,8 +313,7 @@ def run_upsample_jobs(
     else:
         threads = torch.get_num_threads()
         where = f"{device}, {threads} thread{'s' if threads != 1 else ''}"
-    trained = next(iter(generators.values())).weights.degradation.n4
-    reading = "reading, N4" if (trained if options.n4 is None else options.n4) else "reading"
+    reading = "reading, N4" if options.uses_n4(files.degradation) else "reading"
     by_input: dict[Path, list[UpsampleJob]] = {}
     for job in jobs:
         by_input.setdefault(job.input, []).append(job)

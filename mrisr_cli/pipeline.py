@@ -95,8 +95,8 @@ class GeneratorFiles:
         found = []
 
         def provenance(weights: WeightsFile | None) -> dict[str, Any]:
-            found = weights.provenance if weights is not None else None
-            return found if isinstance(found, dict) else {}  # a hand-made file may hold anything
+            recorded = weights.provenance if weights is not None else None
+            return recorded if isinstance(recorded, dict) else {}  # a hand-made file: anything
 
         for role, weights in (("psnr", self.psnr), ("gan", self.gan)):
             stage = provenance(weights).get("stage")
@@ -114,6 +114,11 @@ class GeneratorFiles:
                     f"{self.psnr.path} ({self.psnr.sha256[:12]}): the blend mixes unrelated weights"
                 )
         return found
+
+    @property
+    def degradation(self) -> DegradationConfig:
+        """The degradation the files were trained for (blending requires both to agree)."""
+        return (self.psnr or self.gan).degradation  # type: ignore[union-attr]
 
     def check(self, alpha: float) -> float:
         """``alpha`` if these files can make it, else why not: one file alone gives only its own
@@ -181,6 +186,10 @@ class UpsampleOptions:
     sidecar: bool = True
     #: warnings about the whole run (the caller prints them once), recorded in every sidecar
     run_warnings: tuple[str, ...] = ()
+
+    def uses_n4(self, degradation: DegradationConfig) -> bool:
+        """Whether N4 runs: ``n4`` where given, else as the weights were trained."""
+        return degradation.n4 if self.n4 is None else self.n4
 
 
 @dataclass
@@ -261,7 +270,7 @@ def prepare_input(
     loaded = time.perf_counter()
     background = flat_background(data) if options.keep_background else None
     background_value = float(data.min())
-    use_n4 = degradation.n4 if options.n4 is None else options.n4
+    use_n4 = options.uses_n4(degradation)
     # the network sees corrected intensities, as in training; the output keeps the input's
     # shading unless the corrected image is asked for, so it compares with the input's reference
     bias = n4_fit(data, plan.model_spacing) if use_n4 else None
@@ -410,7 +419,7 @@ def write_sidecar(
     generator: Generator,
     options: UpsampleOptions,
     n4: bool,
-    input_sha256: str = "",
+    input_sha256: str,
 ) -> None:
     """Record what produced an output, next to it: the tiling and precision as they ran
     (``options.inference`` already resolved by :func:`~mrisr_cli.inference.resolve_options`)."""
@@ -419,7 +428,7 @@ def write_sidecar(
         "mrisr_version": __version__,
         "torch_version": torch.__version__,
         "input": os.path.abspath(result.input),  # the sidecar may be read from anywhere
-        "input_sha256": input_sha256 or sha256_of(result.input),
+        "input_sha256": input_sha256,
         "output": os.path.abspath(result.output),
         "weights": generator.sources,
         "network": {"name": generator.weights.network.name, **generator.weights.network.params},

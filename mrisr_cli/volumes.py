@@ -64,13 +64,16 @@ def image_files(folder: Path, *, recursive: bool = False) -> list[Path]:
     )
 
 
+def image_suffix(name: str) -> str | None:
+    """The image suffix a name ends in, in lower case (``X.NII.GZ`` -> ``.nii.gz``), or None."""
+    lower = name.lower()
+    return next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), None)
+
+
 def strip_suffix(name: str) -> str:
     """File name without its image suffix: ``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
-    lower = name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    suffix = image_suffix(name)
+    return name[: -len(suffix)] if suffix else name
 
 
 def load_volume(path: Path) -> Volume:
@@ -98,8 +101,7 @@ def nibabel_readable(path: Path) -> Iterator[Path]:
     nibabel matches a suffix in one case only: it looks for ``a.Nii.Gz`` as ``a.nii.Gz``. All
     lower- or upper-case names are read as they are; only mixed-case ones get the link.
     """
-    lower = path.name.lower()
-    suffix = next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), None)
+    suffix = image_suffix(path.name)
     if suffix is None or path.name.endswith((suffix, suffix.upper())):
         yield path
         return
@@ -405,8 +407,7 @@ def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
     check_output_path(path, overwrite=overwrite)
     folder = path.parent if str(path.parent) else Path(".")
     # nibabel picks the format from the temporary name's suffix, in lower case only (x.NII.GZ)
-    lower = path.name.lower()
-    suffix = next((s for s in NIFTI_SUFFIXES if lower.endswith(s)), path.suffix)
+    suffix = image_suffix(path.name) or path.suffix
     try:
         fd, tmp_name = tempfile.mkstemp(
             prefix=f".{path.name}.", suffix=f".part{suffix}", dir=folder
