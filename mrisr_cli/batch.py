@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,8 @@ class Resume:
     to_run: list[UpsampleJob]
     finished: list[UpsampleJob]
     refused: list[tuple[UpsampleJob, str]]
+    #: the inputs' sha256 the checks computed, so that running the rest does not hash them again
+    input_sha256: dict[Path, str] = field(default_factory=dict)
 
 
 def split_finished(
@@ -181,15 +183,16 @@ def split_finished(
 
     An output is finished when its image exists next to a sidecar that records the same input
     file (its sha256: a moved folder is fine, an input changed since is not), alpha, weights and
-    voxel-changing settings (:func:`~mrisr_cli.pipeline.output_settings`). Any other existing
+    voxel-changing settings (:func:`~mrisr_cli.pipeline.output_settings`), and the image's own
+    sha256 (a truncated or edited image is not finished). Any other existing
     output is refused, with the reason: skipping it would pass off another result as this one's,
     and replacing it is for ``--overwrite``. A sidecar of this output whose image is gone
     (deleted to redo it) is removed, and the job runs.
     """
     weights = _weights_of(files.sources())
     settings = output_settings(options, options.uses_n4(files.degradation))
-    hashes: dict[Path, str] = {}
     resume = Resume([], [], [])
+    hashes = resume.input_sha256
     stale: list[Path] = []
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
@@ -247,6 +250,22 @@ def split_finished(
                 (job, f"{image}: made by another run ({', '.join(differences)}); {redo}")
             )
             continue
+        recorded_output_sha = record.get("output_sha256")  # older sidecars have none
+        if isinstance(recorded_output_sha, str):
+            try:
+                intact = sha256_of(image) == recorded_output_sha
+            except OSError as exc:
+                resume.refused.append((job, f"{image}: cannot be read ({os_reason(exc)})"))
+                continue
+            if not intact:
+                resume.refused.append(
+                    (
+                        job,
+                        f"{image}: is not the image its sidecar records (another sha256: "
+                        f"changed or damaged since it was written); {redo}",
+                    )
+                )
+                continue
         resume.finished.append(job)
     for sidecar in stale:  # after the checks, so that a crash in them leaves every file as it was
         sidecar.unlink(missing_ok=True)
@@ -295,6 +314,7 @@ def run_upsample_jobs(
     console: Console,
     warn: Callable[[str], None],
     error: Callable[[str], None],
+    input_sha256: dict[Path, str] | None = None,
 ) -> int:
     """Run every job; return how many failed.
 
@@ -302,7 +322,7 @@ def run_upsample_jobs(
     blended surface before any input is read. Each input is read and N4-corrected once for all
     its alphas (a whole head's N4 takes minutes on a few cores). Where the console is not a
     terminal (a batch job's log) there is no bar, so each job's start gets a line; each "wrote"
-    line names the device.
+    line names the device. ``input_sha256``: hashes already computed (by :func:`split_finished`).
     """
     device = options.inference.device
     generators = {
@@ -324,7 +344,12 @@ def run_upsample_jobs(
             task = progress.add_task(f"{path.name} ({reading})", total=None)
             try:
                 generator = generators[its_jobs[0].alpha]
-                prepared = prepare_input(path, generator.weights.degradation, options)
+                prepared = prepare_input(
+                    path,
+                    generator.weights.degradation,
+                    options,
+                    sha256=(input_sha256 or {}).get(path),
+                )
             except MrisrError as exc:
                 failures += len(its_jobs)
                 error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")

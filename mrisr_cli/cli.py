@@ -253,7 +253,7 @@ def upsample(
                 overwrite=overwrite,
                 run_warnings=((half_warning,) if half_warning else ()) + tuple(file_warnings),
             )
-            failures = 0
+            failures, known_sha256 = 0, {}
             if skip_existing:
                 resume = split_finished(jobs, files, options)
                 for job in resume.finished:
@@ -263,6 +263,7 @@ def upsample(
                 for _job, reason in resume.refused:
                     report_line("error", reason)
                 jobs, failures = resume.to_run, len(resume.refused)
+                known_sha256 = resume.input_sha256
             if jobs:
                 # one console for the progress bar and the lines printed while it runs, so that
                 # on a terminal rich prints them above the bar instead of through it
@@ -274,6 +275,7 @@ def upsample(
                     console=console,
                     warn=lambda message: report_line("warning", message, console),
                     error=lambda message: report_line("error", message, console),
+                    input_sha256=known_sha256,
                 )
     finally:  # an error, or nothing written: a folder made for this run is removed again
         with suppress(OSError):  # never in the way of the error being reported

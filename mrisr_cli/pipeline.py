@@ -41,8 +41,8 @@ from mrisr_cli.volumes import (
     check_output_path,
     load_volume,
     os_reason,
-    save_volume,
     strip_suffix,
+    write_volume,
 )
 from mrisr_cli.weights import WeightsFile, load_weights, sha256_of
 
@@ -258,10 +258,14 @@ class PreparedInput:
 
 
 def prepare_input(
-    input_path: Path, degradation: DegradationConfig, options: UpsampleOptions
+    input_path: Path,
+    degradation: DegradationConfig,
+    options: UpsampleOptions,
+    *,
+    sha256: str | None = None,
 ) -> PreparedInput:
     """Read and check an input, plan its grid and fit N4 as the weights' ``degradation`` says
-    (unless ``options.n4`` decides)."""
+    (unless ``options.n4`` decides); ``sha256``: the file's, where the caller has it already."""
     started = time.perf_counter()
     volume = load_volume(input_path)
     check_not_label_map(volume.data, str(input_path))
@@ -287,7 +291,7 @@ def prepare_input(
         background=background,
         background_value=background_value,
         seconds={"read": loaded - started, "n4": corrected - loaded},
-        sha256=_input_sha256(Path(input_path)),
+        sha256=sha256 or _input_sha256(Path(input_path)),
     )
 
 
@@ -351,31 +355,60 @@ def upsample_prepared(
         out[prepared.background] = prepared.background_value
     out = plan.to_output(out)
     inferred = time.perf_counter()
-    save_volume(
-        output_path,
-        out,
-        plan.output_affine(),
-        prepared.volume.header,
-        overwrite=options.overwrite,
-    )
-    finished = time.perf_counter()
-    # the shared read and N4 count in the first output's total only, so totals add up
-    earlier = 0.0 if prepared.charged else prepared.seconds["read"] + prepared.seconds["n4"]
+    output_path, sidecar = Path(output_path), sidecar_path(Path(output_path))
+    sidecar_written = False
+    try:
+        # the sidecar goes into place before the image: a job killed in between leaves a
+        # sidecar without its image, which --skip-existing redoes, never an image without one
+        with atomic_path(output_path, overwrite=options.overwrite) as tmp:
+            header = prepared.volume.header
+            write_volume(tmp, out, plan.output_affine(), header, name=output_path)
+            output_sha256 = sha256_of(tmp) if options.sidecar else ""
+            written = time.perf_counter()
+            result = _result(prepared, output_path, out.shape, options, half_warning)
+            # the shared read and N4 count in the first output's total only, so totals add up
+            earlier = 0.0 if prepared.charged else prepared.seconds["read"] + prepared.seconds["n4"]
+            result.seconds.update(
+                network=inferred - started,
+                write=written - inferred,
+                total=written - started + earlier,
+            )
+            if options.sidecar:
+                try:
+                    resolved = replace(options, inference=inference)
+                    write_sidecar(
+                        result, generator, resolved, prepared.use_n4, prepared.sha256, output_sha256
+                    )
+                except OSError as exc:
+                    raise OutputError(
+                        f"{sidecar}: cannot be written ({os_reason(exc)}); "
+                        f"{output_path} was removed again"
+                    ) from exc
+                sidecar_written = True
+    except BaseException:
+        if sidecar_written:  # the image did not make it into place: its record goes too
+            sidecar.unlink(missing_ok=True)
+        raise
     prepared.charged = True
-    seconds = {
-        **prepared.seconds,
-        "network": inferred - started,
-        "write": finished - inferred,
-        "total": finished - started + earlier,
-    }
-    result = UpsampleResult(
+    return result
+
+
+def _result(
+    prepared: PreparedInput,
+    output_path: Path,
+    shape: tuple[int, ...],
+    options: UpsampleOptions,
+    half_warning: str | None,
+) -> UpsampleResult:
+    """What :func:`upsample_prepared` reports (its ``seconds`` still without the network's)."""
+    return UpsampleResult(
         input=prepared.path,
-        output=Path(output_path),
+        output=output_path,
         input_shape=tuple(prepared.volume.data.shape),
-        output_shape=tuple(out.shape),
-        resampled=plan.resampled,
-        seconds=seconds,
-        warnings=list(plan.warnings)
+        output_shape=tuple(shape),
+        resampled=prepared.plan.resampled,
+        seconds=dict(prepared.seconds),
+        warnings=list(prepared.plan.warnings)
         + ([half_warning] if half_warning else [])
         + (
             ["--bias-corrected: these weights run without N4, so there is no field to leave out"]
@@ -384,19 +417,6 @@ def upsample_prepared(
         ),
         background_kept=int(prepared.background.sum()) if prepared.background is not None else 0,
     )
-    if options.sidecar:
-        try:
-            resolved = replace(options, inference=inference)
-            write_sidecar(result, generator, resolved, prepared.use_n4, prepared.sha256)
-        except BaseException as exc:  # an image without its record would pass for a finished
-            Path(output_path).unlink(missing_ok=True)  # one (mrisr upsample --skip-existing)
-            if not isinstance(exc, OSError):
-                raise
-            raise OutputError(
-                f"{sidecar_path(output_path)}: cannot be written ({os_reason(exc)}); "
-                f"{output_path} was removed again"
-            ) from exc
-    return result
 
 
 def output_settings(options: UpsampleOptions, n4: bool) -> dict[str, Any]:
@@ -420,6 +440,7 @@ def write_sidecar(
     options: UpsampleOptions,
     n4: bool,
     input_sha256: str,
+    output_sha256: str,
 ) -> None:
     """Record what produced an output, next to it: the tiling and precision as they ran
     (``options.inference`` already resolved by :func:`~mrisr_cli.inference.resolve_options`)."""
@@ -430,6 +451,7 @@ def write_sidecar(
         "input": os.path.abspath(result.input),  # the sidecar may be read from anywhere
         "input_sha256": input_sha256,
         "output": os.path.abspath(result.output),
+        "output_sha256": output_sha256,  # --skip-existing: the image is the one this run wrote
         "weights": generator.sources,
         "network": {"name": generator.weights.network.name, **generator.weights.network.params},
         "alpha": generator.alpha,

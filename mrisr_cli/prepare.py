@@ -13,7 +13,8 @@ Layout of OUT_DIR (plain .npy so that training memory-maps them and never decode
     subjects/<id>/lr.npy           float16, the degraded volume on the same grid
     subjects/<id>/mask.npy         uint8 foreground of the high-resolution volume
     subjects/<id>/centres.npy      int16 (N, 3) foreground voxels on a stride-4 grid
-    subjects/<id>/subject.json     written last: its presence marks the subject done
+    subjects/<id>/subject.json     written last: its presence marks the subject done; it also
+                                   gets the subject's split, so a lost manifest loses none
 
 float16 halves disk and page cache; on z-scores its rounding error (~5e-4 relative) is far below
 the L1 errors a network reaches. Subjects run in separate processes; a failed scan is reported
@@ -241,12 +242,13 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
         source_sha = sha256_of(scan.path)
     except OSError as exc:
         return SubjectOutcome(scan, "failed", f"{scan.path}: cannot be read ({exc.strerror})")
-    damage = None
+    damage, split = None, None
     if record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
         except ValueError:
             record = {}
+        split = record.get("split") if isinstance(record, dict) else None
         same = (record.get("settings"), record.get("source_sha256"))
         if same == (_settings(options), source_sha):
             damage = _array_damage(folder, record)
@@ -260,6 +262,8 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
         text = str(exc).strip().splitlines()
         detail = text[0][:200] if text else type(exc).__name__
         return SubjectOutcome(scan, "failed", f"{scan.path}: {type(exc).__name__}: {detail}")
+    if split is not None:  # redone: it keeps the split its earlier files had
+        record["split"] = split
     return SubjectOutcome(scan, "done", f"redone: {damage}" if damage else "", record)
 
 
@@ -460,6 +464,8 @@ def write_manifest(
         for r in [*(previous or {}).get("subjects", []), *(previous or {}).get("former", [])]
         if isinstance(r, dict)
     ]
+    if previous is None:  # manifest.json lost: each subject.json recalls its split
+        old = [r for r in records if r.get("split") in SPLITS]
     old_by_id = {r.get("id"): r.get("split") for r in old}
     warnings: list[str] = []
     split_of: dict[str, str] = {}  # record id -> split
@@ -528,6 +534,7 @@ def write_manifest(
     )
     former = list({str(r["id"]): r for r in former}.values())
     manifest = save_manifest(out_dir, options.degradation, split, subjects, failures, former)
+    _record_splits(out_dir, subjects)
     new_ids = {r["id"] for g in new_groups for r in members[g]}
     manifest["run"] = {
         "kept": len(records) - len(new_ids),
@@ -535,6 +542,22 @@ def write_manifest(
         "warnings": warnings,
     }
     return manifest
+
+
+def _record_splits(out_dir: Path, subjects: Sequence[dict[str, Any]]) -> None:
+    """Write each subject's split into its ``subject.json`` too, so that a lost or deleted
+    ``manifest.json`` cannot re-split the dataset (a held-out scan landing in train)."""
+    for subject in subjects:
+        path = Path(out_dir) / "subjects" / str(subject["id"]) / "subject.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # the manifest still holds it; the next run redoes this subject
+        if not isinstance(record, dict) or record.get("split") == subject["split"]:
+            continue
+        record["split"] = subject["split"]
+        with atomic_path(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 def save_manifest(

@@ -19,7 +19,7 @@ from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.intensity import foreground_mask, foreground_stats
 from mrisr_cli.networks import build_network
 from mrisr_cli.volumes import canonical_reorientation
-from mrisr_cli.weights import load_weights, save_weights
+from mrisr_cli.weights import load_weights, save_weights, sha256_of
 
 runner = CliRunner()
 SMALL_PATCH = ["--patch", "24,16,24"]
@@ -444,6 +444,66 @@ def test_skip_existing_goes_by_the_input_file_and_its_own_sidecar(
     other = upsample(moved / "a.nii.gz", out / "a.nii", *weights, "--skip-existing")
     assert_one_line_error(other, "a.json: is the sidecar of a.nii.gz; choose another output")
     assert (out / "a.json").read_text() == record
+
+
+def test_skip_existing_checks_the_image_and_a_killed_write_leaves_no_image_alone(
+    tmp_path: Path,
+    psnr_weights: Path,
+    gan_weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sidecar records the image's sha256: a truncated (or edited) image no longer counts as
+    finished. The sidecar goes into place first, so a job stopped between the two renames leaves
+    a sidecar without image (redone), not an image without sidecar (refused); and an input with
+    one alpha finished is hashed once, not twice."""
+    import os
+
+    from mrisr_cli import batch, pipeline, volumes
+
+    src = write_nifti(tmp_path / "a.nii.gz", head_phantom((30, 20, 30)))
+    out = tmp_path / "out"
+    weights = ["--psnr-weights", psnr_weights, "--gan-weights", gan_weights, *SMALL_PATCH]
+    assert upsample(src, f"{out}/", *weights).exit_code == 0
+    image = out / "a.nii.gz"
+    record = json.loads((out / "a.json").read_text())
+    assert record["output_sha256"] == sha256_of(image)
+    image.write_bytes(image.read_bytes()[:-100])  # e.g. a node that crashed while copying
+    damaged = upsample(src, f"{out}/", *weights, "--skip-existing")
+    assert_one_line_error(
+        damaged, f"{image}: is not the image its sidecar records (another sha256: changed or"
+    )
+
+    real_replace = os.replace
+
+    def killed_at_the_image(tmp: str | Path, target: str | Path) -> None:
+        if str(target).endswith(".nii.gz"):
+            raise KeyboardInterrupt  # stopped between the sidecar's rename and the image's
+        real_replace(tmp, target)
+
+    monkeypatch.setattr(volumes.os, "replace", killed_at_the_image)
+    stopped = upsample(src, out / "b.nii.gz", *weights)
+    assert stopped.exit_code != 0
+    assert not (out / "b.nii.gz").exists() and not (out / "b.json").exists()
+    assert no_partial_files(out)
+    monkeypatch.setattr(volumes.os, "replace", real_replace)
+
+    hashed: list[Path] = []
+
+    def counted(path: Path) -> str:
+        hashed.append(Path(path))
+        return sha256_of(path)
+
+    monkeypatch.setattr(batch, "sha256_of", counted)
+    monkeypatch.setattr(pipeline, "sha256_of", counted)
+    image.unlink()
+    (out / "a.json").unlink()
+    assert upsample(src, out, *weights, "--alpha", "0,1").exit_code == 0
+    (out / "a_alpha-0.nii.gz").unlink()  # its sidecar is left, as a killed job would leave it
+    hashed.clear()
+    resumed = upsample(src, out, *weights, "--alpha", "0,1", "--skip-existing")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "a_alpha-1.nii.gz: finished by an earlier run" in resumed.stderr
+    assert hashed.count(src) == 1, hashed
 
 
 def test_wrote_lines_of_several_alphas_add_up_and_links_to_one_file_run_once(

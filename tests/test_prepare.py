@@ -242,6 +242,26 @@ def test_a_subject_that_leaves_and_comes_back_gets_its_split_back(tmp_path: Path
     assert "former" not in json.loads((out / "manifest.json").read_text())
 
 
+def test_a_deleted_manifest_loses_no_split(tmp_path: Path) -> None:
+    """With manifest.json deleted (to "redo" it) but subjects/ kept, a rerun took the folder for
+    an interrupted run and split afresh: 10 of 12 subjects moved. Each subject.json now recalls
+    its split, also for a damaged subject that is prepared again."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(12))
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    before = splits_of(out)
+    assert len(set(before.values())) > 1
+    (out / "manifest.json").unlink()
+    (out / "subjects" / "s4" / "lr.npy").write_bytes(b"truncated")
+    small_heads(src, [12])
+    again = prepare_dataset(src, out, SMALL_OPTIONS)
+    after = splits_of(out)
+    assert {k: after[k] for k in before} == before
+    assert again["run"]["kept"] == 12 and again["run"]["assigned"] == 1
+    recorded = json.loads((out / "subjects" / "s12" / "subject.json").read_text())
+    assert recorded["split"] == after["s12"]
+
+
 def test_new_subjects_fill_the_splits_around_the_kept_ones() -> None:
     subjects = [f"sub-{i:03d}" for i in range(40)]
     first = assign_splits(subjects, (0.7, 0.1, 0.1, 0.1), seed=1)
