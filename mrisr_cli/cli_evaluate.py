@@ -1,8 +1,9 @@
 """`mrisr evaluate`: the paper's Table 1 (SSIM, PSNR, NRMSE, M_h, Dice) for a user's own data.
 
-A thin Typer command: it parses, calls :mod:`mrisr_cli.evaluation`, shows a progress bar and the
-table, and prints one line per pair that could not be evaluated. Heavy imports stay inside the
-function so that `mrisr --help` is instant.
+A thin Typer command: it parses, calls :mod:`mrisr_cli.evaluation` (and
+:mod:`mrisr_cli.evaluation_report` for --out), shows a progress bar and the table, and prints one
+line per pair that could not be evaluated. Heavy imports stay inside the function so that
+`mrisr --help` is instant.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mrisr_cli.cli_options import switch
 from mrisr_cli.console import progress_bar, report_line, stderr_console, user_errors
 
 if TYPE_CHECKING:
-    from mrisr_cli.evaluation import Evaluation
+    from mrisr_cli.evaluation_results import Evaluation
 
 
 def evaluate_command(
@@ -141,13 +142,8 @@ def _run(
     device: str,
     overwrite: bool,
 ) -> Evaluation:
-    from mrisr_cli.evaluation import (
-        EvaluationOptions,
-        check_inputs,
-        check_report_target,
-        evaluate,
-        write_report,
-    )
+    from mrisr_cli.evaluation import EvaluationOptions, check_inputs, evaluate
+    from mrisr_cli.evaluation_report import check_report_target, write_report
     from mrisr_cli.fidelity import read_label_names
     from mrisr_cli.inference import resolve_device
 
@@ -198,7 +194,7 @@ def _format(value: float, std: float, key: str) -> str:
 def results_table(evaluation: Evaluation) -> Table:
     """Table 1 of Wang et al. 2020: a row per method, mean ± std per metric, and with exactly
     two methods the p-values and the better method where the difference is significant."""
-    from mrisr_cli.evaluation import SIGNIFICANCE_LEVEL
+    from mrisr_cli.evaluation_stats import SIGNIFICANCE_LEVEL
 
     title, caption = "mean ± std over subjects", None
     if evaluation.comparison:  # only with exactly two methods

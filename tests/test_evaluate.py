@@ -22,16 +22,11 @@ from typer.testing import CliRunner
 
 from mrisr_cli import evaluation as evaluation_module
 from mrisr_cli.cli import app
-from mrisr_cli.evaluation import (
-    METRIC_BY_KEY,
-    PairResult,
-    match_files,
-    name_score,
-    paired_tests,
-    reference_mask,
-    summarise,
-)
+from mrisr_cli.evaluation import reference_mask
+from mrisr_cli.evaluation_results import METRIC_BY_KEY, PairResult
+from mrisr_cli.evaluation_stats import paired_tests, summarise
 from mrisr_cli.networks.highres3dnet import HighRes3DNet
+from mrisr_cli.pairing import match_files, name_score
 
 SHAPE = (22, 24, 20)
 AFFINE = np.array(
@@ -419,7 +414,7 @@ def test_wrong_parcellation_weights_file(tmp_path: Path) -> None:
 def test_no_prediction_folder(tmp_path: Path) -> None:
     hr, _, _ = dataset(tmp_path, subjects=1)
     from mrisr_cli.errors import InputError
-    from mrisr_cli.evaluation import plan
+    from mrisr_cli.pairing import plan
 
     with pytest.raises(InputError, match="at least one --pred"):
         plan(hr, [], None)
@@ -537,7 +532,7 @@ def test_alpha_groups_keep_untagged_files_and_single_alpha_folders(tmp_path: Pat
     """Untagged files beside alpha-tagged ones are the folder's own method; a folder of one
     alpha is unchanged (one method named after the folder); a tie inside one alpha is a note
     that names the reference and the tied files."""
-    from mrisr_cli.evaluation import plan
+    from mrisr_cli.pairing import plan
 
     hr, _, _ = dataset(tmp_path, subjects=2)
     mixed = tmp_path / "sr"
