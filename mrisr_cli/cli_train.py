@@ -333,14 +333,15 @@ def train_command(
 
     is_main = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     with user_errors():
+        from mrisr_cli.distributed import worker_threads
         from mrisr_cli.networks import NetworkConfig
         from mrisr_cli.threads import configure_threads
         from mrisr_cli.training import (
+            CRITIC_LR_PER_LR,
             StoppedAtOnce,
             TrainConfig,
             load_init_weights,
             train,
-            worker_threads,
         )
         from mrisr_cli.training import resume as resume_run
 
@@ -366,7 +367,7 @@ def train_command(
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,
             lr=rate,
-            critic_lr=critic_lr if critic_lr is not None else 5 * rate,
+            critic_lr=critic_lr if critic_lr is not None else CRITIC_LR_PER_LR * rate,
             lambda_adv=lambda_adv,
             lambda_gp=lambda_gp,
             critic_steps=critic_steps,

@@ -1,5 +1,10 @@
 """Training the generators: the PSNR stage (L1, Adam) and the GAN stage (WGAN-GP, patch critic).
 
+This module holds the settings (:class:`TrainConfig`), the networks and optimisers with one step
+of each kind (:class:`Trainer`), the loop of a run and the checks that make ``--resume`` safe.
+The losses are in :mod:`mrisr_cli.losses`, the run folder's files (checkpoint, log, names) in
+:mod:`mrisr_cli.run_files`, the helpers for several processes in :mod:`mrisr_cli.distributed`.
+
 Why it is built this way:
 
 - **Reproducible and resumable.** Batches are a pure function of the step (see
@@ -8,8 +13,9 @@ Why it is built this way:
   interruption continues bit for bit the run that would have happened without it (on the CPU,
   where the kernels are deterministic; on a GPU up to cuDNN's algorithm choice).
 - **Safe to interrupt.** Ctrl-C or SIGTERM (SLURM's warning at the time limit) sets a flag; the
-  step in progress finishes, a checkpoint is written and training returns. Checkpoints and
-  weights are written to a temporary file and renamed, so a full disk leaves the previous ones.
+  step in progress (or the validation) finishes, a checkpoint is written and training returns.
+  Checkpoints and weights are written to a temporary file and renamed, so a full disk leaves the
+  previous ones.
 - **Several GPUs.** Under ``torchrun`` each process is one DistributedDataParallel rank and takes
   its slice of the global batch, so N processes compute what one process would with an N times
   larger batch (BatchNorm becomes SyncBatchNorm on CUDA for the same reason). Only rank 0 writes.
@@ -22,24 +28,15 @@ Why it is built this way:
 - **Directly usable weights.** ``best.safetensors`` and ``last.safetensors`` are written with
   :func:`mrisr_cli.weights.save_weights`, with the dataset's degradation settings and the
   training provenance in their metadata: `mrisr upsample --psnr-weights RUN/best.safetensors`.
-
-Losses (SPEC "Losses and training"; the critic scores how *fake* a patch looks):
-``L_G = L1(sr, hr) + lambda_adv * mean D(sr)`` and
-``L_D = mean D(hr) - mean D(sr) + lambda_gp * mean (||grad D(x_hat)||_2 - 1)^2`` with
-``x_hat = gamma * sr + (1 - gamma) * hr``, ``gamma ~ U(0, 1)`` per sample, shape (B, 1, 1, 1, 1).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
-import os
 import random
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,30 +46,41 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
 from mrisr_cli import __version__
 from mrisr_cli.batchnorm import batchnorm_layers, recalibrate_batchnorm, sampler_batches
 from mrisr_cli.degradation import DegradationConfig
+from mrisr_cli.distributed import DistInfo, all_gather, barrier, broadcast_error, init_distributed
 from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, WeightsError
-from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
+from mrisr_cli.inference import InferenceOptions, super_resolve
+from mrisr_cli.losses import critic_loss, interpolation_weights, l1_loss
 from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
 from mrisr_cli.prepare import MANIFEST_NAME, Manifest, load_manifest
+from mrisr_cli.run_files import (
+    BEST_NAME,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    CHECKPOINT_VERSION,
+    LAST_NAME,
+    LOG_NAME,
+    RUN_NAME,
+    JsonlLog,
+    git_commit,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    tensor_bytes,
+    write_checkpoint,
+    write_failure,
+)
 from mrisr_cli.tiling import PAPER_PATCH
-from mrisr_cli.volumes import atomic_path, os_reason
+from mrisr_cli.volumes import atomic_path
 from mrisr_cli.weights import WeightsFile, load_weights, save_weights
 
 STAGES: tuple[str, ...] = ("psnr", "gan")
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "log.jsonl"
-RUN_NAME = "run.json"
-BEST_NAME = "best.safetensors"
-LAST_NAME = "last.safetensors"
-CHECKPOINT_FORMAT = "mrisr-checkpoint"
-CHECKPOINT_VERSION = 1
 
 #: Settings that may change when a run is resumed: they do not change what is computed.
 RESUME_MAY_CHANGE = frozenset(
@@ -99,6 +107,8 @@ RESUME_MAY_CHANGE = frozenset(
 GAN_ONLY = frozenset(
     {"critic", "critic_lr", "lambda_adv", "lambda_gp", "critic_steps", "critic_warmup"}
 )
+#: The CLI's --critic-lr when none is given: this times --lr (the authors' ratio).
+CRITIC_LR_PER_LR = 5
 OPTION_NAMES = {
     "network": "--net/--net-params",
     "critic": "--critic-params",
@@ -213,145 +223,6 @@ class StoppedAtOnce(KeyboardInterrupt):
         self.total_steps = total_steps
         self.checkpoint = checkpoint
         self.saved_step = saved_step  # the step checkpoint.pt holds; None: there is none
-
-
-# --- distributed helpers --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a DistributedDataParallel job (1 process when not launched so)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_from_env() -> DistInfo:
-    """Rank and world size from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or, for a plain
-    ``srun`` launch with MASTER_ADDR/MASTER_PORT exported, from SLURM's task variables."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in env and "SLURM_PROCID" in env:
-        info = DistInfo(
-            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        )
-        env.setdefault("MASTER_PORT", "29500")
-        env["RANK"], env["WORLD_SIZE"] = str(info.rank), str(info.world)
-        env["LOCAL_RANK"] = str(info.local_rank)
-        return info
-    return DistInfo()
-
-
-def worker_threads(threads: int | None) -> int | None:
-    """CPU threads per process: under torchrun with SLURM_CPUS_PER_TASK, that share per worker."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if threads is None and local > 1 and slurm.isdigit():
-        return max(1, int(slurm) // local)
-    return threads
-
-
-def init_distributed(device: str) -> tuple[DistInfo, str, bool]:
-    """Join the process group if launched by torchrun/srun; return (info, device, we_started)."""
-    import torch.distributed as dist
-
-    info = dist_from_env()
-    if not info.enabled:
-        return info, resolve_device(device), False
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-        resolved = f"cuda:{info.local_rank}"
-    else:
-        resolved = resolve_device(device)
-    if dist.is_initialized():
-        return info, resolved, False
-    backend = "nccl" if resolved.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world)
-    return info, resolved, True
-
-
-def _all_gather(info: DistInfo, obj: Any) -> list[Any]:
-    if not info.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _broadcast_error(info: DistInfo, message: str | None) -> None:
-    """Raise on every rank when rank 0 met a user error, so no rank waits forever."""
-    messages = _all_gather(info, message)
-    first = next((m for m in messages if m), None)
-    if first:
-        raise MrisrError(first)
-
-
-# --- losses -------------------------------------------------------------------------------
-
-
-def l1_loss(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-    """The element-wise L1 loss, computed in float32 also under autocast."""
-    return F.l1_loss(sr.float(), hr.float())
-
-
-def interpolation_weights(
-    seed: int, key: tuple[int, ...], global_batch: int, offset: int, size: int
-) -> torch.Tensor:
-    """gamma ~ U(0, 1), one per sample, shaped (B, 1, 1, 1, 1) for 3D volumes; a pure function of
-    (seed, key) over the global batch, so a DDP rank's slice equals the single-process values."""
-    state = np.random.SeedSequence([seed, *key, 0x6A4D]).generate_state(2)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    gamma = torch.rand((global_batch, 1, 1, 1, 1), generator=generator)
-    return gamma[offset : offset + size]
-
-
-def critic_loss(
-    critic: nn.Module,
-    real: torch.Tensor,
-    fake: torch.Tensor,
-    gamma: torch.Tensor,
-    lambda_gp: float,
-    *,
-    scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``L_D`` with the two-sided gradient penalty; returns (loss, D(sr) - D(hr), penalty).
-
-    Real, fake and interpolated patches go through the critic in one batch (its norms are per
-    sample, so this changes nothing but makes one DistributedDataParallel forward). ``scale`` is
-    the AMP loss scale: the input gradient is taken of the scaled score and unscaled, as in the
-    PyTorch AMP recipe for gradient penalties.
-    """
-    if gamma.dim() != 5 or gamma.shape[1:] != (1, 1, 1, 1):
-        raise ValueError("gamma must have shape (B, 1, 1, 1, 1)")
-    fake = fake.detach()
-    x_hat = (gamma * fake + (1.0 - gamma) * real).requires_grad_(True)
-    batch = real.shape[0]
-    scores = critic(torch.cat([real, fake, x_hat])).float()
-    d_real, d_fake, d_hat = scores.split(batch)
-    (grad,) = torch.autograd.grad(d_hat.sum() * scale, x_hat, create_graph=True)
-    grad = grad.float() / scale
-    penalty = ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
-    distance = d_fake.mean() - d_real.mean()
-    return d_real.mean() - d_fake.mean() + lambda_gp * penalty, distance.detach(), penalty.detach()
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -554,159 +425,12 @@ class Trainer:
                 self.scaler_d.load_state_dict(state["scaler_d"])
 
 
-# --- RNG states -------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and CUDA) generator states, in weights_only-loadable types."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- checkpoints, logs, weights -----------------------------------------------------------
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a nested payload: about the size of its checkpoint file."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def write_failure(exc: BaseException, folder: Path, needed: int) -> str:
-    """Why a write into ``folder`` failed, in words. torch.save reports a full disk as a
-    RuntimeError of its zip writer ("[enforce fail at inline_container.cc:672] . unexpected pos
-    60672 vs 60576"), which tells a user nothing; the free space does."""
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return "no space left on device"
-        if exc.errno == errno.EDQUOT:
-            return "disk quota exceeded"
-        return os_reason(exc)
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    if free is not None and free < needed:
-        mib = 2**20
-        return f"no space left on device ({free / mib:.1f} MiB free, {needed / mib:.1f} needed)"
-    return "the write failed (disk full or quota exceeded?)"
-
-
-def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file, renamed into place: a failed write (disk full) leaves
-    the previous checkpoint as it was, and the message says whether there is one."""
-    try:
-        with atomic_path(path, overwrite=True) as tmp:
-            torch.save(payload, tmp)
-    except (OSError, RuntimeError) as exc:
-        reason = write_failure(exc, path.parent, _tensor_bytes(payload))
-        kept = (
-            "the previous checkpoint is kept"
-            if path.is_file()
-            else "no checkpoint has been saved yet"
-        )
-        raise OutputError(f"{path}: could not write the checkpoint ({reason}); {kept}") from exc
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling code (``weights_only=True``)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no checkpoint to resume from") from None
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise InputError(f"{path}: checkpoint is unreadable or corrupt ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not an mrisr training checkpoint")
-    return payload
-
-
-def git_commit() -> str:
-    """The source commit (``MRISR_GIT_COMMIT`` in containers without .git), '-dirty' if edited."""
-    if os.environ.get("MRISR_GIT_COMMIT"):
-        return os.environ["MRISR_GIT_COMMIT"]
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        if head.returncode != 0:
-            return "unknown"
-        status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
-
-
-class JsonlLog:
-    """Append-only JSON-lines log of one run (rank 0 only), counted so a resume can cut it back
-    to the records written before its checkpoint."""
-
-    def __init__(self, path: Path, *, keep: int | None = None) -> None:
-        self.path = Path(path)
-        self.records = 0
-        if keep is not None and self.path.exists():
-            lines = self.path.read_text().splitlines(keepends=True)[:keep]
-            with atomic_path(self.path, overwrite=True) as tmp:
-                tmp.write_text("".join(lines))
-            self.records = len(lines)
-
-    def write(self, event: str, **fields: Any) -> None:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
-        try:
-            with self.path.open("a") as handle:
-                handle.write(json.dumps(record, default=_json_default) + "\n")
-        except OSError as exc:
-            raise OutputError(f"{self.path}: could not write the log ({exc.strerror})") from exc
-        self.records += 1
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's JSONL log."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 # --- stop requests ----------------------------------------------------------------------------
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM set a flag that the loop reads after each step; a second Ctrl-C stops
-    at once (KeyboardInterrupt). Installed only in the main thread."""
+    """Ctrl-C / SIGTERM set a flag that the loop reads after each step and after validation; a
+    second Ctrl-C stops at once (KeyboardInterrupt). Installed only in the main thread."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -751,58 +475,13 @@ def validate(
         scores = image_metrics(hr, sr, np.asarray(subject.mask, dtype=bool), device=options.device)
         rows.append(scores.as_dict())
     model.train()
-    gathered = [row for part in _all_gather(dist, rows) for row in part]
+    gathered = [row for part in all_gather(dist, rows) for row in part]
     if not gathered:
         return {}
     return {k: float(np.mean([row[k] for row in gathered])) for k in gathered[0]}
 
 
 # --- the training run -------------------------------------------------------------------------
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any], skip: frozenset[str]) -> list[str]:
-    names = []
-    for key in sorted(set(before) | set(now)):
-        if key in skip or before.get(key) == now.get(key):
-            continue
-        option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
-        names.append(f"{option} was {before.get(key)!r}, now {now.get(key)!r}")
-    return names
-
-
-def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationConfig) -> None:
-    """The starting weights must be the same network, made from data prepared the same way."""
-    if init.network.name != config.network.name:
-        raise WeightsError(
-            f"{init.path}: holds a {init.network.name!r} network, but --net is "
-            f"{config.network.name!r}"
-        )
-    if init.network.params != config.network.params:
-        raise WeightsError(
-            f"{init.path}: network parameters {init.network.params} differ from "
-            f"--net-params {config.network.params}"
-        )
-    if init.degradation.to_json() != degradation.to_json():
-        diff = _differences(
-            json.loads(init.degradation.to_json()), json.loads(degradation.to_json()), frozenset()
-        )
-        raise WeightsError(
-            f"{init.path}: was trained on data prepared differently from --data "
-            f"({'; '.join(diff).replace('--', '')})"
-        )
-
-
-def _fetcher(
-    sampler: PatchSampler, config: TrainConfig, dist: DistInfo, device: str
-) -> Callable[[tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]:
-    pin = device.startswith("cuda")
-
-    def fetch(key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        lr, hr = sampler.batch(key, config.batch_size, offset=config.batch_size * dist.rank)
-        tensors = (torch.from_numpy(lr), torch.from_numpy(hr))
-        return (tensors[0].pin_memory(), tensors[1].pin_memory()) if pin else tensors
-
-    return fetch
 
 
 def train(
@@ -820,6 +499,7 @@ def resume(config: TrainConfig, *, on_event: EventCallback | None = None) -> Tra
 
 
 def _train(config: TrainConfig, *, resume: bool, on_event: EventCallback | None) -> TrainResult:
+    """Join the process group (several processes) around the run; name GPU memory errors."""
     dist, device, started_group = init_distributed(config.device)
     try:
         return _run(config, dist, device, resume=resume, on_event=on_event)
@@ -843,245 +523,331 @@ def _run(
     resume: bool,
     on_event: EventCallback | None,
 ) -> TrainResult:
-    def emit(kind: str, **payload: Any) -> None:
-        if on_event is not None and dist.is_main:
-            on_event(kind, payload)
+    """Set the run up, train until the end, a stop request or the time limit, and finish."""
+    run = _TrainingRun(config, dist, device, resume=resume, on_event=on_event)
+    fetch = _fetcher(run.sampler, run.config, dist, device)
+    try:
+        with (
+            StopRequest() as stop,
+            Prefetcher(
+                fetch, run.batch_keys(), depth=run.config.prefetch, workers=run.config.workers
+            ) as prefetch,
+        ):
+            run.train_steps(stop, prefetch)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C (StopRequest): say what is on disk
+        raise StoppedAtOnce(run.step, run.total, run.checkpoint_path, run.saved_at) from exc
+    return run.finish()
 
-    cuda = device.startswith("cuda")
-    config = replace(config, amp=bool(config.amp if config.amp is not None else cuda))
-    if cuda:
-        torch.backends.cudnn.benchmark = not config.deterministic
-        torch.backends.cudnn.deterministic = config.deterministic
-    out = Path(config.out)
-    manifest = _load_data(Path(config.data))
-    checkpoint_path = out / CHECKPOINT_NAME
-    payload: dict[str, Any] = {}
-    if resume:
-        payload = _read_run_checkpoint(out)
-    elif checkpoint_path.exists():
-        raise OutputError(
-            f"{out}: already holds a training run; continue it with --resume or choose "
-            "another --out"
+
+@dataclass
+class _Throughput:
+    """Training time, time spent waiting for batches, and patches since the last validation."""
+
+    seconds: float = 0.0
+    waited: float = 0.0
+    patches: int = 0
+
+    @property
+    def data_wait_fraction(self) -> float:
+        return self.waited / max(self.seconds, 1e-9)
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.patches / max(self.seconds, 1e-9)
+
+
+class _TrainingRun:
+    """One call of :func:`train` or :func:`resume`: its checked inputs, trainer, data, files and
+    progress, shared by the steps of :meth:`train_steps` (rank 0 alone writes and emits)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dist: DistInfo,
+        device: str,
+        *,
+        resume: bool,
+        on_event: EventCallback | None,
+    ) -> None:
+        self.dist, self.device, self._on_event = dist, device, on_event
+        self.config = config = _resolved_config(config, device)
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / CHECKPOINT_NAME
+        manifest, payload, init = _read_inputs(
+            config, dist, resume=resume, warn=lambda m: self.emit("warning", message=m)
         )
-    else:
-        _refuse_trained_weights(out)
-    init = _load_init(config, manifest, resume, payload, lambda m: emit("warning", message=m))
-    if resume:
-        _check_resume(payload, config, manifest, init, dist)
-        _check_schedule(payload, config)
-    init_sha = init.sha256 if init else str(payload.get("init_sha256", ""))
-    trainer = Trainer(config, device=device, dist=dist, init=init)
-    step, best = 0, None
-    log_keep = 0  # a fresh run starts a fresh log
-    if resume:
-        trainer.load_state_dict(payload["state"])
-        step, best, log_keep = int(payload["step"]), payload["best_psnr"], payload["log_records"]
-        states = payload["rng"]
-        set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0])
-    trainer.wrap()
-    train_subjects = open_split(manifest, "train")
-    val_subjects = open_split(manifest, "val")
-    sampler = PatchSampler(
-        train_subjects,
-        PatchOptions(config.patch, config.foreground_fraction, tuple(config.flip_axes)),
-        seed=config.seed,
-    )
-    log: JsonlLog | None = None
-    error = None
-    if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            log = JsonlLog(out / LOG_NAME, keep=log_keep)
-            if not resume:
-                with atomic_path(out / RUN_NAME, overwrite=True) as tmp:
-                    tmp.write_text(json.dumps(_run_record(config, manifest, dist), indent=1) + "\n")
-        except OSError as exc:
-            error = f"{out}: cannot write the run folder ({exc.strerror or exc})"
-    _broadcast_error(dist, error)
-    provenance = _provenance_base(config, manifest, dist, init, payload)
-    val_options = InferenceOptions(
-        patch=tuple(config.val_patch),  # type: ignore[arg-type]
-        batch_size=config.val_batch_size,
-        device=device,
-        half=config.amp,
-    )
-    total = config.total_steps
-    if log is not None:
-        log.write(
-            "resume" if resume else "start",
-            step=step,
-            total_steps=total,
-            world_size=dist.world,
+        self.manifest = manifest
+        self.init_sha = init.sha256 if init else str(payload.get("init_sha256", ""))
+        self.trainer = Trainer(config, device=device, dist=dist, init=init)
+        # (step, best PSNR, log records kept): a fresh run starts at 0 with a fresh log
+        self.step, self.best, log_keep = (
+            _restore(self.trainer, payload, dist) if resume else (0, None, 0)
+        )
+        self.trainer.wrap()
+        self.train_subjects = open_split(manifest, "train")
+        self.val_subjects = open_split(manifest, "val")
+        self.sampler = PatchSampler(
+            self.train_subjects,
+            PatchOptions(config.patch, config.foreground_fraction, tuple(config.flip_axes)),
+            seed=config.seed,
+        )
+        self.log = _open_run_folder(config, manifest, dist, resume=resume, log_keep=log_keep)
+        self.provenance = _provenance_base(config, manifest, dist, init, payload)
+        self.val_options = InferenceOptions(
+            patch=tuple(config.val_patch),  # type: ignore[arg-type]
+            batch_size=config.val_batch_size,
             device=device,
-            train_subjects=len(train_subjects),
-            val_subjects=len(val_subjects),
+            half=config.amp,
         )
-    emit("start", step=step, total_steps=total, resumed=resume, device=device, world=dist.world)
-    result = TrainResult("done", step, total, out, best_psnr=best)
-    if not val_subjects:
-        emit("warning", message="no validation subjects in the data folder: no best weights")
+        self.total = config.total_steps
+        self._announce(resume)
+        self.result = TrainResult("done", self.step, self.total, self.out, best_psnr=self.best)
+        if not self.val_subjects:
+            self.emit(
+                "warning", message="no validation subjects in the data folder: no best weights"
+            )
+        self.saved_at: int | None = self.step if resume else None  # what checkpoint.pt holds
+        self.window: dict[str, float] = {}  # loss sums since the last "train" log record
+        self.window_steps = 0
+        self.throughput = _Throughput()
 
-    def keys() -> Iterator[tuple[int, ...]]:
-        for s in range(step, total):
-            for k in range(trainer.fetches_per_step(s)):
-                yield (s, k)
+    def emit(self, kind: str, **payload: Any) -> None:
+        """Tell the caller's ``on_event`` (rank 0 only)."""
+        if self._on_event is not None and self.dist.is_main:
+            self._on_event(kind, payload)
 
-    saved_at: int | None = step if resume else None  # the step checkpoint.pt holds
+    def _announce(self, resume: bool) -> None:
+        """The log's first record of this call, and the "start" event."""
+        if self.log is not None:
+            self.log.write(
+                "resume" if resume else "start",
+                step=self.step,
+                total_steps=self.total,
+                world_size=self.dist.world,
+                device=self.device,
+                train_subjects=len(self.train_subjects),
+                val_subjects=len(self.val_subjects),
+            )
+        self.emit(
+            "start",
+            step=self.step,
+            total_steps=self.total,
+            resumed=resume,
+            device=self.device,
+            world=self.dist.world,
+        )
 
-    def save_checkpoint(at: int) -> None:
-        nonlocal saved_at
-        states = _all_gather(dist, rng_state())
-        if dist.is_main:
+    def batch_keys(self) -> Iterator[tuple[int, ...]]:
+        """The key of every batch from this step to the last, in the order steps consume them."""
+        start = self.step
+        fetches = self.trainer.fetches_per_step
+        return ((s, k) for s in range(start, self.total) for k in range(fetches(s)))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train_steps(self, stop: StopRequest, prefetch: Prefetcher) -> None:
+        """Steps until the last one, or until a stop request or the time limit ends the call."""
+        config = self.config
+        batches = (
+            (lr.to(self.device, non_blocking=True), hr.to(self.device, non_blocking=True))
+            for lr, hr in prefetch
+        )
+        loop_started = time.perf_counter()
+        while self.step < self.total:
+            stopping, timed_out = self._train_step(batches, prefetch, stop, loop_started)
+            step = self.step
+            # a time limit ends the call like an epoch: validated, exported weights
+            if step % config.steps_per_epoch == 0 or (timed_out and step < self.total):
+                self._end_epoch()
+                # a stop asked for while validating ends the call here, not a step later
+                stopping = stopping or _stop_agreed(stop, self.dist)
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                self.save_checkpoint(step)
+            if stopping and step < self.total:
+                self._stop_early(timed_out)
+                return
+
+    def _train_step(
+        self,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        prefetch: Prefetcher,
+        stop: StopRequest,
+        loop_started: float,
+    ) -> tuple[bool, bool]:
+        """One step, its losses agreed by the ranks and recorded; returns (stopping, timed_out):
+        whether the call ends after this step, and whether the time limit is why."""
+        config = self.config
+        started, waited = time.perf_counter(), prefetch.wait_seconds
+        patches = self.trainer.fetches_per_step(self.step) * config.batch_size * self.dist.world
+        losses = self.trainer.step(self.step, batches)
+        time_up = bool(config.time_limit) and (
+            time.perf_counter() - loop_started >= config.time_limit
+        )
+        values = _reduce_losses(losses, stop.requested or time_up, self.dist, self.device)
+        stopping = bool(values.pop("_stop"))
+        timed_out = stopping and not stop.requested
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        self.throughput.seconds += elapsed
+        self.throughput.waited += prefetch.wait_seconds - waited
+        self.throughput.patches += patches
+        self._record_losses(values)
+        return stopping, timed_out
+
+    def _record_losses(self, values: dict[str, float]) -> None:
+        """Refuse non-finite losses; emit the step; log the window's means every log_every."""
+        config, step = self.config, self.step
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise MrisrError(
+                f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); lower "
+                "--lr or resume from the last checkpoint"
+            )
+        for k, v in values.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+        self.window_steps += 1
+        lr = config.lr * _lr_factor(config, step - 1)
+        self.emit("step", step=step, losses=values, lr=lr)
+        if self.log is not None and (step % config.log_every == 0 or step == self.total):
+            self.log.write(
+                "train",
+                step=step,
+                epoch=(step - 1) // config.steps_per_epoch + 1,
+                lr=lr,
+                **{k: v / self.window_steps for k, v in self.window.items()},
+            )
+            self.window, self.window_steps = {}, 0
+
+    def _end_epoch(self) -> None:
+        """Validate, export last (and best) weights, log the epoch, write a checkpoint."""
+        config, step = self.config, self.step
+        epoch = math.ceil(step / config.steps_per_epoch)
+        self.emit("validating", step=step, epoch=epoch, subjects=len(self.val_subjects))
+        metrics = self._validate()
+        data_wait = self.throughput.data_wait_fraction
+        rate = self.throughput.patches_per_second
+        improved = bool(metrics) and (self.best is None or metrics["psnr"] > self.best)
+        if improved:
+            self.best = metrics["psnr"]
+        if self.dist.is_main:
+            self.result.last_weights = self.export(LAST_NAME, step, metrics)
+            if improved:
+                self.result.best_weights = self.export(BEST_NAME, step, metrics)
+            if self.log is not None:
+                self.log.write(
+                    "epoch",
+                    step=step,
+                    epoch=epoch,
+                    data_wait_fraction=data_wait,
+                    patches_per_second=rate,
+                    best=improved,
+                    **{f"val_{k}": v for k, v in metrics.items()},
+                )
+        self.emit(
+            "epoch",
+            step=step,
+            epoch=epoch,
+            metrics=metrics,
+            best=improved,
+            data_wait_fraction=data_wait,
+            patches_per_second=rate,
+        )
+        self.throughput = _Throughput()
+        self.save_checkpoint(step)
+
+    def _validate(self) -> dict[str, float]:
+        """Validation scores, after BatchNorm statistics are recomputed (``precise_bn``)."""
+        config, generator = self.config, self.trainer.generator
+        if config.precise_bn and batchnorm_layers(generator):
+            recalibrate_batchnorm(
+                generator,
+                sampler_batches(self.sampler, config.precise_bn, config.batch_size, self.device),
+            )
+        return validate(generator, self.val_subjects, self.val_options, self.dist)
+
+    def _stop_early(self, timed_out: bool) -> None:
+        """End the call before the last step: a checkpoint to resume from, and why in the log."""
+        step = self.step
+        if step % self.config.steps_per_epoch and not timed_out:  # else it was just written
+            self.save_checkpoint(step)
+        status = "time-limit" if timed_out else "interrupted"
+        if self.log is not None:
+            self.log.write(status, step=step)
+        self.result.status = status
+
+    # -- files -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, at: int) -> None:
+        """Everything --resume needs to continue from step ``at`` (every rank's RNG states)."""
+        states = all_gather(self.dist, rng_state())
+        if self.dist.is_main:
             write_checkpoint(
-                checkpoint_path,
+                self.checkpoint_path,
                 {
                     "format": CHECKPOINT_FORMAT,
                     "version": CHECKPOINT_VERSION,
-                    "config": json.dumps(config.as_dict(), sort_keys=True),
+                    "config": json.dumps(self.config.as_dict(), sort_keys=True),
                     "step": at,
-                    "best_psnr": best,
-                    "log_records": log.records if log else 0,
-                    "data_fingerprint": manifest.fingerprint,
-                    "init_sha256": init_sha,
-                    "world_size": dist.world,
-                    "state": trainer.state_dict(),
+                    "best_psnr": self.best,
+                    "log_records": self.log.records if self.log else 0,
+                    "data_fingerprint": self.manifest.fingerprint,
+                    "init_sha256": self.init_sha,
+                    "world_size": self.dist.world,
+                    "state": self.trainer.state_dict(),
                     "rng": states,
                 },
             )
-            saved_at = at
-            emit("checkpoint", step=at, path=str(checkpoint_path))
-        _barrier(dist)
+            self.saved_at = at
+            self.emit("checkpoint", step=at, path=str(self.checkpoint_path))
+        barrier(self.dist)
 
-    def export(name: str, at: int, metrics: dict[str, float]) -> Path:
-        path = out / name
-        epoch = math.ceil(at / config.steps_per_epoch)  # as the log counts it
-        info = dict(provenance, step=at, epoch=epoch, validation=metrics)
+    def export(self, name: str, at: int, metrics: dict[str, float]) -> Path:
+        """The generator as a weights file for `upsample`, with the run's provenance."""
+        path = self.out / name
+        epoch = math.ceil(at / self.config.steps_per_epoch)  # as the log counts it
+        info = dict(self.provenance, step=at, epoch=epoch, validation=metrics)
+        state = self.trainer.generator.state_dict()
         try:
             save_weights(
                 path,
-                trainer.generator.state_dict(),
-                config.network,
-                manifest.degradation,
+                state,
+                self.config.network,
+                self.manifest.degradation,
                 provenance=info,
                 overwrite=True,
             )
         except (OSError, RuntimeError, SafetensorError) as exc:
-            reason = write_failure(exc, out, _tensor_bytes(trainer.generator.state_dict()))
+            reason = write_failure(exc, self.out, tensor_bytes(state))
             raise OutputError(f"{path}: could not write the weights ({reason})") from exc
         return path
 
-    window: dict[str, float] = {}
-    window_steps = 0
-    epoch_wait = epoch_time = 0.0
-    epoch_patches = 0
-    fetch = _fetcher(sampler, config, dist, device)
-    try:
-        with (
-            StopRequest() as stop,
-            Prefetcher(fetch, keys(), depth=config.prefetch, workers=config.workers) as prefetch,
-        ):
-            batches = (
-                (lr.to(device, non_blocking=True), hr.to(device, non_blocking=True))
-                for lr, hr in prefetch
-            )
-            loop_started = time.perf_counter()
-            while step < total:
-                started, waited = time.perf_counter(), prefetch.wait_seconds
-                patches = trainer.fetches_per_step(step) * config.batch_size * dist.world
-                losses = trainer.step(step, batches)
-                time_up = bool(config.time_limit) and (
-                    time.perf_counter() - loop_started >= config.time_limit
-                )
-                values = _reduce_losses(losses, stop.requested or time_up, dist, device)
-                stopping = bool(values.pop("_stop"))
-                timed_out = stopping and not stop.requested
-                step += 1
-                elapsed = time.perf_counter() - started
-                epoch_time += elapsed
-                epoch_wait += prefetch.wait_seconds - waited
-                epoch_patches += patches
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                if bad:
-                    raise MrisrError(
-                        f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); lower "
-                        "--lr or resume from the last checkpoint"
-                    )
-                for k, v in values.items():
-                    window[k] = window.get(k, 0.0) + v
-                window_steps += 1
-                emit("step", step=step, losses=values, lr=config.lr * _lr_factor(config, step - 1))
-                if log is not None and (step % config.log_every == 0 or step == total):
-                    log.write(
-                        "train",
-                        step=step,
-                        epoch=(step - 1) // config.steps_per_epoch + 1,
-                        lr=config.lr * _lr_factor(config, step - 1),
-                        **{k: v / window_steps for k, v in window.items()},
-                    )
-                    window, window_steps = {}, 0
-                # a time limit ends the call like an epoch: validated, exported weights
-                if step % config.steps_per_epoch == 0 or (timed_out and step < total):
-                    epoch = math.ceil(step / config.steps_per_epoch)
-                    emit("validating", step=step, epoch=epoch, subjects=len(val_subjects))
-                    if config.precise_bn and batchnorm_layers(trainer.generator):
-                        recalibrate_batchnorm(
-                            trainer.generator,
-                            sampler_batches(sampler, config.precise_bn, config.batch_size, device),
-                        )
-                    metrics = validate(trainer.generator, val_subjects, val_options, dist)
-                    data_wait = epoch_wait / max(epoch_time, 1e-9)
-                    rate = epoch_patches / max(epoch_time, 1e-9)
-                    improved = bool(metrics) and (best is None or metrics["psnr"] > best)
-                    if improved:
-                        best = metrics["psnr"]
-                    if dist.is_main:
-                        result.last_weights = export(LAST_NAME, step, metrics)
-                        if improved:
-                            result.best_weights = export(BEST_NAME, step, metrics)
-                        if log is not None:
-                            log.write(
-                                "epoch",
-                                step=step,
-                                epoch=epoch,
-                                data_wait_fraction=data_wait,
-                                patches_per_second=rate,
-                                best=improved,
-                                **{f"val_{k}": v for k, v in metrics.items()},
-                            )
-                    emit(
-                        "epoch",
-                        step=step,
-                        epoch=epoch,
-                        metrics=metrics,
-                        best=improved,
-                        data_wait_fraction=data_wait,
-                        patches_per_second=rate,
-                    )
-                    epoch_wait = epoch_time = 0.0
-                    epoch_patches = 0
-                    save_checkpoint(step)
-                elif config.checkpoint_every and step % config.checkpoint_every == 0:
-                    save_checkpoint(step)
-                if stopping and step < total:
-                    if step % config.steps_per_epoch and not timed_out:  # else it was just written
-                        save_checkpoint(step)
-                    status = "time-limit" if timed_out else "interrupted"
-                    if log is not None:
-                        log.write(status, step=step)
-                    result.status = status
-                    break
-    except KeyboardInterrupt as exc:  # a second Ctrl-C (StopRequest): say what is on disk
-        raise StoppedAtOnce(step, total, checkpoint_path, saved_at) from exc
-    result.step = step
-    result.best_psnr = best
-    if result.status == "done" and log is not None:
-        log.write("done", step=step, best_val_psnr=best)
-    if result.last_weights is None and (out / LAST_NAME).exists():
-        result.last_weights = out / LAST_NAME
-    if result.best_weights is None and (out / BEST_NAME).exists():
-        result.best_weights = out / BEST_NAME
-    emit("end", status=result.status, step=step)
-    return result
+    def finish(self) -> TrainResult:
+        """Log the end of a finished run and say where the weights are."""
+        result, out = self.result, self.out
+        result.step = self.step
+        result.best_psnr = self.best
+        if result.status == "done" and self.log is not None:
+            self.log.write("done", step=self.step, best_val_psnr=self.best)
+        if result.last_weights is None and (out / LAST_NAME).exists():
+            result.last_weights = out / LAST_NAME
+        if result.best_weights is None and (out / BEST_NAME).exists():
+            result.best_weights = out / BEST_NAME
+        self.emit("end", status=result.status, step=self.step)
+        return result
+
+
+def _fetcher(
+    sampler: PatchSampler, config: TrainConfig, dist: DistInfo, device: str
+) -> Callable[[tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]]:
+    """``fetch(key)``: this rank's slice of the key's global batch (pinned for CUDA copies)."""
+    pin = device.startswith("cuda")
+
+    def fetch(key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        lr, hr = sampler.batch(key, config.batch_size, offset=config.batch_size * dist.rank)
+        tensors = (torch.from_numpy(lr), torch.from_numpy(hr))
+        return (tensors[0].pin_memory(), tensors[1].pin_memory()) if pin else tensors
+
+    return fetch
 
 
 def _reduce_losses(
@@ -1100,6 +866,122 @@ def _reduce_losses(
     out = dict(zip(names, values[1:], strict=True))
     out["_stop"] = values[0]
     return out
+
+
+def _stop_agreed(stop: StopRequest, dist: DistInfo) -> bool:
+    """Whether a stop was asked for on any rank (all ranks must stop at the same step)."""
+    return any(all_gather(dist, stop.requested))
+
+
+# --- setting a run up -------------------------------------------------------------------------
+
+
+def _resolved_config(config: TrainConfig, device: str) -> TrainConfig:
+    """--amp's default made explicit (the checkpoint stores it); cuDNN set by --deterministic."""
+    cuda = device.startswith("cuda")
+    config = replace(config, amp=bool(config.amp if config.amp is not None else cuda))
+    if cuda:
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cudnn.deterministic = config.deterministic
+    return config
+
+
+def _read_inputs(
+    config: TrainConfig, dist: DistInfo, *, resume: bool, warn: Callable[[str], None]
+) -> tuple[Manifest, dict[str, Any], WeightsFile | None]:
+    """The data, the checkpoint (``{}`` for a new run) and the --init weights, checked against
+    each other and against the run folder before anything is written."""
+    out = Path(config.out)
+    manifest = _load_data(Path(config.data))
+    payload: dict[str, Any] = {}
+    if resume:
+        payload = _read_run_checkpoint(out)
+    elif (out / CHECKPOINT_NAME).exists():
+        raise OutputError(
+            f"{out}: already holds a training run; continue it with --resume or choose "
+            "another --out"
+        )
+    else:
+        _refuse_trained_weights(out)
+    init = _load_init(config, manifest, resume, payload, warn)
+    if resume:
+        _check_resume(payload, config, manifest, init, dist)
+        _check_schedule(payload, config)
+    return manifest, payload, init
+
+
+def _restore(
+    trainer: Trainer, payload: dict[str, Any], dist: DistInfo
+) -> tuple[int, float | None, int]:
+    """Load a checkpoint's states (this rank's RNG states); return (step, best PSNR, records
+    of the log that it follows)."""
+    trainer.load_state_dict(payload["state"])
+    step, best, log_keep = int(payload["step"]), payload["best_psnr"], payload["log_records"]
+    states = payload["rng"]
+    set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0])
+    return step, best, log_keep
+
+
+def _open_run_folder(
+    config: TrainConfig, manifest: Manifest, dist: DistInfo, *, resume: bool, log_keep: int
+) -> JsonlLog | None:
+    """Rank 0's log (cut back to the checkpoint's records) and, for a new run, run.json; a
+    folder that cannot be written stops every rank. None on the other ranks."""
+    out = Path(config.out)
+    log: JsonlLog | None = None
+    error = None
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            log = JsonlLog(out / LOG_NAME, keep=log_keep)
+            if not resume:
+                with atomic_path(out / RUN_NAME, overwrite=True) as tmp:
+                    tmp.write_text(json.dumps(_run_record(config, manifest, dist), indent=1) + "\n")
+        except OSError as exc:
+            error = f"{out}: cannot write the run folder ({exc.strerror or exc})"
+    broadcast_error(dist, error)
+    return log
+
+
+def _run_record(config: TrainConfig, manifest: Manifest, dist: DistInfo) -> dict[str, Any]:
+    return {
+        "config": config.as_dict(),
+        "data_fingerprint": manifest.fingerprint,
+        "world_size": dist.world,
+        "mrisr_version": __version__,
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+def _provenance_base(
+    config: TrainConfig,
+    manifest: Manifest,
+    dist: DistInfo,
+    init: WeightsFile | None,
+    payload: dict[str, Any],
+) -> dict[str, Any]:
+    init_info = None
+    if init is not None:
+        init_info = {"path": str(init.path), "sha256": init.sha256}
+    elif payload.get("init_sha256"):  # resumed without the file: the path it started from
+        started = json.loads(payload["config"]).get("init")
+        init_info = {"path": started, "sha256": payload["init_sha256"]}
+    return {
+        "stage": config.stage,
+        "data_dir": str(Path(config.data).resolve()),
+        "data_manifest_sha256": manifest.sha256,
+        "data_fingerprint": manifest.fingerprint,
+        "git_commit": git_commit(),
+        "init": init_info,
+        "world_size": dist.world,
+        "global_batch": config.batch_size * dist.world,
+        "torch_version": torch.__version__,
+        "config": config.as_dict(),
+    }
+
+
+# --- checking the inputs and a resume ---------------------------------------------------------
 
 
 def _load_data(path: Path) -> Manifest:
@@ -1198,6 +1080,28 @@ def _load_init(
     return init
 
 
+def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationConfig) -> None:
+    """The starting weights must be the same network, made from data prepared the same way."""
+    if init.network.name != config.network.name:
+        raise WeightsError(
+            f"{init.path}: holds a {init.network.name!r} network, but --net is "
+            f"{config.network.name!r}"
+        )
+    if init.network.params != config.network.params:
+        raise WeightsError(
+            f"{init.path}: network parameters {init.network.params} differ from "
+            f"--net-params {config.network.params}"
+        )
+    if init.degradation.to_json() != degradation.to_json():
+        diff = _differences(
+            json.loads(init.degradation.to_json()), json.loads(degradation.to_json()), frozenset()
+        )
+        raise WeightsError(
+            f"{init.path}: was trained on data prepared differently from --data "
+            f"({'; '.join(diff).replace('--', '')})"
+        )
+
+
 def _check_resume(
     payload: dict[str, Any],
     config: TrainConfig,
@@ -1206,9 +1110,14 @@ def _check_resume(
     dist: DistInfo,
 ) -> None:
     """Refuse to continue a run with settings that would change what it computes."""
-    before = json.loads(payload["config"])
-    may_change = RESUME_MAY_CHANGE | (GAN_ONLY if config.stage == "psnr" else frozenset())
-    diffs = _differences(before, config.as_dict(), may_change)
+    before, now = json.loads(payload["config"]), config.as_dict()
+    may_change = RESUME_MAY_CHANGE
+    if config.stage == "psnr":
+        may_change |= GAN_ONLY
+    elif _critic_lr_follows_lr(before) and _critic_lr_follows_lr(now):
+        # derived by the CLI: it changed only if --lr did, which is reported (and refused)
+        may_change |= {"critic_lr"}
+    diffs = _differences(before, now, may_change)
     global_before = int(before["batch_size"]) * int(payload["world_size"])
     global_now = config.batch_size * dist.world
     if global_before != global_now:
@@ -1228,48 +1137,18 @@ def _check_resume(
         )
 
 
-def _run_record(config: TrainConfig, manifest: Manifest, dist: DistInfo) -> dict[str, Any]:
-    return {
-        "config": config.as_dict(),
-        "data_fingerprint": manifest.fingerprint,
-        "world_size": dist.world,
-        "mrisr_version": __version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-    }
+def _critic_lr_follows_lr(settings: dict[str, Any]) -> bool:
+    """Whether the critic's learning rate is the one the CLI derives from --lr."""
+    lr = settings.get("lr")
+    return isinstance(lr, int | float) and settings.get("critic_lr") == CRITIC_LR_PER_LR * lr
 
 
-def _provenance_base(
-    config: TrainConfig,
-    manifest: Manifest,
-    dist: DistInfo,
-    init: WeightsFile | None,
-    payload: dict[str, Any],
-) -> dict[str, Any]:
-    init_info = None
-    if init is not None:
-        init_info = {"path": str(init.path), "sha256": init.sha256}
-    elif payload.get("init_sha256"):  # resumed without the file: the path it started from
-        started = json.loads(payload["config"]).get("init")
-        init_info = {"path": started, "sha256": payload["init_sha256"]}
-    return {
-        "stage": config.stage,
-        "data_dir": str(Path(config.data).resolve()),
-        "data_manifest_sha256": manifest.sha256,
-        "data_fingerprint": manifest.fingerprint,
-        "git_commit": git_commit(),
-        "init": init_info,
-        "world_size": dist.world,
-        "global_batch": config.batch_size * dist.world,
-        "torch_version": torch.__version__,
-        "config": config.as_dict(),
-    }
-
-
-def fixed_batch_l1(model: nn.Module, lr: torch.Tensor, hr: torch.Tensor) -> float:
-    """L1 of a model on one batch, in training mode (batch statistics) without changing it."""
-    import copy
-
-    probe = copy.deepcopy(model).train()
-    with torch.no_grad():
-        return float(l1_loss(probe(lr), hr))
+def _differences(before: dict[str, Any], now: dict[str, Any], skip: frozenset[str]) -> list[str]:
+    """'--option was X, now Y' for each setting that differs, those in ``skip`` aside."""
+    names = []
+    for key in sorted(set(before) | set(now)):
+        if key in skip or before.get(key) == now.get(key):
+            continue
+        option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
+        names.append(f"{option} was {before.get(key)!r}, now {now.get(key)!r}")
+    return names

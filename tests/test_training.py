@@ -28,22 +28,16 @@ from conftest import head_phantom, write_nifti
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mrisr_cli import training
+from mrisr_cli import run_files, training
 from mrisr_cli.batchnorm import recalibrate_batchnorm, sampler_batches
 from mrisr_cli.cli import app
 from mrisr_cli.errors import InputError, OutputError, WeightsError
+from mrisr_cli.losses import critic_loss, fixed_batch_l1, interpolation_weights
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, SubjectArrays, open_split
 from mrisr_cli.prepare import load_manifest
-from mrisr_cli.training import (
-    TrainConfig,
-    critic_loss,
-    fixed_batch_l1,
-    interpolation_weights,
-    read_checkpoint,
-    read_log,
-    train,
-)
+from mrisr_cli.run_files import read_checkpoint, read_log
+from mrisr_cli.training import TrainConfig, train
 from mrisr_cli.weights import load_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +47,7 @@ VAL_PATCH = (46, 42, 46)  # one tile holds a whole cropped volume
 TINY = {"features": 4, "blocks": 1, "growth": 2}
 TINY_CRITIC = {"base_features": 4, "plain_layers": 0}
 PATCH = (16, 12, 16)
-LOG = training.LOG_NAME
+LOG = run_files.LOG_NAME
 
 
 def data_dir() -> Path | None:
@@ -528,7 +522,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(
         Path(target).write_bytes(b"PK\x03\x04 half a zip")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training.torch, "save", full_disk_after_the_first)
+    monkeypatch.setattr(run_files.torch, "save", full_disk_after_the_first)
     with pytest.raises(OutputError, match=r"no space left on device.*previous checkpoint is kept"):
         train(config)
     assert len(calls) == 2 and not calls[1].exists()  # the half-written file is gone
@@ -554,23 +548,23 @@ def test_a_failed_checkpoint_write_says_why_in_words_and_whether_one_is_kept(
         Path(target).write_bytes(b"PK\x03\x04 half a zip")
         raise RuntimeError(TORCH_FULL_DISK)
 
-    monkeypatch.setattr(training.torch, "save", full_disk)
+    monkeypatch.setattr(run_files.torch, "save", full_disk)
     with pytest.raises(OutputError) as caught:
-        training.write_checkpoint(path, payload)
+        run_files.write_checkpoint(path, payload)
     message = str(caught.value)
     assert "enforce fail" not in message and "disk full" in message
     assert "no checkpoint has been saved yet" in message and "kept" not in message
     assert not path.exists() and not list(tmp_path.iterdir())  # the partial file is gone
 
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda folder: SimpleNamespace(free=100))
+    monkeypatch.setattr(run_files.shutil, "disk_usage", lambda folder: SimpleNamespace(free=100))
     with pytest.raises(OutputError, match=r"no space left on device \(0\.0 MiB free"):
-        training.write_checkpoint(path, payload)
+        run_files.write_checkpoint(path, payload)
 
     monkeypatch.undo()
-    training.write_checkpoint(path, payload)
-    monkeypatch.setattr(training.torch, "save", full_disk)
+    run_files.write_checkpoint(path, payload)
+    monkeypatch.setattr(run_files.torch, "save", full_disk)
     with pytest.raises(OutputError, match="previous checkpoint is kept"):
-        training.write_checkpoint(path, payload)
+        run_files.write_checkpoint(path, payload)
     assert torch.equal(read_checkpoint_raw(path)["state"], payload["state"])
 
 
@@ -647,6 +641,33 @@ def test_a_second_ctrl_c_in_validation_says_what_was_saved(
     assert caught.value.saved_step is None and caught.value.step == 2
     assert not (tmp_path / "none" / "checkpoint.pt").exists()
     assert seen[-1] == "validating"  # the progress bar says why it stands still
+
+
+def test_a_first_ctrl_c_in_validation_stops_at_that_step(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the validation volumes are scored: the validation and its checkpoint are
+    finished, and the call ends at that step instead of training one more."""
+    real_validate = training.validate
+
+    def pressed(*args: object, **kwargs: object) -> dict:
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", pressed)
+    steps: list[int] = []
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "step":
+            steps.append(payload["step"])
+
+    out = tmp_path / "run"
+    result = train(
+        tiny_config(prepared / "data", out, epochs=2, steps_per_epoch=2), on_event=on_event
+    )
+    assert result.status == "interrupted" and result.step == 2 and steps == [1, 2]
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert [r["event"] for r in read_log(out / LOG)][-2:] == ["epoch", "interrupted"]
 
 
 class Stop(Exception):
@@ -726,6 +747,31 @@ def test_gan_resume_needs_no_init_file_but_refuses_another(
     psnr = ["--stage", "psnr", "--epochs", "3", "--steps-per-epoch", "4", "--lr", "3e-3"]
     result = invoke(*train_args(prepared / "data", psnr_run, *psnr, "--init", other, "--resume"))
     assert result.exit_code == 1 and "the run was started without --init" in result.output
+
+
+def test_a_gan_resume_with_another_lr_names_lr_alone(prepared: Path, tmp_path: Path) -> None:
+    """The CLI derives --critic-lr from --lr (5 x): a GAN resume with another --lr is refused
+    naming --lr only; a --critic-lr of its own that differs is named."""
+    net = NetworkConfig("rrdg", TINY)
+    init = tmp_path / "init.safetensors"
+    degradation = load_manifest(prepared / "data").degradation
+    save_weights(init, build_network(net).state_dict(), net, degradation)
+    out = tmp_path / "gan"
+    args = ["--stage", "gan", "--init", str(init), "--epochs", "1", "--steps-per-epoch", "2"]
+    args += ["--critic-steps", "1", "--critic-warmup", "0"]
+    first = invoke(
+        *train_args(prepared / "data", out, *args, "--lr", "1e-5", "--time-limit", "1e-9")
+    )
+    assert first.exit_code == 0, first.output
+    result = invoke(*train_args(prepared / "data", out, *args, "--lr", "2e-5", "--resume"))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "--lr was 1e-05, now 2e-05" in message
+    assert "--critic-lr" not in message
+    own = ["--lr", "1e-5", "--critic-lr", "1e-4", "--resume"]
+    result = invoke(*train_args(prepared / "data", out, *args, *own))
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and "--critic-lr was 5e-05, now 0.0001" in message
+    assert "--lr was" not in message
 
 
 def test_data_given_as_its_manifest_and_a_checkpoint_given_as_weights(

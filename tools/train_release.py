@@ -44,7 +44,8 @@ from mrisr_cli.compact import degrade_zscores, unpack_dataset
 from mrisr_cli.intensity import IntensityStats
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
 from mrisr_cli.prepare import load_manifest
-from mrisr_cli.training import TrainConfig, read_log, train
+from mrisr_cli.run_files import read_log
+from mrisr_cli.training import TrainConfig, train
 
 TINY = {
     "rrdg": {"features": 4, "blocks": 1, "growth": 2},
@@ -201,7 +202,8 @@ def run_methods(
 def evaluate_all(
     work: Path, methods: list[str], report: Path, weights: Path | None, device: str
 ) -> dict:
-    from mrisr_cli.evaluation import EvaluationOptions, evaluate, summary_dict, write_report
+    from mrisr_cli.evaluation import EvaluationOptions, evaluate
+    from mrisr_cli.evaluation_report import summary_dict, write_report
     from mrisr_cli.fidelity import read_label_names
 
     options = EvaluationOptions(weights=weights, tissue=False, n4=False, device=device)
