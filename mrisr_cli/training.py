@@ -768,7 +768,7 @@ class _TrainingRun:
     def _stop_early(self, timed_out: bool) -> None:
         """End the call before the last step: a checkpoint to resume from, and why in the log."""
         step = self.step
-        if step % self.config.steps_per_epoch and not timed_out:  # else it was just written
+        if self.saved_at != step:  # an epoch's end, the time limit or --checkpoint-every saved it
             self.save_checkpoint(step)
         status = "time-limit" if timed_out else "interrupted"
         if self.log is not None:
@@ -797,8 +797,8 @@ class _TrainingRun:
                     "rng": states,
                 },
             )
-            self.saved_at = at
             self.emit("checkpoint", step=at, path=str(self.checkpoint_path))
+        self.saved_at = at  # on every rank: they decide alike whether to save again
         barrier(self.dist)
 
     def export(self, name: str, at: int, metrics: dict[str, float]) -> Path:

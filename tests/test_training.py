@@ -670,6 +670,26 @@ def test_a_first_ctrl_c_in_validation_stops_at_that_step(
     assert [r["event"] for r in read_log(out / LOG)][-2:] == ["epoch", "interrupted"]
 
 
+def test_a_stop_at_a_checkpoint_every_step_writes_one_checkpoint(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """Stopping at a --checkpoint-every step wrote the same checkpoint twice."""
+    saved: list[int] = []
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "step" and payload["step"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # honoured after the next step: step 2
+        if kind == "checkpoint":
+            saved.append(payload["step"])
+
+    config = tiny_config(
+        prepared / "data", tmp_path / "run", epochs=1, steps_per_epoch=4, checkpoint_every=2
+    )
+    result = train(config, on_event=on_event)
+    assert result.status == "interrupted" and result.step == 2
+    assert saved == [2]
+
+
 class Stop(Exception):
     """Ends a run from its event callback once what a test looks for has happened."""
 

@@ -45,7 +45,7 @@ from mrisr_cli.intensity import IntensityStats
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
 from mrisr_cli.prepare import load_manifest
 from mrisr_cli.run_files import read_log
-from mrisr_cli.training import TrainConfig, train
+from mrisr_cli.training import CRITIC_LR_PER_LR, TrainConfig, train
 
 TINY = {
     "rrdg": {"features": 4, "blocks": 1, "growth": 2},
@@ -351,7 +351,7 @@ def main() -> int:
                 stage="gan",
                 init=str(init),
                 lr=args.gan_lr,
-                critic_lr=5 * args.gan_lr,
+                critic_lr=CRITIC_LR_PER_LR * args.gan_lr,
                 critic_steps=args.critic_steps,
                 critic_warmup=args.critic_warmup,
                 time_limit=seconds,
