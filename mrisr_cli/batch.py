@@ -196,7 +196,8 @@ def split_finished(
     stale: list[Path] = []
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
-        redo = f"delete {image.name} and {sidecar.name} to make it again, or choose another output"
+        both = f"{image.name} and {sidecar.name}" if sidecar.exists() else image.name
+        redo = f"delete {both} to make it again, or choose another output"
         try:
             record = _read_sidecar(sidecar) if sidecar.exists() else None
         except OutputError as exc:  # not ours to delete: the user's own file, perhaps

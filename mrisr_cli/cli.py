@@ -25,6 +25,7 @@ from mrisr_cli.cli_options import (
     FactorOption,
     Group,
     InterpolationOption,
+    ThreadsOption,
     parse_axes,
     parse_triple,
     switch,
@@ -151,10 +152,7 @@ def upsample(
     patch: Annotated[
         str, typer.Option(metavar="X,Y,Z", help="Patch size (canonical axes).")
     ] = "64,40,64",
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
-    ] = None,
+    threads: ThreadsOption = None,
     margin: Annotated[
         int,
         typer.Option(
@@ -337,7 +335,7 @@ def demo(
             help="fp16 on CUDA, bf16 on CPU (fp32 without native bf16).",
         ),
     ] = False,
-    threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="CPU threads.")] = None,
+    threads: ThreadsOption = None,
     overwrite: Annotated[bool, switch("--overwrite", help="Replace earlier results.")] = False,
 ) -> None:
     """Degrade the embedded example T1, super-resolve it, and report PSNR/SSIM and a PNG."""
@@ -370,7 +368,7 @@ def demo(
                 overwrite=overwrite,
                 progress=advance,
             )
-    table = Table(title="mrisr demo: against the original (inside the head mask)")
+    table = Table(title=f"mrisr demo: against {report.reference} (inside the head mask)")
     for column in ("volume", "PSNR (dB)", "SSIM", "file"):
         table.add_column(column)
     for key, scores in report.scores.items():
@@ -396,10 +394,7 @@ def _patch_progress(label: str) -> Iterator[Callable[[int, int], None]]:
 @app.command(cls=Command)
 def selftest(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda.")] = "cpu",
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
-    ] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Check the installation end to end with a tiny random network (not a trained model)."""
     with user_errors():

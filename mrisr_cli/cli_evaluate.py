@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mrisr_cli.cli_options import switch
+from mrisr_cli.cli_options import THREADS_DEFAULT, switch
 from mrisr_cli.console import progress_bar, report_line, stderr_console, user_errors
 
 if TYPE_CHECKING:
@@ -98,8 +98,7 @@ def evaluate_command(
         typer.Option(
             min=1,
             metavar="N",
-            help="CPU threads in all, shared by the --jobs workers (default: SLURM/OMP or all "
-            "cores).",
+            help=f"CPU threads in all, shared by the --jobs workers (default: {THREADS_DEFAULT}).",
         ),
     ] = None,
     overwrite: Annotated[

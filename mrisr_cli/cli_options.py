@@ -41,6 +41,11 @@ InterpolationOption = Annotated[
     str,
     typer.Option(metavar="METHOD", help="Back onto the fine grid: linear (authors) or cubic."),
 ]
+#: Where the thread count comes from when --threads is not given (mrisr_cli.threads).
+THREADS_DEFAULT = "$SLURM_CPUS_PER_TASK, else $OMP_NUM_THREADS, else the usable CPUs"
+ThreadsOption = Annotated[
+    int | None, typer.Option(min=1, metavar="N", help=f"CPU threads (default: {THREADS_DEFAULT}).")
+]
 
 
 def _flag_help(option: Any) -> Any:

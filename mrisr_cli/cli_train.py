@@ -17,6 +17,7 @@ from mrisr_cli.cli_options import (
     AxesOption,
     FactorOption,
     InterpolationOption,
+    ThreadsOption,
     parse_axes,
     parse_triple,
     switch,
@@ -97,10 +98,7 @@ def prepare_command(
         int | None,
         typer.Option(min=1, metavar="N", help="Subjects in parallel (default: half the CPUs)."),
     ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
-    ] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Make a training set from a folder of T1 scans (resampled, degraded, normalised, split)."""
     with user_errors():
@@ -322,10 +320,7 @@ def train_command(
         bool,
         switch("--deterministic", help="Deterministic cuDNN kernels (slower)."),
     ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(min=1, metavar="N", help="CPU threads (default: SLURM/OMP or all cores)."),
-    ] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a generator: --stage psnr, then --stage gan --init PSNR_RUN/best.safetensors
     (several GPUs: torchrun --nproc_per_node=N -m mrisr_cli train ...)."""

@@ -34,10 +34,12 @@ def example_path() -> Path:
 
 @dataclass
 class DemoReport:
-    """Files written and PSNR/SSIM (against the original) of each written volume."""
+    """Files written and PSNR/SSIM (against ``hr.nii.gz``) of each written volume."""
 
     files: dict[str, Path] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: what hr.nii.gz is: the example as stored, or N4-corrected as the model's training data
+    reference: str = "the example"
 
 
 def _scores(hr: np.ndarray, other: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -94,8 +96,9 @@ def run_demo(
         hr = n4_correct(hr, volume.spacing)
     lr = degrade_volume(hr, config, affine=volume.affine)
     mask = foreground_mask(hr)
-    report = DemoReport()
-    pictures = {"HR (original)": hr, "LR (k-space degraded)": lr}
+    report = DemoReport(reference="the N4-corrected example" if config.n4 else "the example")
+    hr_title = "HR (N4-corrected)" if config.n4 else "HR (original)"
+    pictures = {hr_title: hr, "LR (k-space degraded)": lr}
     for key, data in (("hr", hr), ("lr", lr)):
         save_volume(names[key], data, volume.affine, volume.header, overwrite=overwrite)
         report.files[key] = names[key]

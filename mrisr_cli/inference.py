@@ -82,7 +82,7 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError("--device cuda was asked for, but no CUDA GPU is available")
+            raise DeviceError(f"--device {name} was asked for, but no CUDA GPU is available")
         try:
             index = torch.device(name).index
         except RuntimeError:

@@ -39,6 +39,7 @@ from mrisr_cli.volumes import (
     atomic_path,
     check_not_label_map,
     check_output_path,
+    check_t1_name,
     load_volume,
     os_reason,
     strip_suffix,
@@ -267,6 +268,7 @@ def prepare_input(
     """Read and check an input, plan its grid and fit N4 as the weights' ``degradation`` says
     (unless ``options.n4`` decides); ``sha256``: the file's, where the caller has it already."""
     started = time.perf_counter()
+    check_t1_name(Path(input_path))
     volume = load_volume(input_path)
     check_not_label_map(volume.data, str(input_path))
     plan = plan_grid(volume.affine, volume.data.shape, degradation)  # type: ignore[arg-type]

@@ -47,6 +47,7 @@ from mrisr_cli.volumes import (
     atomic_path,
     canonical_reorientation,
     check_not_label_map,
+    check_t1_name,
     image_files,
     load_volume,
     obliquity_degrees,
@@ -238,6 +239,10 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
     """Process one scan into ``out_dir/subjects/<id>``; user errors become a failed outcome."""
     folder = Path(out_dir) / "subjects" / scan.id
     record_path = folder / "subject.json"
+    try:
+        check_t1_name(scan.path)
+    except InputError as exc:
+        return SubjectOutcome(scan, "failed", str(exc))
     try:
         source_sha = sha256_of(scan.path)
     except OSError as exc:

@@ -204,6 +204,31 @@ def check_not_label_map(data: np.ndarray, what: str) -> None:
         )
 
 
+#: BIDS suffixes (the name's last ``_`` part) of images that are not T1-weighted scans: other
+#: contrasts, field maps, functional and diffusion series, quantitative maps, segmentations.
+NOT_T1_SUFFIXES = frozenset(
+    {
+        "T2w", "T2starw", "FLAIR", "PDw", "PDT2", "inplaneT2", "angio", "T2map", "T2starmap",
+        "PDmap", "R2map", "R2starmap", "T1map", "R1map", "MTRmap", "MTsat", "TB1map", "B1map",
+        "bold", "cbv", "sbref", "dwi", "epi", "asl", "m0scan", "phasediff", "phase1", "phase2",
+        "magnitude", "magnitude1", "magnitude2", "fieldmap", "defacemask", "mask", "dseg",
+        "probseg", "label",
+    }
+)  # fmt: skip
+
+
+def check_t1_name(path: Path) -> None:
+    """Refuse an image that its BIDS name says is no T1-weighted scan (``sub-01_T2w.nii.gz``):
+    a T2w or FLAIR header looks like a T1's, so a folder of a BIDS ``anat/`` would otherwise
+    be super-resolved, or trained on, whole."""
+    suffix = strip_suffix(Path(path).name).rsplit("_", 1)[-1]
+    if suffix in NOT_T1_SUFFIXES:
+        raise InputError(
+            f"{path}: a {suffix} image by its BIDS name; mrisr's models are for T1-weighted "
+            "scans (name the *_T1w files, or rename this one if it is T1-weighted)"
+        )
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__

@@ -392,8 +392,7 @@ def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
     assert no_record.exit_code == 1  # the one output it cannot take over; the others are done
     assert error_lines(no_record) == [
         f"mrisr: error: {out / 'a_alpha-0.nii.gz'}: exists, but no sidecar a_alpha-0.json says "
-        "what made it; delete a_alpha-0.nii.gz and a_alpha-0.json to make it again, or choose "
-        "another output"
+        "what made it; delete a_alpha-0.nii.gz to make it again, or choose another output"
     ]
     assert no_record.stderr.count("mrisr: skipped:") == 3
     both = upsample(folder, out, *weights, "--skip-existing", "--overwrite")
@@ -504,6 +503,25 @@ def test_skip_existing_checks_the_image_and_a_killed_write_leaves_no_image_alone
     assert resumed.exit_code == 0, resumed.stderr
     assert "a_alpha-1.nii.gz: finished by an earlier run" in resumed.stderr
     assert hashed.count(src) == 1, hashed
+
+
+def test_a_bids_folder_runs_its_t1w_and_refuses_other_contrasts(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """`upsample bids/sub-01/anat/ out/` super-resolved the T2w beside the T1w without a word."""
+    anat = tmp_path / "anat"
+    anat.mkdir()
+    write_nifti(anat / "sub-01_T1w.nii.gz", head_phantom((30, 20, 30)))
+    write_nifti(anat / "sub-01_T2w.nii.gz", head_phantom((30, 20, 30), seed=3))
+    out = tmp_path / "out"
+    result = upsample(anat, f"{out}/", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert error_lines(result) == [
+        f"mrisr: error: {anat / 'sub-01_T2w.nii.gz'}: a T2w image by its BIDS name; mrisr's "
+        "models are for T1-weighted scans (name the *_T1w files, or rename this one if it is "
+        "T1-weighted)"
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["sub-01_T1w.json", "sub-01_T1w.nii.gz"]
 
 
 def test_wrote_lines_of_several_alphas_add_up_and_links_to_one_file_run_once(

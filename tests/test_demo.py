@@ -41,6 +41,7 @@ def test_demo_sr_is_what_upsample_makes_of_its_lr(tmp_path: Path, n4_weights: Pa
     demo = tmp_path / "demo"
     result = invoke("demo", demo, "--psnr-weights", n4_weights, *FAST)
     assert result.exit_code == 0, result.output
+    assert "against the N4-corrected example" in " ".join(result.stdout.split())
     assert sorted(p.name for p in demo.iterdir()) == [
         "demo.png",
         "hr.nii.gz",

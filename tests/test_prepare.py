@@ -242,6 +242,21 @@ def test_a_subject_that_leaves_and_comes_back_gets_its_split_back(tmp_path: Path
     assert "former" not in json.loads((out / "manifest.json").read_text())
 
 
+def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> None:
+    """A T2w or FLAIR header looks like a T1's: prepare of a BIDS tree took them in as
+    training scans. Their BIDS names now fail them, each with its reason."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    save(src / "sub-07" / "anat" / "sub-07_FLAIR.nii.gz", head(7, SMALL))
+    save(src / "sub-07" / "anat" / "sub-07_T2w.nii.gz", head(8, SMALL))
+    save(src / "sub-07" / "anat" / "sub-07_T1w.nii.gz", head(9, SMALL))
+    manifest = prepare_dataset(src, out, SMALL_OPTIONS)
+    assert sorted(s["id"] for s in manifest["subjects"]) == ["s0", "s1", "s2", "sub-07_T1w"]
+    reasons = {Path(f["source"]).name: f["error"] for f in manifest["failures"]}
+    assert sorted(reasons) == ["sub-07_FLAIR.nii.gz", "sub-07_T2w.nii.gz"]
+    assert "a FLAIR image by its BIDS name; mrisr's models are for T1-weighted" in str(reasons)
+
+
 def test_a_deleted_manifest_loses_no_split(tmp_path: Path) -> None:
     """With manifest.json deleted (to "redo" it) but subjects/ kept, a rerun took the folder for
     an interrupted run and split afresh: 10 of 12 subjects moved. Each subject.json now recalls
