@@ -128,11 +128,29 @@ def find_scans(src_dir: Path) -> list[Scan]:
                 number += 1
             ids[index] = f"{scan_id}-{number}"
             taken.add(ids[index])
-    scans = []
-    for path, scan_id in zip(paths, ids, strict=True):
-        match = re.search(r"sub-[A-Za-z0-9]+", path.name)
-        scans.append(Scan(path=path, id=scan_id, subject=match.group(0) if match else scan_id))
-    return scans
+    return [
+        Scan(path=path, id=scan_id, subject=subject_of(path.relative_to(src_dir)) or scan_id)
+        for path, scan_id in zip(paths, ids, strict=True)
+    ]
+
+
+def subject_of(relative: Path) -> str | None:
+    """The person a scan belongs to, from its path below the source folder, so that all their
+    scans share a split: a BIDS ``sub-XX`` in the file name or a folder name, else the folder
+    holding FreeSurfer's ``mri/`` (``bert/mri/T1.mgz``, ``bert/mri/orig/001.mgz``: one person's
+    raw, intensity-normalised and skull-stripped volumes). None: the scan is its own subject."""
+    match = re.search(r"sub-[A-Za-z0-9]+", relative.name)
+    if match:
+        return match.group(0)
+    folders = relative.parts[:-1]
+    for folder in reversed(folders):
+        match = re.fullmatch(r"sub-[A-Za-z0-9]+", folder)
+        if match:
+            return match.group(0)
+    if "mri" in folders[1:]:
+        below = len(folders) - 1 - folders[::-1].index("mri")
+        return "/".join(folders[:below])
+    return None
 
 
 # --- per-scan processing --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from mrisr_cli.prepare import (
     prepare_dataset,
     resample_isotropic,
     split_counts,
+    subject_of,
 )
 from mrisr_cli.weights import sha256_of
 
@@ -331,6 +332,24 @@ def test_sessions_of_one_subject_share_a_split(tmp_path: Path) -> None:
     for record in manifest["subjects"]:
         split_of.setdefault(record["subject"], set()).add(record["split"])
     assert len(split_of) == 4 and all(len(s) == 1 for s in split_of.values())
+
+
+def test_one_freesurfer_subjects_volumes_share_a_split(tmp_path: Path) -> None:
+    """SUBJECTS_DIR/bert/mri/{T1,nu,orig/001}.mgz are one person: each was its own subject, so
+    bert's nu.mgz could train a model that is then tested on bert's T1.mgz."""
+    src = tmp_path / "src"
+    for number, name in enumerate(("bert", "ernie", "fred", "gus", "hal")):
+        for kind, path in enumerate(("mri/T1.nii.gz", "mri/nu.nii.gz", "mri/orig/001.nii.gz")):
+            save(src / name / path, head(10 * number + kind, SMALL))
+    manifest = prepare_dataset(src, tmp_path / "out", SMALL_OPTIONS)
+    split_of: dict[str, set[str]] = {}
+    for record in manifest["subjects"]:
+        split_of.setdefault(record["subject"], set()).add(record["split"])
+    assert sorted(split_of) == ["bert", "ernie", "fred", "gus", "hal"]
+    assert all(len(s) == 1 for s in split_of.values()) and len(manifest["subjects"]) == 15
+    assert subject_of(Path("site/bert/mri/orig/001.mgz")) == "site/bert"
+    assert subject_of(Path("sub-07/ses-1/anat/T1w.nii.gz")) == "sub-07"
+    assert subject_of(Path("S01_t1.nii.gz")) is None
 
 
 def test_resample_isotropic_keeps_voxel_zero_and_the_signal() -> None:
