@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ def split_finished(
     settings = output_settings(options, options.uses_n4(files.degradation))
     resume = Resume([], [], [])
     hashes = resume.input_sha256
-    stale: list[Path] = []
+    stale: list[tuple[Path, Path, os.stat_result]] = []  # sidecar, its image, as it was read
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
         both = f"{image.name} and {sidecar.name}" if sidecar.exists() else image.name
@@ -211,7 +212,8 @@ def split_finished(
             continue
         if not image.exists():
             if record is not None:
-                stale.append(sidecar)
+                with suppress(OSError):
+                    stale.append((sidecar, image, sidecar.stat()))
             resume.to_run.append(job)
             continue
         if record is None or image.is_dir():
@@ -268,8 +270,15 @@ def split_finished(
                 )
                 continue
         resume.finished.append(job)
-    for sidecar in stale:  # after the checks, so that a crash in them leaves every file as it was
-        sidecar.unlink(missing_ok=True)
+    for sidecar, image, seen in stale:  # after the checks, so that a crash in them leaves every
+        # file as it was; and only as it was read, still without image: another job (a task
+        # resubmitted while it still ran) places its sidecar first and its image just after
+        with suppress(OSError):
+            now = sidecar.stat()
+            if (now.st_ino, now.st_mtime_ns) == (seen.st_ino, seen.st_mtime_ns) and not (
+                image.exists()
+            ):
+                sidecar.unlink()
     return resume
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,8 @@ def upsample_prepared(
     out = plan.to_output(out)
     inferred = time.perf_counter()
     output_path, sidecar = Path(output_path), sidecar_path(Path(output_path))
+    # should an --overwrite fail half-way, the earlier sidecar goes back beside the earlier image
+    earlier_sidecar = _read_if_there(sidecar) if options.sidecar and options.overwrite else None
     sidecar_written = False
     try:
         # the sidecar goes into place before the image: a job killed in between leaves a
@@ -384,15 +387,35 @@ def upsample_prepared(
                 except OSError as exc:
                     raise OutputError(
                         f"{sidecar}: cannot be written ({os_reason(exc)}); "
-                        f"{output_path} was removed again"
+                        f"{output_path} was not written either"
                     ) from exc
                 sidecar_written = True
-    except BaseException:
+    except BaseException as exc:
         if sidecar_written:  # the image did not make it into place: its record goes too
-            sidecar.unlink(missing_ok=True)
+            _put_back(sidecar, earlier_sidecar)
+        if isinstance(exc, OSError):  # the image's rename, or reading it back for its sha256
+            raise OutputError(f"{output_path}: could not write ({os_reason(exc)})") from exc
         raise
     prepared.charged = True
     return result
+
+
+def _read_if_there(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _put_back(path: Path, earlier: bytes | None) -> None:
+    """Restore a file to ``earlier`` (None: it did not exist); never in the way of the error
+    that made this necessary."""
+    with suppress(OSError, MrisrError):
+        if earlier is None:
+            path.unlink(missing_ok=True)
+        else:
+            with atomic_path(path, overwrite=True) as tmp:
+                tmp.write_bytes(earlier)
 
 
 def _result(

@@ -138,7 +138,9 @@ def subject_of(relative: Path) -> str | None:
     """The person a scan belongs to, from its path below the source folder, so that all their
     scans share a split: a BIDS ``sub-XX`` in the file name or a folder name, else the folder
     holding FreeSurfer's ``mri/`` (``bert/mri/T1.mgz``, ``bert/mri/orig/001.mgz``: one person's
-    raw, intensity-normalised and skull-stripped volumes). None: the scan is its own subject."""
+    raw, intensity-normalised and skull-stripped volumes; only MGH files count, so that a
+    dataset that merely keeps its NIfTI scans in an ``mri/`` folder is not taken for one
+    person). None: the scan is its own subject."""
     match = re.search(r"sub-[A-Za-z0-9]+", relative.name)
     if match:
         return match.group(0)
@@ -147,7 +149,7 @@ def subject_of(relative: Path) -> str | None:
         match = re.fullmatch(r"sub-[A-Za-z0-9]+", folder)
         if match:
             return match.group(0)
-    if "mri" in folders[1:]:
+    if "mri" in folders[1:] and relative.suffix.lower() in (".mgz", ".mgh"):
         below = len(folders) - 1 - folders[::-1].index("mri")
         return "/".join(folders[:below])
     return None
@@ -271,11 +273,15 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
             record = json.loads(record_path.read_text())
         except ValueError:
             record = {}
-        split = record.get("split") if isinstance(record, dict) else None
+        record = record if isinstance(record, dict) else {}
+        split = record.get("split")
         same = (record.get("settings"), record.get("source_sha256"))
         if same == (_settings(options), source_sha):
             damage = _array_damage(folder, record)
             if damage is None:
+                # the subject comes from the path (subject_of), which an earlier version read
+                # otherwise: this run's grouping applies to subjects done before it too
+                record = {**record, "subject": scan.subject}
                 return SubjectOutcome(scan, "skipped", "already prepared", record)
     try:
         record = _process(scan, folder, options, source_sha)
@@ -533,6 +539,7 @@ def write_manifest(
     subjects = []
     for record in records:
         record.pop("settings", None)
+        record.pop("split_rule", None)  # the manifest holds it once, as "split"
         record["split"] = split_of[record["id"]]
         subjects.append(record)
     for outcome in good:
@@ -557,7 +564,7 @@ def write_manifest(
     )
     former = list({str(r["id"]): r for r in former}.values())
     manifest = save_manifest(out_dir, options.degradation, split, subjects, failures, former)
-    _record_splits(out_dir, subjects)
+    _record_splits(out_dir, subjects, {"ratios": list(options.ratios), "seed": options.seed})
     new_ids = {r["id"] for g in new_groups for r in members[g]}
     manifest["run"] = {
         "kept": len(records) - len(new_ids),
@@ -567,18 +574,20 @@ def write_manifest(
     return manifest
 
 
-def _record_splits(out_dir: Path, subjects: Sequence[dict[str, Any]]) -> None:
-    """Write each subject's split into its ``subject.json`` too, so that a lost or deleted
-    ``manifest.json`` cannot re-split the dataset (a held-out scan landing in train)."""
+def _record_splits(out_dir: Path, subjects: Sequence[dict[str, Any]], rule: dict[str, Any]) -> None:
+    """Write each subject's split, and the ``rule`` (shares and seed) it was made by, into its
+    ``subject.json`` too, so that a lost or deleted ``manifest.json`` can neither re-split the
+    dataset (a held-out scan landing in train) nor let another rule extend it."""
     for subject in subjects:
         path = Path(out_dir) / "subjects" / str(subject["id"]) / "subject.json"
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # the manifest still holds it; the next run redoes this subject
-        if not isinstance(record, dict) or record.get("split") == subject["split"]:
+        wanted = {"split": subject["split"], "split_rule": rule}
+        if not isinstance(record, dict) or all(record.get(k) == v for k, v in wanted.items()):
             continue
-        record["split"] = subject["split"]
+        record.update(wanted)
         with atomic_path(path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -647,12 +656,15 @@ def check_output_folder(
     if MANIFEST_NAME not in entries:
         if entries not in ([], ["subjects"]):
             raise OutputError(f"{out_dir}: is not empty and holds no mrisr dataset; {advice}")
-        others = set()
+        others, rules = set(), set()
         for record_path in (out_dir / "subjects").glob("*/subject.json"):
             try:
-                settings = json.loads(record_path.read_text())["settings"]
-                if settings != _settings(options):
-                    others.add(settings)
+                record = json.loads(record_path.read_text())
+                if record["settings"] != _settings(options):
+                    others.add(record["settings"])
+                rule = record.get("split_rule")
+                if rule is not None:
+                    rules.add((tuple(float(r) for r in rule["ratios"]), int(rule["seed"])))
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # unreadable: that subject is redone anyway
         if others:
@@ -664,6 +676,8 @@ def check_output_folder(
                 f"{out_dir}: holds subjects prepared with {changes or 'other settings'}; "
                 f"rerun with those settings to complete it, or {advice}"
             )
+        for ratios, seed in sorted(rules):  # its manifest.json deleted: subject.json recalls
+            _check_split_rule(out_dir, ratios, seed, options, advice)
         return None
     try:
         manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
@@ -683,6 +697,18 @@ def check_output_folder(
             f"{out_dir}: holds a dataset prepared with {_changes(theirs, ours)}; rerun with "
             f"those settings to extend it, or {advice}"
         )
+    _check_split_rule(out_dir, ratios, seed, options, advice)
+    return manifest
+
+
+def _check_split_rule(
+    out_dir: Path,
+    ratios: tuple[float, ...],
+    seed: int,
+    options: PrepareOptions,
+    advice: str,
+) -> None:
+    """Refuse extending a dataset split by other shares or another seed."""
     if ratios != tuple(options.ratios) or seed != options.seed:
         was = f"--split {','.join(f'{r:g}' for r in ratios)} --seed {seed}"
         now = f"--split {','.join(f'{r:g}' for r in options.ratios)} --seed {options.seed}"
@@ -690,7 +716,6 @@ def check_output_folder(
             f"{out_dir}: was split with {was}, not {now}: new subjects would follow another "
             f"rule than those already assigned; rerun with {was}, or {advice}"
         )
-    return manifest
 
 
 def _changes(theirs: dict[str, Any], ours: dict[str, Any]) -> str:

@@ -683,9 +683,10 @@ class _TrainingRun:
         time_up = bool(config.time_limit) and (
             time.perf_counter() - loop_started >= config.time_limit
         )
-        values = _reduce_losses(losses, stop.requested or time_up, self.dist, self.device)
-        stopping = bool(values.pop("_stop"))
-        timed_out = stopping and not stop.requested
+        values = _reduce_losses(losses, stop.requested, time_up, self.dist, self.device)
+        requested, time_up = bool(values.pop("_stop")), bool(values.pop("_time_up"))
+        stopping = requested or time_up
+        timed_out = time_up and not requested
         self.step += 1
         elapsed = time.perf_counter() - started
         self.throughput.seconds += elapsed
@@ -797,8 +798,9 @@ class _TrainingRun:
                     "rng": states,
                 },
             )
-            self.emit("checkpoint", step=at, path=str(self.checkpoint_path))
         self.saved_at = at  # on every rank: they decide alike whether to save again
+        if self.dist.is_main:  # after saved_at: a second Ctrl-C in the callback reports it
+            self.emit("checkpoint", step=at, path=str(self.checkpoint_path))
         barrier(self.dist)
 
     def export(self, name: str, at: int, metrics: dict[str, float]) -> Path:
@@ -851,20 +853,22 @@ def _fetcher(
 
 
 def _reduce_losses(
-    losses: dict[str, Any], stop: bool, dist: DistInfo, device: str
+    losses: dict[str, Any], stop: bool, time_up: bool, dist: DistInfo, device: str
 ) -> dict[str, float]:
-    """Losses averaged over ranks, and the stop flag agreed by all (one all-reduce)."""
+    """Losses averaged over ranks, and the two reasons to stop (a request, the time limit)
+    agreed by all, in one all-reduce: ranks that disagreed on either would part ways (one
+    validating, the other training) and wait for each other for ever."""
     names = sorted(losses)
-    values = [float(stop)] + [float(losses[n]) for n in names]
+    values = [float(stop), float(time_up)] + [float(losses[n]) for n in names]
     if dist.enabled:
         import torch.distributed as tdist
 
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         tdist.all_reduce(tensor)
         values = tensor.tolist()
-        values = [values[0]] + [v / dist.world for v in values[1:]]
-    out = dict(zip(names, values[1:], strict=True))
-    out["_stop"] = values[0]
+        values = values[:2] + [v / dist.world for v in values[2:]]
+    out = dict(zip(names, values[2:], strict=True))
+    out["_stop"], out["_time_up"] = values[0], values[1]
     return out
 
 

@@ -204,28 +204,37 @@ def check_not_label_map(data: np.ndarray, what: str) -> None:
         )
 
 
-#: BIDS suffixes (the name's last ``_`` part) of images that are not T1-weighted scans: other
-#: contrasts, field maps, functional and diffusion series, quantitative maps, segmentations.
+#: Name parts (BIDS suffixes, current and deprecated, and their common spellings) of images that
+#: are not T1-weighted scans: other contrasts, field maps, functional, diffusion and PET series,
+#: quantitative maps, masks and segmentations. Compared in lower case.
 NOT_T1_SUFFIXES = frozenset(
-    {
-        "T2w", "T2starw", "FLAIR", "PDw", "PDT2", "inplaneT2", "angio", "T2map", "T2starmap",
-        "PDmap", "R2map", "R2starmap", "T1map", "R1map", "MTRmap", "MTsat", "TB1map", "B1map",
-        "bold", "cbv", "sbref", "dwi", "epi", "asl", "m0scan", "phasediff", "phase1", "phase2",
-        "magnitude", "magnitude1", "magnitude2", "fieldmap", "defacemask", "mask", "dseg",
-        "probseg", "label",
-    }
+    s.lower()
+    for s in (
+        "T2w", "T2", "T2star", "T2starw", "FLAIR", "PDw", "PDT2", "inplaneT2", "FLASH",
+        "angio", "T1rho", "MEGRE", "MESE", "MP2RAGE", "T1map", "R1map", "T2map", "R2map",
+        "T2starmap", "R2starmap", "PDmap", "M0map", "S0map", "Chimap", "MTRmap", "MTsat",
+        "TB1map", "B1map", "RB1map", "bold", "boldref", "cbv", "sbref", "dwi", "dwiref", "epi",
+        "asl", "m0scan", "pet", "phasediff", "phase1", "phase2", "magnitude", "magnitude1",
+        "magnitude2", "fieldmap", "defacemask", "mask", "dseg", "probseg", "label",
+    )
 )  # fmt: skip
+#: Of those, the contrasts that also lead a name (HCP's ``T2w_acpc_dc_restore.nii.gz``). Not
+#: "PD" (BIDS' deprecated proton density): cohorts name Parkinson's patients' T1s ``PD_012_T1``.
+NOT_T1_PREFIXES = frozenset(s.lower() for s in ("T2w", "T2", "FLAIR", "PDw", "T2star"))
 
 
 def check_t1_name(path: Path) -> None:
-    """Refuse an image that its BIDS name says is no T1-weighted scan (``sub-01_T2w.nii.gz``):
-    a T2w or FLAIR header looks like a T1's, so a folder of a BIDS ``anat/`` would otherwise
-    be super-resolved, or trained on, whole."""
-    suffix = strip_suffix(Path(path).name).rsplit("_", 1)[-1]
-    if suffix in NOT_T1_SUFFIXES:
+    """Refuse an image that its name says is no T1-weighted scan (``sub-01_T2w.nii.gz``,
+    ``T2.mgz``, ``FLAIR_brain.nii.gz``): a T2w or FLAIR header looks like a T1's, so a BIDS
+    ``anat/`` folder would otherwise be super-resolved, or trained on, whole."""
+    parts = strip_suffix(Path(path).name).split("_")
+    found = [p for p in parts[-1:] if p.lower() in NOT_T1_SUFFIXES] or [
+        p for p in parts[:1] if p.lower() in NOT_T1_PREFIXES
+    ]
+    if found:
         raise InputError(
-            f"{path}: a {suffix} image by its BIDS name; mrisr's models are for T1-weighted "
-            "scans (name the *_T1w files, or rename this one if it is T1-weighted)"
+            f"{path}: its name marks a {found[0]} image, not a T1-weighted scan, which mrisr's "
+            "models are for (name the *_T1w files, or rename this one if it is T1-weighted)"
         )
 
 

@@ -474,17 +474,33 @@ def test_skip_existing_checks_the_image_and_a_killed_write_leaves_no_image_alone
 
     real_replace = os.replace
 
+    sidecar_in_place: list[bool] = []
+
     def killed_at_the_image(tmp: str | Path, target: str | Path) -> None:
         if str(target).endswith(".nii.gz"):
+            sidecar_in_place.append(Path(target).with_name(f"{stem(target)}.json").exists())
             raise KeyboardInterrupt  # stopped between the sidecar's rename and the image's
         real_replace(tmp, target)
 
+    def stem(target: str | Path) -> str:
+        return Path(target).name.removesuffix(".nii.gz")
+
     monkeypatch.setattr(volumes.os, "replace", killed_at_the_image)
     stopped = upsample(src, out / "b.nii.gz", *weights)
-    assert stopped.exit_code != 0
+    assert stopped.exit_code != 0 and sidecar_in_place == [True]  # the sidecar went first
     assert not (out / "b.nii.gz").exists() and not (out / "b.json").exists()
     assert no_partial_files(out)
+    # with --overwrite the earlier pair stays as it was, the earlier sidecar put back
+    (out / "c.json").write_text(json.dumps({**record, "output": str(out / "c.nii.gz")}))
+    (out / "c.nii.gz").write_bytes(b"the earlier image")
+    earlier = (out / "c.json").read_bytes()
+    replaced = upsample(src, out / "c.nii.gz", *weights, "--overwrite")
+    assert replaced.exit_code != 0 and sidecar_in_place == [True, True]
+    assert (out / "c.json").read_bytes() == earlier
+    assert (out / "c.nii.gz").read_bytes() == b"the earlier image" and no_partial_files(out)
     monkeypatch.setattr(volumes.os, "replace", real_replace)
+    for name in ("c.json", "c.nii.gz"):
+        (out / name).unlink()
 
     hashed: list[Path] = []
 
@@ -517,9 +533,9 @@ def test_a_bids_folder_runs_its_t1w_and_refuses_other_contrasts(
     result = upsample(anat, f"{out}/", "--psnr-weights", fast_weights, *SMALL_PATCH)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert error_lines(result) == [
-        f"mrisr: error: {anat / 'sub-01_T2w.nii.gz'}: a T2w image by its BIDS name; mrisr's "
-        "models are for T1-weighted scans (name the *_T1w files, or rename this one if it is "
-        "T1-weighted)"
+        f"mrisr: error: {anat / 'sub-01_T2w.nii.gz'}: its name marks a T2w image, not a "
+        "T1-weighted scan, which mrisr's models are for (name the *_T1w files, or rename this "
+        "one if it is T1-weighted)"
     ]
     assert sorted(p.name for p in out.iterdir()) == ["sub-01_T1w.json", "sub-01_T1w.nii.gz"]
 
@@ -650,7 +666,7 @@ def test_a_sidecar_that_cannot_be_written_takes_its_image_with_it(
     out = tmp_path / "o.nii.gz"
     result = upsample(phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
     assert_one_line_error(result, "o.json: cannot be written (No space left on device); ")
-    assert f"{out} was removed again" in result.stderr
+    assert f"{out} was not written either" in result.stderr
     assert not out.exists() and no_partial_files(tmp_path)
 
 

@@ -25,6 +25,7 @@ from mrisr_cli.prepare import (
     split_counts,
     subject_of,
 )
+from mrisr_cli.volumes import check_t1_name
 from mrisr_cli.weights import sha256_of
 
 SHAPE = (68, 66, 70)
@@ -255,7 +256,12 @@ def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> No
     assert sorted(s["id"] for s in manifest["subjects"]) == ["s0", "s1", "s2", "sub-07_T1w"]
     reasons = {Path(f["source"]).name: f["error"] for f in manifest["failures"]}
     assert sorted(reasons) == ["sub-07_FLAIR.nii.gz", "sub-07_T2w.nii.gz"]
-    assert "a FLAIR image by its BIDS name; mrisr's models are for T1-weighted" in str(reasons)
+    assert "its name marks a FLAIR image, not a T1-weighted scan" in str(reasons)
+    for name in ("sub-01_t2w.nii", "T2w_acpc_dc_restore.nii.gz", "T2.mgz", "brain_mask.nii.gz"):
+        with pytest.raises(InputError, match="its name marks a"):
+            check_t1_name(Path(name))
+    for name in ("sub-01_desc-preproc_T1w.nii.gz", "T1w_acpc_dc_restore.nii.gz", "PD_012_T1.nii"):
+        check_t1_name(Path(name))  # T1s, also a Parkinson's cohort's
 
 
 def test_a_deleted_manifest_loses_no_split(tmp_path: Path) -> None:
@@ -270,6 +276,9 @@ def test_a_deleted_manifest_loses_no_split(tmp_path: Path) -> None:
     (out / "manifest.json").unlink()
     (out / "subjects" / "s4" / "lr.npy").write_bytes(b"truncated")
     small_heads(src, [12])
+    other_seed = PrepareOptions(SMALL_OPTIONS.degradation, seed=7, min_extent_mm=16)
+    with pytest.raises(OutputError, match=r"was split with --split 0\.7,0\.1,0\.1,0\.1 --seed 0"):
+        prepare_dataset(src, out, other_seed)  # subject.json recalls the rule, too
     again = prepare_dataset(src, out, SMALL_OPTIONS)
     after = splits_of(out)
     assert {k: after[k] for k in before} == before
@@ -339,8 +348,10 @@ def test_one_freesurfer_subjects_volumes_share_a_split(tmp_path: Path) -> None:
     bert's nu.mgz could train a model that is then tested on bert's T1.mgz."""
     src = tmp_path / "src"
     for number, name in enumerate(("bert", "ernie", "fred", "gus", "hal")):
-        for kind, path in enumerate(("mri/T1.nii.gz", "mri/nu.nii.gz", "mri/orig/001.nii.gz")):
-            save(src / name / path, head(10 * number + kind, SMALL))
+        for kind, path in enumerate(("mri/T1.mgz", "mri/nu.mgz", "mri/orig/001.mgz")):
+            volume = nib.MGHImage(head(10 * number + kind, SMALL).astype(np.float32), np.eye(4))
+            (src / name / path).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(volume, src / name / path)
     manifest = prepare_dataset(src, tmp_path / "out", SMALL_OPTIONS)
     split_of: dict[str, set[str]] = {}
     for record in manifest["subjects"]:
@@ -350,6 +361,33 @@ def test_one_freesurfer_subjects_volumes_share_a_split(tmp_path: Path) -> None:
     assert subject_of(Path("site/bert/mri/orig/001.mgz")) == "site/bert"
     assert subject_of(Path("sub-07/ses-1/anat/T1w.nii.gz")) == "sub-07"
     assert subject_of(Path("S01_t1.nii.gz")) is None
+    assert subject_of(Path("IXI/mri/IXI002-Guys-0828-T1.nii.gz")) is None  # not FreeSurfer's
+
+
+def test_a_dataset_prepared_before_the_grouping_is_regrouped_and_warned_about(
+    tmp_path: Path,
+) -> None:
+    """Scans done by an earlier version carry its subject (the scan itself): a rerun groups them
+    by their path as new scans are, and names one person's scans that sit in several splits."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for number, name in enumerate(("bert", "ernie", "fred", "gus")):
+        for kind, path in enumerate(("mri/T1.mgz", "mri/nu.mgz")):
+            volume = nib.MGHImage(head(10 * number + kind, SMALL).astype(np.float32), np.eye(4))
+            (src / name / path).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(volume, src / name / path)
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for record in manifest["subjects"]:  # as the earlier version wrote them
+        record["subject"] = record["id"]
+        record["split"] = "test" if record["id"] == "bert_mri_nu" else "train"
+        own = out / "subjects" / record["id"] / "subject.json"
+        own.write_text(json.dumps({**json.loads(own.read_text()), "subject": record["id"]}))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = prepare_dataset(src, out, SMALL_OPTIONS)
+    bert = {r["id"]: r for r in again["subjects"] if r["id"].startswith("bert")}
+    assert {r["subject"] for r in bert.values()} == {"bert"}
+    assert {r["split"] for r in bert.values()} == {"train", "test"}  # kept, and named:
+    assert any("different splits (train, test)" in w for w in again["run"]["warnings"])
 
 
 def test_resample_isotropic_keeps_voxel_zero_and_the_signal() -> None:

@@ -643,6 +643,24 @@ def test_a_second_ctrl_c_in_validation_says_what_was_saved(
     assert seen[-1] == "validating"  # the progress bar says why it stands still
 
 
+def test_a_second_ctrl_c_in_the_checkpoint_event_names_that_checkpoint(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """The message of a stop at once names the step checkpoint.pt holds, also when the second
+    Ctrl-C lands in the "checkpoint" event of the checkpoint just written."""
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "checkpoint" and payload["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a stop request
+            os.kill(os.getpid(), signal.SIGINT)  # and at once
+
+    out = tmp_path / "run"
+    config = tiny_config(prepared / "data", out, epochs=1, steps_per_epoch=4, checkpoint_every=2)
+    with pytest.raises(training.StoppedAtOnce) as caught:
+        train(config, on_event=on_event)
+    assert caught.value.saved_step == read_checkpoint(out / "checkpoint.pt")["step"] == 2
+
+
 def test_a_first_ctrl_c_in_validation_stops_at_that_step(
     prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -893,6 +911,39 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProc
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+_AGREE = """
+import json, torch.distributed as tdist
+from mrisr_cli.distributed import init_distributed
+from mrisr_cli.training import _reduce_losses
+info, device, _ = init_distributed("cpu")
+# a Ctrl-C that reached rank 0 only, a time limit that rank 1 alone has passed
+values = _reduce_losses({"l1": float(info.rank)}, info.rank == 0, info.rank == 1, info, device)
+print("AGREED", json.dumps(values, sort_keys=True))
+tdist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_why_they_stop(tmp_path: Path) -> None:
+    """The stop flag was agreed but "timed out" was each rank's own: with a signal on one rank
+    only, one rank validated (its collectives) while the other stopped, and both hung."""
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    run = subprocess.run(
+        [*command, "--standalone", str(script)],
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    agreed = [json.loads(line.split(" ", 1)[1]) for line in run.stdout.splitlines()
+              if line.startswith("AGREED ")]  # fmt: skip
+    assert agreed == [{"_stop": 1.0, "_time_up": 1.0, "l1": 0.5}] * 2
 
 
 @pytest.mark.slow
