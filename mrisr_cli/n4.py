@@ -3,8 +3,9 @@
 ANTsPy is imported lazily: it is heavy and only needed when N4 is asked for.
 
 The shrink factor and convergence settings are ANTsPy's defaults (shrink 4, 4 levels of 50
-iterations, tolerance 1e-7): no faster setting kept the corrected image within 1% of theirs
-(``benchmarks/bench_upsample.py --parts n4``, figures in docs/speed.md), and the training data
+iterations, tolerance 1e-7): no setting several times faster kept the corrected image within 1%
+of theirs, and a looser tolerance is no faster, since the iteration limit is always reached
+(``benchmarks/bench_upsample.py --parts n4``, figures in docs/speed.md); and the training data
 were prepared with them.
 """
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -499,5 +498,3 @@ def write_sidecar(
     with atomic_path(path, overwrite=options.overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
-
-ResultCallback = Callable[[UpsampleResult], None]

@@ -26,6 +26,41 @@ TINY_FAST = NetworkConfig("rrdg", {"features": 4, "blocks": 0, "growth": 2})
 NO_N4 = DegradationConfig(n4=False)
 
 
+@pytest.fixture(autouse=True)
+def _thread_settings_restored() -> object:
+    """`--threads N` sets torch's, ITK's and the thread variables of the whole process: without
+    this, what a test sees ("wrote ... (cpu, 2 threads)") depended on the tests before it."""
+    from mrisr_cli.threads import THREAD_ENV_VARS
+
+    saved_env = {name: os.environ.get(name) for name in THREAD_ENV_VARS}
+    saved_torch = torch.get_num_threads()
+    try:
+        import SimpleITK as sitk
+
+        saved_itk: int | None = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    except ImportError:
+        saved_itk = None
+    yield
+    for name, value in saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    torch.set_num_threads(saved_torch)
+    if saved_itk is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_itk)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip where torch sees no CUDA GPU, as README says."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def data_dir() -> Path:
     return Path(os.environ.get("MRISR_DATA", REPO.parent / "shared" / "data"))
 

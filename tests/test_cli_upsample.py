@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -351,7 +352,8 @@ def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
     weights = ["--psnr-weights", psnr_weights, "--gan-weights", gan_weights, *SMALL_PATCH]
     first = upsample(folder, out, *weights, "--alpha", "0,1")
     assert first.exit_code == 0, first.stderr
-    assert "cpu, " in first.stderr and " threads)" in first.stderr  # "wrote X (1.0 s, cpu, 2 ...)"
+    # "wrote X (1.0 s, cpu, 2 threads)", "1 thread" on a one-CPU machine
+    assert re.search(r"\(\d+\.\d s, cpu, \d+ threads?\)", first.stderr), first.stderr
     assert "[4/4] " in first.stderr  # not a terminal: each job's start has a line
     (out / "b_alpha-1.nii.gz").unlink()  # stopped before its last output
     (out / "b_alpha-1.json").unlink()
@@ -561,7 +563,7 @@ def test_wrote_lines_of_several_alphas_add_up_and_links_to_one_file_run_once(
 
     # the shared read and N4 count in the first total only (3-decimal rounding aside)
     assert own(first) == pytest.approx(first["read"] + first["n4"], abs=0.005)
-    assert own(second) == pytest.approx(0.0, abs=0.005) and first["n4"] > 0.01
+    assert own(second) == pytest.approx(0.0, abs=0.005) and first["n4"] > 0
 
 
 def test_a_folder_made_for_a_run_that_fails_before_any_input_is_removed(
