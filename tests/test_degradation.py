@@ -22,6 +22,7 @@ from mrisr_cli.degradation import (
 )
 from mrisr_cli.networks import build_network
 from mrisr_cli.selftest import TINY_RRDG
+from mrisr_cli.volumes import canonical_reorientation, load_volume
 from mrisr_cli.weights import save_weights
 
 
@@ -338,3 +339,11 @@ def test_degrade_real_volume_psnr_in_expected_range(tmp_path: Path) -> None:
     lr = np.asarray(nib.load(tmp_path / "lr.nii.gz").dataobj)
     psnr = 10 * np.log10(hr.max() ** 2 / np.mean((hr - lr) ** 2))
     assert 25 < psnr < 45, psnr
+    # and it is the paper's degradation, along the canonical axes, back in the file's own axes
+    volume = load_volume(path)
+    reo = canonical_reorientation(volume.affine, volume.data.shape)
+    canonical = reo.apply(volume.data)
+    config = DegradationConfig()  # the CLI's defaults: factor 2 along canonical axes 0 and 2
+    expected = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
+    assert lr.shape == expected.shape
+    np.testing.assert_allclose(lr, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))

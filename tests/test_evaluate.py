@@ -184,8 +184,45 @@ def test_many_methods_in_one_table(tmp_path: Path) -> None:
     assert len(read_rows(out / "subjects.csv")) == 6
 
 
-def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
+def _count_n4(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The shapes of the volumes fidelity hands to N4, one entry a call (the real N4 runs)."""
+    from mrisr_cli import fidelity
+
+    calls: list[tuple[int, ...]] = []
+    real = fidelity.n4_correct
+
+    def spy(data: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append(tuple(data.shape))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "n4_correct", spy)
+    return calls
+
+
+def test_n4_corrects_both_images_before_fidelity_unless_no_n4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tissue Dice compares N4-corrected images: the reference and the prediction, once each;
+    --no-n4 runs no N4 at all."""
     hr, sharp, _ = dataset(tmp_path, subjects=1)
+    calls = _count_n4(monkeypatch)
+    result = invoke("--ref", hr, "--pred", sharp, "--out", tmp_path / "n4", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert calls == [SHAPE, SHAPE]
+    assert json.loads((tmp_path / "n4" / "summary.json").read_text())["settings"]["n4"] is True
+    calls.clear()
+    args = ["--ref", hr, "--pred", sharp, "--out", tmp_path / "plain", "--threads", "1"]
+    result = invoke(*args, *FAST)
+    assert result.exit_code == 0, result.output
+    assert calls == []
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["settings"]["n4"] is False
+
+
+def test_parcellation_weights_end_to_end_with_n4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hr, sharp, _ = dataset(tmp_path, subjects=1)
+    n4_calls = _count_n4(monkeypatch)
     torch.manual_seed(0)
     weights = tmp_path / "highres3dnet.pth"
     torch.save(HighRes3DNet().state_dict(), weights)
@@ -202,6 +239,7 @@ def test_parcellation_weights_end_to_end_with_n4(tmp_path: Path) -> None:
     assert labels and {r["subject"] for r in labels} == {"sub-00_T1w"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["n4"] is True and "1 / mean|f(HR)|" in summary["settings"]["m_h"]
+    assert n4_calls == [SHAPE, SHAPE]  # the reference and the prediction, before M_h and Dice
     # the documented defaults (docs/evaluate.md, "Anatomical fidelity", steps 3-4): a crop to the
     # mask's bounding box plus 8 voxels, tiles with a core of at most 112^3 and a border of 8
     documented = {"window": 112, "border": 8, "margin": 8}

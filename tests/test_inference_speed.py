@@ -449,6 +449,39 @@ def test_cli_margin_and_overlap(tmp_path, phantom_file, psnr_weights) -> None:
     assert result.exit_code == 1 and "--overlap 14 must be below the patch core" in result.output
 
 
+def test_cli_margin_reaches_the_tiles(tmp_path, phantom_file, psnr_weights, monkeypatch) -> None:
+    """--margin 4 gives what running every patch with margin 4 gives, not the paper's 3.
+
+    The reference is the CLI with its tiling replaced by `_straightforward` on a margin-4 grid
+    (the phantom's tiles all run or are constant: no background tile keeps the input).
+    """
+    import nibabel as nib
+
+    from mrisr_cli import pipeline
+    from mrisr_cli.cli import app
+
+    def upsample(name: str, margin: int) -> np.ndarray:
+        out = tmp_path / name
+        args = ["upsample", str(phantom_file), str(out), "--psnr-weights", str(psnr_weights)]
+        args += ["--patch", "26,20,28", "--threads", "1", "--margin", str(margin)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return np.asarray(nib.load(out).dataobj, dtype=np.float32)
+
+    margin4, margin3 = upsample("m4.nii.gz", 4), upsample("m3.nii.gz", 3)
+
+    def patch_by_patch(volume, model, options, progress=None) -> np.ndarray:
+        grid = TileGrid(volume.shape, options.patch, 4)
+        assert not plan_tiles(pad_for_grid(volume, grid), grid, options).background
+        return _straightforward(volume, model, grid)
+
+    monkeypatch.setattr(pipeline, "super_resolve", patch_by_patch)
+    reference = upsample("reference.nii.gz", 4)
+    scale = float(np.ptp(reference))
+    assert float(np.abs(margin3 - reference).max()) > 1e-2 * scale  # the margin matters here
+    np.testing.assert_allclose(margin4, reference, rtol=0, atol=1e-4 * scale)
+
+
 def _psnr(reference: np.ndarray, test: np.ndarray) -> float:
     mse = float(np.mean((reference.astype(np.float64) - test) ** 2))
     peak = float(reference.max() - reference.min())
@@ -579,3 +612,6 @@ def test_n4_takes_its_settings() -> None:
     more = n4_correct(volume, (1.0,) * 3, shrink_factor=2, convergence={"iters": [20], "tol": 0})
     assert one.shape == volume.shape and one.dtype == np.float32
     assert not np.allclose(one, more)
+    # neither 1 nor 2 is the default shrink factor (4): both must reach ANTs to differ
+    finer = n4_correct(volume, (1.0,) * 3, shrink_factor=1, convergence={"iters": [20], "tol": 0})
+    assert not np.allclose(finer, more)

@@ -410,8 +410,20 @@ def test_n4_runs_when_asked(tmp_path: Path) -> None:
     save(src / "sub-01_T1w.nii.gz", head(0) * bias)
     manifest = prepare_dataset(src, tmp_path / "out", PrepareOptions(DegradationConfig(n4=True)))
     assert manifest["n4"] is True and manifest["degradation"]["n4"] is True
-    hr = np.load(tmp_path / "out" / manifest["subjects"][0]["files"]["hr"]["path"])
+    subject = manifest["subjects"][0]
+    hr = np.load(tmp_path / "out" / subject["files"]["hr"]["path"]).astype(np.float32)
     assert np.isfinite(hr).all()
+    # the stored target is N4-corrected: the 0.8 -> 1.2 ramp along x is gone
+    hr = hr * subject["intensity"]["std"] + subject["intensity"]["mean"]
+    mask = foreground_mask(hr)
+    half = SHAPE[0] // 2
+
+    def ramp(volume: np.ndarray) -> float:
+        """Mean foreground intensity of the upper half along x over that of the lower half."""
+        return float(volume[half:][mask[half:]].mean() / volume[:half][mask[:half]].mean())
+
+    assert ramp(head(0) * bias) > 1.1  # 1.13: what the stored target shows without N4
+    assert abs(ramp(hr) - 1.0) < 0.04  # 1.01 here
 
 
 def test_extending_a_dataset_keeps_every_split(tmp_path: Path) -> None:

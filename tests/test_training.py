@@ -179,6 +179,25 @@ def test_generator_loss_is_l1_plus_lambda_times_the_critic_score_and_lowers_it(
     assert all(p.requires_grad for p in critic.parameters())  # unfrozen after the step
 
 
+def test_learning_rates_decay_by_lr_decay_every_lr_decay_steps(tmp_path: Path) -> None:
+    """Step decay: x lr_decay after every lr_decay_steps steps, for both optimisers."""
+    config = tiny_config(
+        tmp_path / "data", tmp_path / "run", stage="gan", lr_decay=0.5, lr_decay_steps=3
+    )
+    factors = [training._lr_factor(config, step) for step in range(8)]
+    assert factors == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+    trainer = training.Trainer(config)
+    assert trainer.opt_d is not None
+    for step, factor in ((7, 0.25), (3, 0.5), (0, 1.0)):
+        trainer.set_step_lr(step)
+        assert [g["lr"] for g in trainer.opt_g.param_groups] == pytest.approx(
+            [config.lr * factor] * len(trainer.opt_g.param_groups)
+        )
+        assert [g["lr"] for g in trainer.opt_d.param_groups] == pytest.approx(
+            [config.critic_lr * factor] * len(trainer.opt_d.param_groups)
+        )
+
+
 def test_gradient_penalty_uses_each_samples_own_interpolate() -> None:
     """With a critic whose gradient depends on its input, a wrong broadcast changes the value."""
     critic = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten())
