@@ -9,7 +9,8 @@ drawn at random); the patch is the head tile nearest the head's centre of S06 on
 copy that ``inference.prepare_network`` makes: "plain" (BatchNorm unfolded, channels-first, the
 benchmark's "before"), "folded" (BatchNorm folded, channels-first) and "folded + CL" (the default).
 Every variant runs once untimed, then the variants alternate ``--rounds`` times (the load of a
-shared machine drifts); the median and the best of each are printed with the load average.
+shared machine drifts); the median and the best of each are printed with the load average, and
+each variant's speed-up over "plain" (plain's median seconds / the variant's median seconds).
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ def main() -> None:
                 net(x)
                 seconds[name].append(time.perf_counter() - start)
     print(f"({load_average()})")
-    print(f"{'variant':<14}{'median s':>9}{'best s':>8}  runs")
+    plain = statistics.median(seconds["plain"])
+    print(f"{'variant':<14}{'median s':>9}{'best s':>8}{'speed-up vs plain':>19}  runs")
     for name, values in seconds.items():
         runs = " ".join(f"{v:.2f}" for v in values)
-        print(f"{name:<14}{statistics.median(values):>9.2f}{min(values):>8.2f}  {runs}")
+        median = statistics.median(values)
+        print(f"{name:<14}{median:>9.2f}{min(values):>8.2f}{plain / median:>18.2f}x  {runs}")
+    print("speed-up vs plain: plain's median s / the variant's median s, in this run")
 
 
 if __name__ == "__main__":

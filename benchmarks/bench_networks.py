@@ -40,6 +40,7 @@ from mrisr_cli.degrade_file import degrade_file
 from mrisr_cli.inference import InferenceOptions, resolve_device
 from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network, count_parameters
 from mrisr_cli.pipeline import UpsampleOptions, load_generator_files, upsample_file
+from mrisr_cli.threads import configure_threads
 from mrisr_cli.weights import save_weights
 
 VOLUME = "t1/S18_voxelmorph_test_vol.nii.gz"
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=None, help="also write the rows as CSV")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        configure_threads(args.threads)  # torch, ITK and OpenMP, as `mrisr upsample --threads`
     device = resolve_device(args.device)
     names = [n.strip() for n in args.networks.split(",") if n.strip()]
     options = InferenceOptions(device=device, half=args.half, batch_size=args.batch_size)

@@ -6,8 +6,14 @@ one, on two synthetic phantom heads prepared in a temporary folder. Configuratio
 
 - on a GPU: gradient checkpointing on/off x AMP on/off, each at the largest batch that fits
   (found by doubling until CUDA runs out of memory) unless ``--batch`` is given;
-- on the CPU: checkpointing on, batch 1, few steps: a full-RRDG patch is ~0.87 TFLOP forward, so
-  one training step takes minutes on two cores.
+- on the CPU: checkpointing on, then off, batch 1, few steps: a full-RRDG patch is ~0.87 TFLOP
+  forward, so one training step takes minutes on two cores.
+
+The first configuration is `mrisr train`'s default on that device (checkpointing on; AMP on a GPU,
+off on the CPU) and is the reference: every row gives its patches/s over the reference's, measured
+in the same process (a speed-up; on a GPU the batch sizes may differ, so patches/s, not s/step).
+Peak memory is per configuration: the GPU's peak allocated memory, or the process's resident
+memory sampled every 20 ms while that configuration's steps run.
 
 Usage::
 
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_upsample import PeakRss
 
 from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.inference import resolve_device
@@ -69,7 +75,7 @@ def measure(
         return (pair[0].pin_memory(), pair[1].pin_memory()) if cuda else pair
 
     keys = [(s, 0) for s in range(warmup + steps)]
-    with Prefetcher(fetch, keys, depth=4, workers=workers) as prefetch:
+    with PeakRss().watch() as rss, Prefetcher(fetch, keys, depth=4, workers=workers) as prefetch:
         batches = (
             (lr.to(device, non_blocking=True), hr.to(device, non_blocking=True))
             for lr, hr in prefetch
@@ -102,7 +108,7 @@ def measure(
     if cuda:
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["peak_rss_gib"] = rss.peak / 2**30
     del trainer
     return result
 
@@ -152,7 +158,8 @@ def main() -> None:
         data = args.data or synthetic_data(Path(tmp))
         subjects = open_split(load_manifest(data), "train")
         sampler = PatchSampler(subjects, PatchOptions(patch), seed=0)  # type: ignore[arg-type]
-        variants = [(True, False)]
+        # (checkpointing, amp); the first is `mrisr train`'s default here and the reference
+        variants = [(True, False), (False, False)]
         if cuda:
             variants = [(True, True), (False, True), (True, False), (False, False)]
         params = count_parameters(build_network(network))
@@ -160,6 +167,15 @@ def main() -> None:
             f"RRDG {network.params or '(paper)'}: {params:,} parameters; patch "
             f"{'x'.join(map(str, patch))}; device {device}"
             + ("" if cuda else f" ({threads} threads)")
+        )
+        print(
+            f"reference: checkpointing on, amp {'on' if cuda else 'off'} (the default here); "
+            "'x reference' = patches/s over the reference's, this run"
+            + (
+                "; --warmup 0: the first row's steps include first-call costs"
+                if warmup == 0
+                else ""
+            )
         )
         results = []
         for checkpointing, amp in variants:
@@ -180,6 +196,9 @@ def main() -> None:
                 )
             result = measure(base, device, sampler, warmup, steps, args.workers)
             results.append(result)
+            result["speedup_vs_reference"] = (
+                result["patches_per_second"] / results[0]["patches_per_second"]
+            )
             memory = (
                 f"peak GPU {result['peak_gpu_memory_gib']:.2f} GiB"
                 if cuda
@@ -189,7 +208,8 @@ def main() -> None:
                 f"checkpointing {'on ' if checkpointing else 'off'} amp {'on ' if amp else 'off'} "
                 f"batch {result['batch']:3d}: {result['seconds_per_step']:8.2f} s/step "
                 f"{result['patches_per_second']:8.3f} patches/s  data wait "
-                f"{100 * result['data_wait_fraction']:5.1f}%  {memory}",
+                f"{100 * result['data_wait_fraction']:5.1f}%  {memory}  "
+                f"{result['speedup_vs_reference']:5.2f} x reference",
                 flush=True,
             )
     if args.json:

@@ -474,7 +474,7 @@ def n4_study(case: Case, volume: str | None) -> None:
     reference = None
     print(f"\nN4 on {volume or case.source} {data.shape} ({load_average()})")
     print(
-        f"{'setting':<16}{'shrink':>7}{'iterations':>14}{'tol':>8}{'s':>7}{'speed-up':>9}"
+        f"{'setting':<16}{'shrink':>7}{'iterations':>17}{'tol':>8}{'s':>7}{'speed-up':>9}"
         f"{'median %':>10}{'p99 %':>8}{'max %':>8}"
     )
     base = 0.0
@@ -491,7 +491,7 @@ def n4_study(case: Case, volume: str | None) -> None:
             reference, base = out, seconds
         rel = np.abs(out[mask] - reference[mask]) / reference[mask] * 100
         print(
-            f"{label:<16}{shrink:>7}{'x'.join(map(str, iters)):>14}{tol:>8.0e}{seconds:>7.1f}"
+            f"{label:<16}{shrink:>7}{'x'.join(map(str, iters)):>17}{tol:>8.0e}{seconds:>7.1f}"
             f"{base / seconds:>9.1f}{np.median(rel):>10.3f}{np.percentile(rel, 99):>8.3f}"
             f"{rel.max():>8.2f}"
         )
@@ -499,7 +499,7 @@ def n4_study(case: Case, volume: str | None) -> None:
             matched = out * (reference[mask].mean() / out[mask].mean())
             rel = np.abs(matched[mask] - reference[mask]) / reference[mask] * 100
             print(
-                f"{'  scale matched':<52}{np.median(rel):>10.3f}{np.percentile(rel, 99):>8.3f}"
+                f"{'  scale matched':<64}{np.median(rel):>10.3f}{np.percentile(rel, 99):>8.3f}"
                 f"{rel.max():>8.2f}"
             )
 
@@ -624,10 +624,11 @@ def main() -> None:
     parser.add_argument("--seam-crop", default="128,112,128", help="crop for the seam study")
     args = parser.parse_args()
 
-    threads = args.threads or len(os.sched_getaffinity(0))
     from mrisr_cli.threads import configure_threads
 
-    configure_threads(threads)
+    # --threads, else SLURM_CPUS_PER_TASK / OMP_NUM_THREADS, else the CPUs this process may use
+    # (affinity capped by the cgroup's CPU quota: mrisr_cli.threads.available_cpus)
+    threads = configure_threads(args.threads or None)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.devices != "auto":
         devices = args.devices.split(",")
