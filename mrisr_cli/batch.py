@@ -200,6 +200,10 @@ def split_finished(
         both = f"{image.name} and {sidecar.name}" if sidecar.exists() else image.name
         redo = f"delete {both} to make it again, or choose another output"
         try:
+            seen = sidecar.stat()  # before it is read: what a stale sidecar must still be
+        except OSError:
+            seen = None
+        try:
             record = _read_sidecar(sidecar) if sidecar.exists() else None
         except OutputError as exc:  # not ours to delete: the user's own file, perhaps
             resume.refused.append((job, str(exc)))
@@ -211,9 +215,8 @@ def split_finished(
             )
             continue
         if not image.exists():
-            if record is not None:
-                with suppress(OSError):
-                    stale.append((sidecar, image, sidecar.stat()))
+            if record is not None and seen is not None:
+                stale.append((sidecar, image, seen))
             resume.to_run.append(job)
             continue
         if record is None or image.is_dir():

@@ -359,8 +359,8 @@ def upsample_prepared(
     inferred = time.perf_counter()
     output_path, sidecar = Path(output_path), sidecar_path(Path(output_path))
     # should an --overwrite fail half-way, the earlier sidecar goes back beside the earlier image
-    earlier_sidecar = _read_if_there(sidecar) if options.sidecar and options.overwrite else None
-    sidecar_written = False
+    earlier = _link_aside(sidecar) if options.sidecar and options.overwrite else None
+    placed: os.stat_result | None = None  # the sidecar this call put in place
     try:
         # the sidecar goes into place before the image: a job killed in between leaves a
         # sidecar without its image, which --skip-existing redoes, never an image without one
@@ -371,11 +371,11 @@ def upsample_prepared(
             written = time.perf_counter()
             result = _result(prepared, output_path, out.shape, options, half_warning)
             # the shared read and N4 count in the first output's total only, so totals add up
-            earlier = 0.0 if prepared.charged else prepared.seconds["read"] + prepared.seconds["n4"]
+            shared = 0.0 if prepared.charged else prepared.seconds["read"] + prepared.seconds["n4"]
             result.seconds.update(
                 network=inferred - started,
                 write=written - inferred,
-                total=written - started + earlier,
+                total=written - started + shared,
             )
             if options.sidecar:
                 try:
@@ -388,33 +388,48 @@ def upsample_prepared(
                         f"{sidecar}: cannot be written ({os_reason(exc)}); "
                         f"{output_path} was not written either"
                     ) from exc
-                sidecar_written = True
+                placed = sidecar.stat()
     except BaseException as exc:
-        if sidecar_written:  # the image did not make it into place: its record goes too
-            _put_back(sidecar, earlier_sidecar)
+        if placed is not None:  # the image did not make it into place: its record goes too
+            _take_back(sidecar, placed, earlier)
         if isinstance(exc, OSError):  # the image's rename, or reading it back for its sha256
             raise OutputError(f"{output_path}: could not write ({os_reason(exc)})") from exc
         raise
+    finally:
+        if earlier is not None:
+            earlier.unlink(missing_ok=True)
     prepared.charged = True
     return result
 
 
-def _read_if_there(path: Path) -> bytes | None:
+def _link_aside(path: Path) -> Path | None:
+    """A hidden hard link to ``path`` as it is now (None: there is none, or the file system
+    makes no links), so that it can be put back by a rename: no space needed, mode kept."""
+    if not path.is_file():
+        return None
+    aside = path.with_name(f".{path.name}.{os.getpid()}.earlier")
     try:
-        return path.read_bytes()
+        aside.unlink(missing_ok=True)
+        os.link(path, aside)
     except OSError:
         return None
+    return aside
 
 
-def _put_back(path: Path, earlier: bytes | None) -> None:
-    """Restore a file to ``earlier`` (None: it did not exist); never in the way of the error
-    that made this necessary."""
-    with suppress(OSError, MrisrError):
-        if earlier is None:
-            path.unlink(missing_ok=True)
-        else:
-            with atomic_path(path, overwrite=True) as tmp:
-                tmp.write_bytes(earlier)
+def _take_back(path: Path, placed: os.stat_result, earlier: Path | None) -> None:
+    """Undo this call's sidecar at ``path``: the ``earlier`` one back, or none; a file another
+    run placed there since is left alone. Never in the way of the error that made it necessary."""
+    with suppress(OSError):
+        now = path.stat()
+        if (now.st_ino, now.st_mtime_ns) != (placed.st_ino, placed.st_mtime_ns):
+            return
+        try:
+            if earlier is None:
+                path.unlink()
+            else:
+                os.replace(earlier, path)
+        except OSError:
+            path.unlink()
 
 
 def _result(
@@ -497,4 +512,3 @@ def write_sidecar(
     path = sidecar_path(result.output)
     with atomic_path(path, overwrite=options.overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-

@@ -128,19 +128,35 @@ def find_scans(src_dir: Path) -> list[Scan]:
                 number += 1
             ids[index] = f"{scan_id}-{number}"
             taken.add(ids[index])
+    relatives = [path.relative_to(src_dir) for path in paths]
+    freesurfer = freesurfer_mri_folders(relatives)
     return [
-        Scan(path=path, id=scan_id, subject=subject_of(path.relative_to(src_dir)) or scan_id)
-        for path, scan_id in zip(paths, ids, strict=True)
+        Scan(path=path, id=scan_id, subject=subject_of(relative, freesurfer) or scan_id)
+        for path, relative, scan_id in zip(paths, relatives, ids, strict=True)
     ]
 
 
-def subject_of(relative: Path) -> str | None:
+#: Volumes that FreeSurfer's recon-all writes into SUBJECT/mri/: one of them marks such a folder.
+FREESURFER_VOLUMES = frozenset(
+    {"orig.mgz", "rawavg.mgz", "nu.mgz", "T1.mgz", "norm.mgz", "brainmask.mgz", "brain.mgz"}
+    | {"aseg.mgz", "aparc+aseg.mgz", "wm.mgz"}
+)
+
+
+def freesurfer_mri_folders(relatives: Sequence[Path]) -> frozenset[Path]:
+    """The ``mri/`` folders among the scans' paths that hold one of FreeSurfer's own volumes:
+    a dataset that merely keeps its scans in a folder named ``mri`` is not one person."""
+    return frozenset(
+        p.parent for p in relatives if p.name in FREESURFER_VOLUMES and p.parent.name == "mri"
+    )
+
+
+def subject_of(relative: Path, freesurfer: frozenset[Path] = frozenset()) -> str | None:
     """The person a scan belongs to, from its path below the source folder, so that all their
     scans share a split: a BIDS ``sub-XX`` in the file name or a folder name, else the folder
-    holding FreeSurfer's ``mri/`` (``bert/mri/T1.mgz``, ``bert/mri/orig/001.mgz``: one person's
-    raw, intensity-normalised and skull-stripped volumes; only MGH files count, so that a
-    dataset that merely keeps its NIfTI scans in an ``mri/`` folder is not taken for one
-    person). None: the scan is its own subject."""
+    holding a FreeSurfer ``mri/`` folder (one of ``freesurfer``): ``bert/mri/T1.mgz``,
+    ``bert/mri/orig/001.mgz`` and a ``bert/mri/T1.nii.gz`` exported beside them are one
+    person's. None: the scan is its own subject."""
     match = re.search(r"sub-[A-Za-z0-9]+", relative.name)
     if match:
         return match.group(0)
@@ -149,9 +165,10 @@ def subject_of(relative: Path) -> str | None:
         match = re.fullmatch(r"sub-[A-Za-z0-9]+", folder)
         if match:
             return match.group(0)
-    if "mri" in folders[1:] and relative.suffix.lower() in (".mgz", ".mgh"):
+    if "mri" in folders[1:]:
         below = len(folders) - 1 - folders[::-1].index("mri")
-        return "/".join(folders[:below])
+        if Path(*folders[: below + 1]) in freesurfer:
+            return "/".join(folders[:below])
     return None
 
 

@@ -210,7 +210,7 @@ def check_not_label_map(data: np.ndarray, what: str) -> None:
 NOT_T1_SUFFIXES = frozenset(
     s.lower()
     for s in (
-        "T2w", "T2", "T2star", "T2starw", "FLAIR", "PDw", "PDT2", "inplaneT2", "FLASH",
+        "T2w", "T2star", "T2starw", "FLAIR", "PDw", "PDT2", "inplaneT2", "FLASH",
         "angio", "T1rho", "MEGRE", "MESE", "MP2RAGE", "T1map", "R1map", "T2map", "R2map",
         "T2starmap", "R2starmap", "PDmap", "M0map", "S0map", "Chimap", "MTRmap", "MTsat",
         "TB1map", "B1map", "RB1map", "bold", "boldref", "cbv", "sbref", "dwi", "dwiref", "epi",
@@ -220,7 +220,10 @@ NOT_T1_SUFFIXES = frozenset(
 )  # fmt: skip
 #: Of those, the contrasts that also lead a name (HCP's ``T2w_acpc_dc_restore.nii.gz``). Not
 #: "PD" (BIDS' deprecated proton density): cohorts name Parkinson's patients' T1s ``PD_012_T1``.
-NOT_T1_PREFIXES = frozenset(s.lower() for s in ("T2w", "T2", "FLAIR", "PDw", "T2star"))
+NOT_T1_PREFIXES = frozenset(s.lower() for s in ("T2w", "FLAIR", "PDw", "T2star"))
+#: Compared as written: FreeSurfer's ``T2.mgz``, BIDS' ``sub-01_T2``; in lower case ``t2`` is a
+#: second time point as often (``P012_t2.nii.gz``, a T1 of a longitudinal study).
+NOT_T1_EXACT = frozenset({"T2"})
 
 
 def check_t1_name(path: Path) -> None:
@@ -228,12 +231,21 @@ def check_t1_name(path: Path) -> None:
     ``T2.mgz``, ``FLAIR_brain.nii.gz``): a T2w or FLAIR header looks like a T1's, so a BIDS
     ``anat/`` folder would otherwise be super-resolved, or trained on, whole."""
     parts = strip_suffix(Path(path).name).split("_")
-    found = [p for p in parts[-1:] if p.lower() in NOT_T1_SUFFIXES] or [
-        p for p in parts[:1] if p.lower() in NOT_T1_PREFIXES
-    ]
-    if found:
+    first, last = parts[0], parts[-1]
+    found = next(
+        (
+            part
+            for part, marks in (
+                (last, last.lower() in NOT_T1_SUFFIXES or last in NOT_T1_EXACT),
+                (first, first.lower() in NOT_T1_PREFIXES or first in NOT_T1_EXACT),
+            )
+            if marks
+        ),
+        None,
+    )
+    if found is not None:
         raise InputError(
-            f"{path}: its name marks a {found[0]} image, not a T1-weighted scan, which mrisr's "
+            f"{path}: its name marks it as {found}, not as a T1-weighted scan, which mrisr's "
             "models are for (name the *_T1w files, or rename this one if it is T1-weighted)"
         )
 

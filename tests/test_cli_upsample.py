@@ -523,6 +523,30 @@ def test_skip_existing_checks_the_image_and_a_killed_write_leaves_no_image_alone
     assert hashed.count(src) == 1, hashed
 
 
+def test_an_image_that_cannot_be_put_in_place_is_one_line_and_leaves_nothing(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's rename failing (a folder made read-only meanwhile, a quota) was a traceback
+    that ended the whole batch."""
+    import os
+
+    from mrisr_cli import volumes
+
+    real_replace = os.replace
+
+    def refused(tmp: str | Path, target: str | Path) -> None:
+        if str(target).endswith(".nii.gz"):
+            raise PermissionError(13, "Permission denied")
+        real_replace(tmp, target)
+
+    monkeypatch.setattr(volumes.os, "replace", refused)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = upsample(phantom_file, out / "o.nii.gz", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert_one_line_error(result, f"{out / 'o.nii.gz'}: could not write (Permission denied)")
+    assert list(out.iterdir()) == []
+
+
 def test_a_bids_folder_runs_its_t1w_and_refuses_other_contrasts(
     tmp_path: Path, fast_weights: Path
 ) -> None:
@@ -535,7 +559,7 @@ def test_a_bids_folder_runs_its_t1w_and_refuses_other_contrasts(
     result = upsample(anat, f"{out}/", "--psnr-weights", fast_weights, *SMALL_PATCH)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert error_lines(result) == [
-        f"mrisr: error: {anat / 'sub-01_T2w.nii.gz'}: its name marks a T2w image, not a "
+        f"mrisr: error: {anat / 'sub-01_T2w.nii.gz'}: its name marks it as T2w, not as a "
         "T1-weighted scan, which mrisr's models are for (name the *_T1w files, or rename this "
         "one if it is T1-weighted)"
     ]

@@ -19,6 +19,7 @@ from mrisr_cli.prepare import (
     PrepareOptions,
     SubjectOutcome,
     assign_splits,
+    freesurfer_mri_folders,
     load_manifest,
     prepare_dataset,
     resample_isotropic,
@@ -256,12 +257,13 @@ def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> No
     assert sorted(s["id"] for s in manifest["subjects"]) == ["s0", "s1", "s2", "sub-07_T1w"]
     reasons = {Path(f["source"]).name: f["error"] for f in manifest["failures"]}
     assert sorted(reasons) == ["sub-07_FLAIR.nii.gz", "sub-07_T2w.nii.gz"]
-    assert "its name marks a FLAIR image, not a T1-weighted scan" in str(reasons)
+    assert "its name marks it as FLAIR, not as a T1-weighted scan" in str(reasons)
     for name in ("sub-01_t2w.nii", "T2w_acpc_dc_restore.nii.gz", "T2.mgz", "brain_mask.nii.gz"):
-        with pytest.raises(InputError, match="its name marks a"):
+        with pytest.raises(InputError, match="its name marks it as"):
             check_t1_name(Path(name))
     for name in ("sub-01_desc-preproc_T1w.nii.gz", "T1w_acpc_dc_restore.nii.gz", "PD_012_T1.nii"):
         check_t1_name(Path(name))  # T1s, also a Parkinson's cohort's
+    check_t1_name(Path("P012_t2.nii.gz"))  # a second time point of a longitudinal study
 
 
 def test_a_deleted_manifest_loses_no_split(tmp_path: Path) -> None:
@@ -358,7 +360,11 @@ def test_one_freesurfer_subjects_volumes_share_a_split(tmp_path: Path) -> None:
         split_of.setdefault(record["subject"], set()).add(record["split"])
     assert sorted(split_of) == ["bert", "ernie", "fred", "gus", "hal"]
     assert all(len(s) == 1 for s in split_of.values()) and len(manifest["subjects"]) == 15
-    assert subject_of(Path("site/bert/mri/orig/001.mgz")) == "site/bert"
+    freesurfer = freesurfer_mri_folders([Path("site/bert/mri/T1.mgz"), Path("data/mri/a.mgz")])
+    assert freesurfer == {Path("site/bert/mri")}
+    assert subject_of(Path("site/bert/mri/orig/001.mgz"), freesurfer) == "site/bert"
+    assert subject_of(Path("site/bert/mri/T1.nii.gz"), freesurfer) == "site/bert"  # exported
+    assert subject_of(Path("data/mri/a.mgz"), freesurfer) is None  # no FreeSurfer volume there
     assert subject_of(Path("sub-07/ses-1/anat/T1w.nii.gz")) == "sub-07"
     assert subject_of(Path("S01_t1.nii.gz")) is None
     assert subject_of(Path("IXI/mri/IXI002-Guys-0828-T1.nii.gz")) is None  # not FreeSurfer's
