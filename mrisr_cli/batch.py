@@ -197,14 +197,14 @@ def split_finished(
     stale: list[tuple[Path, Path, os.stat_result]] = []  # sidecar, its image, as it was read
     for job in jobs:
         image, sidecar = job.output, sidecar_path(job.output)
-        both = f"{image.name} and {sidecar.name}" if sidecar.exists() else image.name
-        redo = f"delete {both} to make it again, or choose another output"
         try:
             seen = sidecar.stat()  # before it is read: what a stale sidecar must still be
         except OSError:
-            seen = None
+            seen = None  # there is none
+        both = f"{image.name} and {sidecar.name}" if seen is not None else image.name
+        redo = f"delete {both} to make it again, or choose another output"
         try:
-            record = _read_sidecar(sidecar) if sidecar.exists() else None
+            record = _read_sidecar(sidecar) if seen is not None else None
         except OutputError as exc:  # not ours to delete: the user's own file, perhaps
             resume.refused.append((job, str(exc)))
             continue

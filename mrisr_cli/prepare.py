@@ -136,6 +136,8 @@ def find_scans(src_dir: Path) -> list[Scan]:
     ]
 
 
+BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")  # the subject entity of a BIDS name or folder
+
 #: Volumes that FreeSurfer's recon-all writes into SUBJECT/mri/: one of them marks such a folder.
 FREESURFER_VOLUMES = frozenset(
     {"orig.mgz", "rawavg.mgz", "nu.mgz", "T1.mgz", "norm.mgz", "brainmask.mgz", "brain.mgz"}
@@ -157,14 +159,13 @@ def subject_of(relative: Path, freesurfer: frozenset[Path] = frozenset()) -> str
     holding a FreeSurfer ``mri/`` folder (one of ``freesurfer``): ``bert/mri/T1.mgz``,
     ``bert/mri/orig/001.mgz`` and a ``bert/mri/T1.nii.gz`` exported beside them are one
     person's. None: the scan is its own subject."""
-    match = re.search(r"sub-[A-Za-z0-9]+", relative.name)
+    match = BIDS_SUBJECT.search(relative.name)
     if match:
         return match.group(0)
     folders = relative.parts[:-1]
     for folder in reversed(folders):
-        match = re.fullmatch(r"sub-[A-Za-z0-9]+", folder)
-        if match:
-            return match.group(0)
+        if BIDS_SUBJECT.fullmatch(folder):
+            return folder
     if "mri" in folders[1:]:
         below = len(folders) - 1 - folders[::-1].index("mri")
         if Path(*folders[: below + 1]) in freesurfer:

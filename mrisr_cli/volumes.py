@@ -232,22 +232,16 @@ def check_t1_name(path: Path) -> None:
     ``anat/`` folder would otherwise be super-resolved, or trained on, whole."""
     parts = strip_suffix(Path(path).name).split("_")
     first, last = parts[0], parts[-1]
-    found = next(
-        (
-            part
-            for part, marks in (
-                (last, last.lower() in NOT_T1_SUFFIXES or last in NOT_T1_EXACT),
-                (first, first.lower() in NOT_T1_PREFIXES or first in NOT_T1_EXACT),
-            )
-            if marks
-        ),
-        None,
+    if last.lower() in NOT_T1_SUFFIXES or last in NOT_T1_EXACT:
+        found = last
+    elif first.lower() in NOT_T1_PREFIXES or first in NOT_T1_EXACT:
+        found = first
+    else:
+        return
+    raise InputError(
+        f"{path}: its name marks it as {found}, not as a T1-weighted scan, which mrisr's "
+        "models are for (name the *_T1w files, or rename this one if it is T1-weighted)"
     )
-    if found is not None:
-        raise InputError(
-            f"{path}: its name marks it as {found}, not as a T1-weighted scan, which mrisr's "
-            "models are for (name the *_T1w files, or rename this one if it is T1-weighted)"
-        )
 
 
 def _short(exc: BaseException) -> str:
