@@ -34,6 +34,7 @@ from mrisr_cli.volumes import (
     image_files,
     is_volume_path,
     os_reason,
+    same_file,
     strip_suffix,
 )
 from mrisr_cli.weights import sha256_of
@@ -308,15 +309,8 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 
 
 def _same_file(recorded: object, path: Path) -> bool:
-    """Whether a sidecar's absolute input path names ``path`` (also through another link)."""
-    if not isinstance(recorded, str):
-        return False
-    if recorded == os.path.abspath(path):
-        return True
-    try:
-        return os.path.samefile(recorded, path)
-    except OSError:
-        return False
+    """Whether a sidecar's absolute input path (any JSON value) names ``path``."""
+    return isinstance(recorded, str) and same_file(recorded, path)
 
 
 def run_upsample_jobs(

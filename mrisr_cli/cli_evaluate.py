@@ -152,7 +152,7 @@ def _run(
     options = EvaluationOptions(
         weights=weights, tissue=tissue, n4=n4, device=resolved, border=context, margin=context
     )
-    check_inputs(ref, pred, mask, options)  # fatal problems before the progress bar starts
+    planned = check_inputs(ref, pred, mask, options)  # fatal problems before the progress bar
     console = stderr_console()
     with progress_bar(console) as bar:
         task = bar.add_task("evaluating", total=None)
@@ -161,7 +161,7 @@ def _run(
             bar.update(task, completed=done, total=total, description=f"evaluated {subject}")
 
         evaluation = evaluate(
-            ref, pred, mask_dir=mask, options=options, jobs=jobs, progress=progress
+            ref, pred, mask_dir=mask, options=options, jobs=jobs, progress=progress, planned=planned
         )
     for note in evaluation.notes:
         report_line("note", note)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ from mrisr_cli.volumes import (
     is_volume_path,
     load_volume,
     os_reason,
+    same_file,
     write_volume,
 )
 
@@ -115,26 +115,16 @@ def _staged_image(path: Path, *, overwrite: bool) -> Iterator[Path]:
         raise OutputError(f"{path}: could not write ({os_reason(exc)})") from exc
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True when two paths name one file (after symlinks; hard links too, where both exist)."""
-    if Path(a).resolve() == Path(b).resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_distinct_paths(hr_path: Path, lr_path: Path, lowres_path: Path | None) -> None:
     """Refuse, before anything is written, outputs that are the same file as each other or as
     the input (writing the first would clobber the other or fail half-way)."""
-    if _same_file(lr_path, hr_path):
+    if same_file(lr_path, hr_path):
         raise OutputError(f"{lr_path}: the output is the input file; choose another name")
     if lowres_path is None:
         return
-    if _same_file(lowres_path, hr_path):
+    if same_file(lowres_path, hr_path):
         raise OutputError(f"{lowres_path}: --keep-lowres is the input file; choose another name")
-    if _same_file(lowres_path, lr_path):
+    if same_file(lowres_path, lr_path):
         raise OutputError(
             f"{lowres_path}: --keep-lowres names the same file as the degraded output; "
             "choose another name"

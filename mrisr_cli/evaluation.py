@@ -22,7 +22,7 @@ from mrisr_cli.errors import InputError, MrisrError
 from mrisr_cli.evaluation_results import METRICS, Evaluation, MetricInfo, PairResult
 from mrisr_cli.evaluation_stats import SIGNIFICANCE_LEVEL, paired_tests, summarise
 from mrisr_cli.intensity import foreground_mask
-from mrisr_cli.pairing import plan
+from mrisr_cli.pairing import Plan, plan
 from mrisr_cli.volumes import load_volume, nibabel_readable, strip_suffix
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -264,11 +264,15 @@ def _evaluate_pair(
 
 def check_inputs(
     ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None, options: EvaluationOptions
-) -> None:
-    """Raise the run's fatal errors (folders, names, weights file) before any work starts."""
-    plan(ref_dir, preds, mask_dir)
+) -> Plan:
+    """Raise the run's fatal errors (folders, names, weights file) before any work starts.
+
+    Returns the plan, for :func:`evaluate` to run without listing and pairing the folders again.
+    """
+    planned = plan(ref_dir, preds, mask_dir)
     if options.weights is not None:
         _model(options.weights)
+    return planned
 
 
 def evaluate(
@@ -280,9 +284,14 @@ def evaluate(
     jobs: int = 1,
     previews: int = 3,
     progress: ProgressCallback | None = None,
+    planned: Plan | None = None,
 ) -> Evaluation:
-    """Evaluate every matched pair (in ``jobs`` worker processes), then summarise and compare."""
-    planned = plan(ref_dir, preds, mask_dir)
+    """Evaluate every matched pair (in ``jobs`` worker processes), then summarise and compare.
+
+    ``planned`` is :func:`check_inputs`' plan of the same folders (else they are planned here).
+    """
+    if planned is None:
+        planned = plan(ref_dir, preds, mask_dir)
     methods, pairings, mask_pairing = planned.methods, planned.pairings, planned.mask_pairing
     if options.weights is not None:
         _model(options.weights)  # a wrong weights file stops the run before any work (cached)

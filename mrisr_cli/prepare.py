@@ -38,6 +38,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
@@ -50,6 +51,7 @@ from mrisr_cli.volumes import (
     check_t1_name,
     image_files,
     load_volume,
+    nibabel_readable,
     obliquity_degrees,
     strip_suffix,
 )
@@ -196,15 +198,35 @@ def check_training_scan(
             f"{what}: voxels of {zooms.max():.2f} mm are too coarse to serve as high-resolution "
             f"ground truth at --spacing {spacing_mm:g} (at most {spacing_mm * MAX_SPACING_RATIO:g})"
         )
-    extent = np.asarray(data.shape) * zooms
+    check_extent(data.shape, zooms, what, min_extent_mm=min_extent_mm)
+    oblique = obliquity_degrees(affine)
+    if oblique > MAX_OBLIQUITY_DEGREES:
+        raise InputError(f"{what}: grid is {oblique:.0f} degrees oblique; reslice it first")
+
+
+def check_extent(
+    shape: Sequence[int], zooms: np.ndarray, what: str, *, min_extent_mm: float = MIN_EXTENT_MM
+) -> None:
+    """Refuse a field of view under ``min_extent_mm`` along some axis (a slab, a crop)."""
+    extent = np.asarray(shape[:3]) * np.asarray(zooms)
     if extent.min() < min_extent_mm:
         raise InputError(
             f"{what}: field of view {' x '.join(f'{e:.0f}' for e in extent)} mm is too small "
             f"for a brain scan (at least {min_extent_mm:g} mm along every axis)"
         )
-    oblique = obliquity_degrees(affine)
-    if oblique > MAX_OBLIQUITY_DEGREES:
-        raise InputError(f"{what}: grid is {oblique:.0f} degrees oblique; reslice it first")
+
+
+def _check_source_extent(path: Path, min_extent_mm: float) -> None:
+    """:func:`check_extent` from the header alone: a scan prepared by an earlier run is held
+    to this run's ``--min-extent`` too (it is not part of the settings that redo a scan)."""
+    try:
+        with nibabel_readable(path) as readable:
+            image = nib.load(str(readable))
+            shape, affine = image.shape, np.asarray(image.affine)
+    except Exception as exc:  # the file it was prepared from (same sha256): not expected
+        raise InputError(f"{path}: its header cannot be read ({type(exc).__name__})") from exc
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    check_extent(shape, zooms, str(path), min_extent_mm=min_extent_mm)
 
 
 def resample_isotropic(
@@ -297,6 +319,10 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
         if same == (_settings(options), source_sha):
             damage = _array_damage(folder, record)
             if damage is None:
+                try:
+                    _check_source_extent(scan.path, options.min_extent_mm)
+                except InputError as exc:
+                    return SubjectOutcome(scan, "failed", str(exc))
                 # the subject comes from the path (subject_of), which an earlier version read
                 # otherwise: this run's grouping applies to subjects done before it too
                 record = {**record, "subject": scan.subject}
@@ -581,7 +607,15 @@ def write_manifest(
         key=lambda r: str(r["id"]),
     )
     former = list({str(r["id"]): r for r in former}.values())
-    manifest = save_manifest(out_dir, options.degradation, split, subjects, failures, former)
+    manifest = save_manifest(
+        out_dir,
+        options.degradation,
+        split,
+        subjects,
+        failures,
+        former,
+        min_extent_mm=options.min_extent_mm,
+    )
     _record_splits(out_dir, subjects, {"ratios": list(options.ratios), "seed": options.seed})
     new_ids = {r["id"] for g in new_groups for r in members[g]}
     manifest["run"] = {
@@ -617,9 +651,12 @@ def save_manifest(
     subjects: list[dict[str, Any]],
     failures: list[dict[str, str]],
     former: list[dict[str, Any]] | None = None,
+    *,
+    min_extent_mm: float | None = None,
 ) -> dict[str, Any]:
     """Write ``manifest.json`` (atomically) for subjects whose split is already assigned;
-    ``former``: the splits of subjects that left the dataset, kept for their return."""
+    ``former``: the splits of subjects that left the dataset, kept for their return;
+    ``min_extent_mm``: the smallest field of view the scans were accepted with."""
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -634,6 +671,8 @@ def save_manifest(
     }
     if former:
         manifest["former"] = former
+    if min_extent_mm is not None:
+        manifest["min_extent_mm"] = min_extent_mm
     with atomic_path(Path(out_dir) / MANIFEST_NAME, overwrite=True) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest

@@ -437,6 +437,16 @@ def new_file_mode() -> int:
     return 0o666 & ~(UMASK_AT_IMPORT if umask is None else umask)
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: after symlinks, and hard links too where both exist."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 @contextmanager
 def atomic_path(path: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success.

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import typing
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -20,12 +21,13 @@ import torch
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
+from mrisr_cli import cli_evaluate
 from mrisr_cli import evaluation as evaluation_module
 from mrisr_cli.cli import app
 from mrisr_cli.evaluation import reference_mask
 from mrisr_cli.evaluation_results import METRIC_BY_KEY, PairResult
 from mrisr_cli.evaluation_stats import paired_tests, summarise
-from mrisr_cli.networks.highres3dnet import HighRes3DNet
+from mrisr_cli.networks.highres3dnet import RECEPTIVE_RADIUS, HighRes3DNet
 from mrisr_cli.pairing import match_files, name_score
 
 SHAPE = (22, 24, 20)
@@ -108,6 +110,31 @@ def test_one_method_table_and_report(tmp_path: Path) -> None:
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert figures == ["boxplots.png", *(f"slices_sub-0{i}_T1w.png" for i in range(3))]
     assert (out / "figures" / "boxplots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_context_help_names_the_receptive_radius() -> None:
+    """The help's exact value is a literal (the CLI does not import torch): keep it in step."""
+    hints = typing.get_type_hints(cli_evaluate.evaluate_command, include_extras=True)
+    help_text = hints["parcellation_context"].__metadata__[0].help
+    assert f": {RECEPTIVE_RADIUS}, its receptive radius" in help_text
+
+
+def test_the_folders_are_listed_and_paired_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI checks the inputs before its progress bar, then runs that same plan."""
+    hr, sharp, blurry = dataset(tmp_path, subjects=2)
+    calls: list[Path] = []
+    planner = evaluation_module.plan
+
+    def counting_plan(ref_dir: Path, *args: Any) -> Any:
+        calls.append(ref_dir)
+        return planner(ref_dir, *args)
+
+    monkeypatch.setattr(evaluation_module, "plan", counting_plan)
+    result = invoke("--ref", hr, "--pred", sharp, "--pred", blurry, *FAST)
+    assert result.exit_code == 0, result.output
+    assert calls == [hr]
 
 
 def test_two_methods_paired_test_prefers_the_sharper(tmp_path: Path) -> None:
@@ -246,7 +273,7 @@ def test_parcellation_weights_end_to_end_with_n4(
     assert summary["settings"]["highres3dnet_tiles"] == documented
     # SHAPE fits one tile: more context changes only the crop around the mask, which is recorded
     wide = tmp_path / "wide"
-    context = 43  # HighRes3DNet's receptive radius: the value the docs give for one exact pass
+    context = RECEPTIVE_RADIUS  # the value the docs give for one exact pass
     args = ["--parcellation-weights", weights, "--parcellation-context", str(context)]
     assert invoke("--ref", hr, "--pred", sharp, *args, "--out", wide).exit_code == 0
     tiles = json.loads((wide / "summary.json").read_text())["settings"]["highres3dnet_tiles"]

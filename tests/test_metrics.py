@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from scipy import ndimage as ndi
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
+from torch import nn
 
 from mrisr_cli import metrics
 from mrisr_cli.errors import InputError, WeightsError
@@ -27,7 +28,7 @@ from mrisr_cli.fidelity import (
     tissue_fidelity,
 )
 from mrisr_cli.networks import count_parameters
-from mrisr_cli.networks.highres3dnet import HighRes3DNet, load_highres3dnet
+from mrisr_cli.networks.highres3dnet import RECEPTIVE_RADIUS, HighRes3DNet, load_highres3dnet
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS_NAME = "parcellation/highresnet/highres3dnet_li_parameters-7d297872.pth"
@@ -302,6 +303,24 @@ def test_mh_and_dice_end_to_end_through_the_loader(tmp_path: Path) -> None:
     assert 0 <= strong.dice_mean <= mild.dice_mean <= 1
 
 
+def test_receptive_radius_is_the_networks() -> None:
+    """RECEPTIVE_RADIUS (the exact --parcellation-context) is how far one voxel's influence
+    reaches, measured on the network with its ReLUs made linear: random ReLUs may cut a path."""
+    torch.manual_seed(1)
+    model = HighRes3DNet().eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.Identity())
+    centre = RECEPTIVE_RADIUS + 3
+    impulse = torch.zeros(1, 1, 2 * centre + 1, 1, 1)
+    impulse[0, 0, centre] = 1
+    with torch.no_grad():
+        response = model(impulse)[0] - model(torch.zeros_like(impulse))[0]
+    reached = response.abs().amax(dim=(0, 1, 3, 4)).nonzero().flatten() - centre
+    assert (reached.min().item(), reached.max().item()) == (-RECEPTIVE_RADIUS, RECEPTIVE_RADIUS)
+
+
 def test_tiled_features_equal_one_pass_when_the_border_covers_the_receptive_field(
     tmp_path: Path,
 ) -> None:
@@ -325,7 +344,7 @@ def test_tiled_features_equal_one_pass_when_the_border_covers_the_receptive_fiel
         pred,
         mask,
         affine=eye,
-        config=FidelityConfig(window=12, border=43, margin=0),
+        config=FidelityConfig(window=12, border=RECEPTIVE_RADIUS, margin=0),
         keep_labels=True,
     )
     assert tiled.mh == pytest.approx(whole.mh, rel=1e-4)

@@ -245,6 +245,28 @@ def test_a_subject_that_leaves_and_comes_back_gets_its_split_back(tmp_path: Path
     assert "former" not in json.loads((out / "manifest.json").read_text())
 
 
+def test_a_higher_min_extent_holds_scans_prepared_before_to_it(tmp_path: Path) -> None:
+    """--min-extent is no setting that redoes a scan, but a rerun applies it to every scan: one
+    prepared under a lower value leaves the dataset (remembered, in "former") until it is met."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(4))
+    save(src / "slab.nii.gz", head(9, (SMALL[0], SMALL[1], 18)))  # 18 mm along its last axis
+    first = prepare_dataset(src, out, SMALL_OPTIONS)
+    assert first["min_extent_mm"] == 16 and len(first["subjects"]) == 5
+    before = splits_of(out)
+    stricter = PrepareOptions(SMALL_OPTIONS.degradation, min_extent_mm=20)
+    second = prepare_dataset(src, out, stricter)
+    assert second["min_extent_mm"] == 20
+    assert sorted(splits_of(out)) == ["s0", "s1", "s2", "s3"]
+    [failure] = second["failures"]
+    assert failure["source"].endswith("slab.nii.gz")
+    assert "field of view 24 x 22 x 18 mm is too small" in failure["error"]
+    assert "at least 20 mm" in failure["error"]
+    assert {r["id"]: r["split"] for r in second["former"]} == {"slab": before["slab"]}
+    third = prepare_dataset(src, out, SMALL_OPTIONS)  # met again: back, with its split
+    assert splits_of(out) == before and third["failures"] == []
+
+
 def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> None:
     """A T2w or FLAIR header looks like a T1's: prepare of a BIDS tree took them in as
     training scans. Their BIDS names now fail them, each with its reason."""
