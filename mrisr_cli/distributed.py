@@ -8,6 +8,8 @@ group is joined only when a launcher set the environment for one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,28 @@ def barrier(info: DistInfo) -> None:
 def broadcast_error(info: DistInfo, message: str | None) -> None:
     """Raise on every rank when rank 0 met a user error, so no rank waits forever."""
     messages = all_gather(info, message)
+    first = next((m for m in messages if m), None)
+    if first:
+        raise MrisrError(first)
+
+
+@contextmanager
+def errors_shared(info: DistInfo) -> Iterator[None]:
+    """Run a block that some ranks may leave with a user error (rank 0 writing a file), then
+    raise that error on every rank. Otherwise the others meet the gone rank at their next
+    collective call: an internal error ("Connection closed by peer") or, where the backend does
+    not notice, a wait until the process group times out (a plain ``srun`` kills no one).
+    """
+    error: MrisrError | None = None
+    try:
+        yield
+    except MrisrError as exc:
+        if not info.enabled:
+            raise
+        error = exc
+    messages = all_gather(info, None if error is None else str(error))
+    if error is not None:
+        raise error
     first = next((m for m in messages if m), None)
     if first:
         raise MrisrError(first)

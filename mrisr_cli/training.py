@@ -52,7 +52,14 @@ from torch import nn
 from mrisr_cli import __version__
 from mrisr_cli.batchnorm import batchnorm_layers, recalibrate_batchnorm, sampler_batches
 from mrisr_cli.degradation import DegradationConfig
-from mrisr_cli.distributed import DistInfo, all_gather, barrier, broadcast_error, init_distributed
+from mrisr_cli.distributed import (
+    DistInfo,
+    all_gather,
+    barrier,
+    broadcast_error,
+    errors_shared,
+    init_distributed,
+)
 from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, WeightsError
 from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.losses import critic_loss, interpolation_weights, l1_loss
@@ -730,20 +737,21 @@ class _TrainingRun:
         improved = bool(metrics) and (self.best is None or metrics["psnr"] > self.best)
         if improved:
             self.best = metrics["psnr"]
-        if self.dist.is_main:
-            self.result.last_weights = self.export(LAST_NAME, step, metrics)
-            if improved:
-                self.result.best_weights = self.export(BEST_NAME, step, metrics)
-            if self.log is not None:
-                self.log.write(
-                    "epoch",
-                    step=step,
-                    epoch=epoch,
-                    data_wait_fraction=data_wait,
-                    patches_per_second=rate,
-                    best=improved,
-                    **{f"val_{k}": v for k, v in metrics.items()},
-                )
+        with errors_shared(self.dist):  # a failed export stops every rank, not rank 0 alone
+            if self.dist.is_main:
+                self.result.last_weights = self.export(LAST_NAME, step, metrics)
+                if improved:
+                    self.result.best_weights = self.export(BEST_NAME, step, metrics)
+        if self.dist.is_main and self.log is not None:
+            self.log.write(
+                "epoch",
+                step=step,
+                epoch=epoch,
+                data_wait_fraction=data_wait,
+                patches_per_second=rate,
+                best=improved,
+                **{f"val_{k}": v for k, v in metrics.items()},
+            )
         self.emit(
             "epoch",
             step=step,
@@ -781,23 +789,24 @@ class _TrainingRun:
     def save_checkpoint(self, at: int) -> None:
         """Everything --resume needs to continue from step ``at`` (every rank's RNG states)."""
         states = all_gather(self.dist, rng_state())
-        if self.dist.is_main:
-            write_checkpoint(
-                self.checkpoint_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "version": CHECKPOINT_VERSION,
-                    "config": json.dumps(self.config.as_dict(), sort_keys=True),
-                    "step": at,
-                    "best_psnr": self.best,
-                    "log_records": self.log.records if self.log else 0,
-                    "data_fingerprint": self.manifest.fingerprint,
-                    "init_sha256": self.init_sha,
-                    "world_size": self.dist.world,
-                    "state": self.trainer.state_dict(),
-                    "rng": states,
-                },
-            )
+        with errors_shared(self.dist):  # a failed write (disk full) stops every rank
+            if self.dist.is_main:
+                write_checkpoint(
+                    self.checkpoint_path,
+                    {
+                        "format": CHECKPOINT_FORMAT,
+                        "version": CHECKPOINT_VERSION,
+                        "config": json.dumps(self.config.as_dict(), sort_keys=True),
+                        "step": at,
+                        "best_psnr": self.best,
+                        "log_records": self.log.records if self.log else 0,
+                        "data_fingerprint": self.manifest.fingerprint,
+                        "init_sha256": self.init_sha,
+                        "world_size": self.dist.world,
+                        "state": self.trainer.state_dict(),
+                        "rng": states,
+                    },
+                )
         self.saved_at = at  # on every rank: they decide alike whether to save again
         if self.dist.is_main:  # after saved_at: a second Ctrl-C in the callback reports it
             self.emit("checkpoint", step=at, path=str(self.checkpoint_path))

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -963,6 +964,69 @@ def test_ranks_agree_on_why_they_stop(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     agreed = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert agreed == [{"_stop": 1.0, "_time_up": 1.0, "l1": 0.5}] * 2
+
+
+_RANK0_WRITE_FAILS = """
+import errno, os, sys
+import torch
+from mrisr_cli import training
+from mrisr_cli.cli import main
+from mrisr_cli.distributed import dist_from_env
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def save_to_memory_only(obj, f, *args, **kwargs):  # torch pickles for collectives too
+    if isinstance(f, (str, os.PathLike)):
+        disk_full()
+    return torch_save(obj, f, *args, **kwargs)
+
+target, torch_save = sys.argv.pop(1), torch.save
+if dist_from_env().rank == 0:  # rank 0 alone writes files
+    if target == "weights":
+        training.save_weights = disk_full
+    else:
+        torch.save = save_to_memory_only  # write_checkpoint's
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["weights", "checkpoint"])
+def test_a_write_failing_on_rank_0_stops_every_rank(
+    prepared: Path, tmp_path: Path, target: str
+) -> None:
+    """Launched as a plain `srun` does (no torchrun to tear the others down): rank 1 met rank
+    0's exit at its next collective call, as an internal error under gloo ("Connection closed
+    by peer") and as a wait until the timeout where NCCL does not notice. Now both ranks stop
+    with rank 0's one-line reason."""
+    script = tmp_path / "rank0_write_fails.py"
+    script.write_text(_RANK0_WRITE_FAILS)
+    args = ["--net", "fsrcnn", "--net-params", json.dumps({"d": 8, "s": 4, "m": 1})]
+    args += ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "2"]
+    train = train_args(prepared / "data", tmp_path / "run", *args)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+        env.update(MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        command = [sys.executable, str(script), target, *train]
+        ranks.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        errors = [process.communicate(timeout=180)[1] for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    for error in errors:
+        lines = [line for line in error.splitlines() if line.startswith("mrisr: error:")]
+        assert len(lines) == 1, error[-2000:]
+        assert f"could not write the {target}" in lines[0]
+        assert "no space left on device" in lines[0]
 
 
 @pytest.mark.slow
