@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from nibabel import orientations as ornt
 
-from mrisr_cli.degradation import DegradationConfig, resample_onto_grid
+from mrisr_cli.degradation import INTERPOLATION_ORDERS, DegradationConfig, resample_onto_grid
 from mrisr_cli.errors import InputError
 from mrisr_cli.volumes import Reorientation, canonical_reorientation, obliquity_degrees
 
@@ -36,6 +36,7 @@ class GridPlan:
     coarse_axes: tuple[int, ...]
     permutation: tuple[int, int, int]
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    order: int = 1  # spline order onto the model grid: the degradation's last step, as trained
 
     @property
     def resampled(self) -> bool:
@@ -57,7 +58,11 @@ class GridPlan:
         if not self.resampled:
             return canonical
         return resample_onto_grid(
-            canonical, self.reorientation.canonical_affine, self.model_shape, self.model_affine
+            canonical,
+            self.reorientation.canonical_affine,
+            self.model_shape,
+            self.model_affine,
+            order=self.order,
         )
 
     def permute(self, data: np.ndarray) -> np.ndarray:
@@ -138,4 +143,5 @@ def plan_grid(
         coarse_axes=coarse,
         permutation=_permutation_for(coarse, tuple(config.axes)),
         warnings=tuple(warnings),
+        order=INTERPOLATION_ORDERS[config.interpolation],
     )

@@ -93,3 +93,22 @@ def test_plan_for_a_kept_lowres_file_is_the_grid_of_the_degraded_file(
     out = plan.to_output(np.zeros(plan.model_shape, np.float32))
     assert out.shape == shape
     np.testing.assert_allclose(plan.output_affine(), lia, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+def test_a_true_lowres_volume_becomes_the_input_the_model_was_trained_on(
+    tmp_path: Path, interpolation: str
+) -> None:
+    """The coarse grid is interpolated as the training degradation's last step was, with the
+    model's own --interpolation: a cubic model was given linear interpolation (up to 2 z)."""
+    config = DegradationConfig(interpolation=interpolation)
+    save = tmp_path / "hr.nii.gz"
+    nib.save(nib.Nifti1Image(head_phantom((40, 30, 40)), np.eye(4)), save)
+    lr_path, low_path = tmp_path / "lr.nii.gz", tmp_path / "low.nii.gz"
+    degrade_file(save, lr_path, config, lowres_path=low_path)
+    low = nib.load(low_path)
+    plan = plan_grid(low.affine, low.shape, config)
+    assert plan.coarse_axes == (0, 2)
+    trained_on = np.asarray(nib.load(lr_path).dataobj, dtype=np.float32)
+    given = plan.to_model(np.asarray(low.dataobj, dtype=np.float32))
+    np.testing.assert_allclose(given, trained_on, atol=1e-4 * float(np.abs(trained_on).max()))
