@@ -132,7 +132,8 @@ def upsample(
             "--keep-background/--no-keep-background",
             help="Keep the input's flat background (voxels at its minimum that reach the "
             "image's faces, e.g. the zeros around a skull-stripped brain) instead of the "
-            "network's output there.",
+            "network's output there; --no-keep-background: the network's output everywhere, "
+            "tiles of only air included.",
         ),
     ] = True,
     device: Annotated[

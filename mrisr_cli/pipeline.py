@@ -181,7 +181,8 @@ class UpsampleOptions:
     #: with N4: write the corrected result instead of putting the input's bias field back
     bias_corrected: bool = False
     #: voxels of the input's flat background (:func:`~mrisr_cli.intensity.flat_background`) keep
-    #: the input's value instead of the network's output
+    #: the input's value instead of the network's output; False: the network's output
+    #: everywhere, tiles of only air run as well (``InferenceOptions.skip_background`` off)
     keep_background: bool = True
     overwrite: bool = False
     sidecar: bool = True
@@ -335,6 +336,8 @@ def upsample_prepared(
     the input is left as it was, for the next alpha."""
     started = time.perf_counter()
     inference, half_warning = resolve_options(options.inference)
+    if not options.keep_background:  # the network's output everywhere: tiles of air run too
+        inference = replace(inference, skip_background=False)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)

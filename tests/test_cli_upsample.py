@@ -98,7 +98,11 @@ def test_output_equals_network_on_normalised_canonical_input(
     stats = foreground_stats(canonical, foreground_mask(canonical))
     model = load_weights(fast_weights).build()
     expected = stats.denormalise(
-        super_resolve(stats.normalise(canonical), model, InferenceOptions(patch=(24, 16, 24)))
+        super_resolve(
+            stats.normalise(canonical),
+            model,
+            InferenceOptions(patch=(24, 16, 24), skip_background=False),
+        )
     )
     expected = reo.undo(np.maximum(expected, 0))
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj), expected, atol=1e-4)
@@ -843,6 +847,22 @@ def test_the_flat_background_of_a_masked_scan_stays_as_it_was(tmp_path: Path) ->
     assert record["keep_background"] is True
     assert record["background_voxels_kept"] == int(background.sum())
     assert json.loads((tmp_path / "raw.json").read_text())["background_voxels_kept"] == 0
+
+
+def test_tiles_of_air_keep_the_input_unless_no_keep_background(tmp_path: Path) -> None:
+    """Tiles holding only air are not run by default (they keep the input's values, as
+    documented); --no-keep-background gives the network's output there too."""
+    rng = np.random.default_rng(0)
+    data = rng.uniform(0.1, 0.6, (80, 36, 88)).astype(np.float32)  # noisy air: nothing flat
+    data[20:60, :, 22:66] += head_phantom((40, 36, 44))
+    src = write_nifti(tmp_path / "head_in_air.nii.gz", data)
+    kept_data, raw_data = kept_and_raw(src, tmp_path)
+    corner = (slice(0, 10), slice(None), slice(0, 10))  # in a tile of air only
+    np.testing.assert_allclose(kept_data[corner], data[corner], atol=1e-4)  # via z-scores
+    assert (raw_data[corner] > data[corner] + 1).all()  # the network's offset of 3 SD
+    head = (slice(30, 50), slice(10, 26), slice(32, 56))
+    np.testing.assert_array_equal(kept_data[head], raw_data[head])
+    assert json.loads((tmp_path / "raw.json").read_text())["keep_background"] is False
 
 
 def test_a_non_finite_network_output_is_an_error_not_a_file(
