@@ -139,7 +139,7 @@ class TrainConfig:
     steps_per_epoch: int = 1000
     batch_size: int = 4  # per process
     lr: float = 1e-4
-    critic_lr: float = 5e-5
+    critic_lr: float = CRITIC_LR_PER_LR * 1e-4  # as `mrisr train` derives it from lr
     betas: tuple[float, float] = (0.9, 0.999)
     lr_decay: float = 0.95
     lr_decay_steps: int = 10_000

@@ -180,6 +180,11 @@ def test_generator_loss_is_l1_plus_lambda_times_the_critic_score_and_lowers_it(
     assert all(p.requires_grad for p in critic.parameters())  # unfrozen after the step
 
 
+def test_the_library_defaults_keep_the_clis_critic_to_generator_lr_ratio() -> None:
+    config = TrainConfig("gan", "data", "out")
+    assert config.critic_lr == pytest.approx(training.CRITIC_LR_PER_LR * config.lr)
+
+
 def test_learning_rates_decay_by_lr_decay_every_lr_decay_steps(tmp_path: Path) -> None:
     """Step decay: x lr_decay after every lr_decay_steps steps, for both optimisers."""
     config = tiny_config(
