@@ -20,14 +20,17 @@ from mrisr_cli import __version__
 from mrisr_cli.cli_evaluate import evaluate_command
 from mrisr_cli.cli_options import (
     FLAG,
+    WINDOW_DEFAULT,
     AxesOption,
     Command,
     FactorOption,
     Group,
     InterpolationOption,
     ThreadsOption,
+    WindowOption,
     parse_axes,
     parse_triple,
+    parse_window,
     switch,
 )
 from mrisr_cli.console import (
@@ -299,6 +302,7 @@ def degrade(
     factor: FactorOption = 2,
     axes: AxesOption = "0,2",
     interpolation: InterpolationOption = "linear",
+    window: WindowOption = WINDOW_DEFAULT,
     overwrite: Annotated[bool, switch("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Make the paper's low-resolution input from a 1 mm image (k-space crop, two axes)."""
@@ -306,9 +310,11 @@ def degrade(
         from mrisr_cli.degradation import DegradationConfig
         from mrisr_cli.degrade_file import degrade_file
 
-        axis_tuple = parse_axes(axes)
+        axis_tuple, windows = parse_axes(axes), parse_window(window)
         try:
-            config = DegradationConfig(axes=axis_tuple, factor=factor, interpolation=interpolation)
+            config = DegradationConfig(
+                axes=axis_tuple, factor=factor, interpolation=interpolation, **windows
+            )
         except ValueError as exc:
             raise MrisrError(str(exc)) from None
         for message in degrade_file(hr, lr, config, lowres_path=keep_lowres, overwrite=overwrite):

@@ -11,6 +11,8 @@ the help of every option. :class:`Command` and :class:`Group` cover what ``metav
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Annotated, Any
 
 import typer
@@ -40,6 +42,15 @@ AxesOption = Annotated[
 InterpolationOption = Annotated[
     str,
     typer.Option(metavar="METHOD", help="Back onto the fine grid: linear (authors) or cubic."),
+]
+#: The authors' k-space windows (DegradationConfig's defaults; a test keeps them equal).
+WINDOW_DEFAULT = "1.25,1.5,1/3"
+WindowOption = Annotated[
+    str,
+    typer.Option(
+        metavar="U,F,P",
+        help="k-space windows (in axis sizes): inverse Hann U >= 1, Hann F, power P.",
+    ),
 ]
 #: Where the thread count comes from when --threads is not given (mrisr_cli.threads).
 THREADS_DEFAULT = "$SLURM_CPUS_PER_TASK, else $OMP_NUM_THREADS, else the usable CPUs"
@@ -83,6 +94,24 @@ class Group(TyperGroup):
 
     def get_help_option(self, ctx: Any) -> Any:
         return _flag_help(super().get_help_option(ctx))
+
+
+def parse_window(text: str) -> dict[str, float]:
+    """'1.25,1.5,1/3' -> DegradationConfig's three window settings (fractions allowed)."""
+    try:
+        values = [float(Fraction(part.strip())) for part in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(
+            f"--window takes three positive numbers U,F,P (e.g. 1.25,1.5,1/3), got {text!r}"
+        )
+    if values[0] < 1:
+        raise InputError(
+            f"--window: the boosting window's length U must be at least 1 (the spectrum's "
+            f"size), got {text!r}"
+        )
+    return dict(zip(("unfilter_window", "filter_window", "window_power"), values, strict=True))
 
 
 def parse_axes(text: str) -> tuple[int, ...]:

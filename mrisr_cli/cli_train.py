@@ -14,12 +14,15 @@ from typing import Annotated, Any
 import typer
 
 from mrisr_cli.cli_options import (
+    WINDOW_DEFAULT,
     AxesOption,
     FactorOption,
     InterpolationOption,
     ThreadsOption,
+    WindowOption,
     parse_axes,
     parse_triple,
+    parse_window,
     switch,
 )
 from mrisr_cli.console import (
@@ -88,6 +91,7 @@ def prepare_command(
     factor: FactorOption = 2,
     axes: AxesOption = "0,2",
     interpolation: InterpolationOption = "linear",
+    window: WindowOption = WINDOW_DEFAULT,
     min_extent: Annotated[
         float,
         typer.Option(
@@ -124,6 +128,7 @@ def prepare_command(
                 interpolation=interpolation,
                 spacing_mm=spacing,
                 n4=n4,
+                **parse_window(window),
             )
         except ValueError as exc:
             raise InputError(str(exc)) from None

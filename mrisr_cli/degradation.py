@@ -70,6 +70,11 @@ class DegradationConfig:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.unfilter_window < 1:  # shorter, it vanishes on part of the spectrum it divides
+            raise ValueError(
+                "unfilter_window must be at least 1 (the spectrum's size), "
+                f"got {self.unfilter_window!r}"
+            )
         if not isinstance(self.n4, bool):
             raise ValueError(f"n4 must be true or false, got {self.n4!r}")
 

@@ -775,8 +775,21 @@ def _check_split_rule(
         )
 
 
+WINDOW_KEYS = ("unfilter_window", "filter_window", "window_power")  # one option: --window
+
+
+def _with_window(settings: dict[str, Any]) -> dict[str, Any]:
+    """The three window settings as the one ``--window U,F,P`` value that sets them."""
+    out = {k: v for k, v in settings.items() if k not in WINDOW_KEYS}
+    if any(k in settings for k in WINDOW_KEYS):
+        values = [settings.get(k) for k in WINDOW_KEYS]
+        out["window"] = ",".join(f"{v:g}" if isinstance(v, int | float) else str(v) for v in values)
+    return out
+
+
 def _changes(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     """``--factor 2 (now --factor 3)`` for each setting that differs."""
+    theirs, ours = _with_window(theirs), _with_window(ours)
     keys = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     return ", ".join(
         f"{_option_text(k, theirs.get(k))} (now {_option_text(k, ours.get(k))})" for k in keys

@@ -174,3 +174,40 @@ def test_degrade_writes_both_outputs_with_the_permissions_of_a_new_file(work: Pa
     for name in ("lr.nii.gz", "low.nii.gz"):
         assert (work / "o" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     np.testing.assert_allclose(nib.load(work / "o" / "lr.nii.gz").affine, np.eye(4))
+
+
+def test_window_option_sets_the_k_space_windows(work: Path) -> None:
+    """--window U,F,P (SPEC: the window is an option, recorded with the model): the output is
+    degrade_volume's with those windows, and the authors' are the default."""
+    from mrisr_cli.cli_options import WINDOW_DEFAULT, parse_window
+    from mrisr_cli.degradation import DegradationConfig, degrade_volume
+
+    assert DegradationConfig(**parse_window(WINDOW_DEFAULT)) == DegradationConfig()
+    hr = np.asarray(nib.load("in.nii.gz").dataobj, dtype=np.float32)
+    for name, window in (("a.nii.gz", WINDOW_DEFAULT), ("b.nii.gz", "1.5,1,0.5")):
+        assert degrade(work, "in.nii.gz", name, "--window", window).exit_code == 0
+        config = DegradationConfig(**parse_window(window))
+        expected = degrade_volume(hr, config, affine=nib.load("in.nii.gz").affine)
+        np.testing.assert_allclose(nib.load(name).get_fdata(), expected, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(nib.load("a.nii.gz").get_fdata(), nib.load("b.nii.gz").get_fdata())
+
+
+@pytest.mark.parametrize(
+    ("window", "needle"),
+    [
+        ("1.25,1.5", "three positive numbers"),
+        ("1.25,x,1/3", "three positive numbers"),
+        ("1.25,1.5,1/0", "three positive numbers"),
+        ("1.25,nan,0.3", "three positive numbers"),
+        ("1.25,1.5,-1", "three positive numbers"),
+        ("0.9,1.5,1/3", "U must be at least 1"),
+    ],
+)
+def test_bad_window_values_are_one_line_and_write_nothing(
+    work: Path, window: str, needle: str
+) -> None:
+    before = tree(work)
+    result = degrade(work, "in.nii.gz", "o/lr.nii.gz", "--window", window)
+    assert result.exit_code == 1 and needle in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert tree(work) == before

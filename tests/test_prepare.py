@@ -267,6 +267,22 @@ def test_a_higher_min_extent_holds_scans_prepared_before_to_it(tmp_path: Path) -
     assert splits_of(out) == before and third["failures"] == []
 
 
+def test_window_is_a_setting_of_the_dataset(tmp_path: Path) -> None:
+    """--window reaches the manifest's degradation (which training copies into the weights),
+    and a dataset of other windows is not extended: the refusal names the one option."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(2))
+    assert invoke(src, out, *SMALL_ARGS, "--window", "1.5,1.25,1/2").exit_code == 0
+    degradation = json.loads((out / "manifest.json").read_text())["degradation"]
+    assert (degradation["unfilter_window"], degradation["filter_window"]) == (1.5, 1.25)
+    assert degradation["window_power"] == 0.5
+    before = (out / "manifest.json").read_bytes()
+    result = invoke(src, out, *SMALL_ARGS)
+    assert result.exit_code == 1
+    assert "--window 1.5,1.25,0.5 (now --window 1.25,1.5,0.333333)" in result.stderr
+    assert (out / "manifest.json").read_bytes() == before
+
+
 def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> None:
     """A T2w or FLAIR header looks like a T1's: prepare of a BIDS tree took them in as
     training scans. Their BIDS names now fail them, each with its reason."""
