@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RRDG
 from torch import nn
 
 from mrisr_cli.batchnorm import (
@@ -19,8 +20,6 @@ from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, SubjectArrays
 from mrisr_cli.weights import load_weights, save_weights
-
-TINY_RRDG = NetworkConfig("rrdg", {"features": 4, "blocks": 1, "growth": 2})
 
 
 def test_running_statistics_become_the_average_batch_statistics() -> None:

@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import NO_N4, head_phantom, real_volume, write_nifti
+from conftest import NO_N4, TINY_RRDG, head_phantom, real_volume, write_nifti
 from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
@@ -21,7 +21,6 @@ from mrisr_cli.degradation import (
     resample_onto_grid,
 )
 from mrisr_cli.networks import build_network
-from mrisr_cli.selftest import TINY_RRDG
 from mrisr_cli.volumes import canonical_reorientation, load_volume
 from mrisr_cli.weights import save_weights
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import real_volume
 from safetensors.torch import save_file
 from scipy import ndimage as ndi
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
@@ -30,14 +30,7 @@ from mrisr_cli.fidelity import (
 from mrisr_cli.networks import count_parameters
 from mrisr_cli.networks.highres3dnet import RECEPTIVE_RADIUS, HighRes3DNet, load_highres3dnet
 
-REPO = Path(__file__).resolve().parents[1]
 WEIGHTS_NAME = "parcellation/highresnet/highres3dnet_li_parameters-7d297872.pth"
-
-
-def data_dir() -> Path | None:
-    """The shared real data: $MRISR_DATA, else ../shared/data beside the repository."""
-    folder = Path(os.environ.get("MRISR_DATA", REPO.parent / "shared" / "data"))
-    return folder if folder.is_dir() else None
 
 
 def skimage_reference(ref: np.ndarray, pred: np.ndarray, mask: np.ndarray | None) -> dict:
@@ -223,10 +216,7 @@ def test_load_highres3dnet_refuses_wrong_files(tmp_path: Path) -> None:
 
 
 def test_pretrained_weights_load_strictly() -> None:
-    folder = data_dir()
-    if folder is None or not (folder / WEIGHTS_NAME).exists():
-        pytest.skip("shared data with the HighRes3DNet weights not found (set MRISR_DATA)")
-    net = load_highres3dnet(folder / WEIGHTS_NAME)
+    net = load_highres3dnet(real_volume(WEIGHTS_NAME))
     assert count_parameters(net) == 821_904
 
 
@@ -353,10 +343,7 @@ def test_tiled_features_equal_one_pass_when_the_border_covers_the_receptive_fiel
 
 @pytest.mark.slow
 def test_metrics_agree_with_scikit_image_on_a_real_volume() -> None:
-    folder = data_dir()
-    path = folder / "t1" / "S15_antsxnet_brainSR_brainonly.nii.gz" if folder else None
-    if path is None or not path.exists():
-        pytest.skip("shared real data not found (set MRISR_DATA)")
+    path = real_volume("t1/S15_antsxnet_brainSR_brainonly.nii.gz")
     from mrisr_cli.degradation import DegradationConfig, degrade_volume
     from mrisr_cli.evaluation import reference_mask
     from mrisr_cli.volumes import load_volume
@@ -379,10 +366,8 @@ def test_pretrained_highres3dnet_parcellates_a_real_head() -> None:
     A central 64^3 mask keeps it to one 80^3 tile (about a minute on 2 cores); the input
     normalisation still comes from the whole volume, as in the command.
     """
-    folder = data_dir()
-    path = folder / "t1" / "S06_brainchop_t1_crop.nii.gz" if folder else None
-    if path is None or not path.exists() or not (folder / WEIGHTS_NAME).exists():
-        pytest.skip("shared real data not found (set MRISR_DATA)")
+    path = real_volume("t1/S06_brainchop_t1_crop.nii.gz")
+    weights = real_volume(WEIGHTS_NAME)
     from mrisr_cli.degradation import DegradationConfig, degrade_volume
     from mrisr_cli.volumes import load_volume
 
@@ -390,7 +375,7 @@ def test_pretrained_highres3dnet_parcellates_a_real_head() -> None:
     pred = degrade_volume(volume.data, DegradationConfig(), affine=volume.affine)
     mask = np.zeros(volume.data.shape, dtype=bool)
     mask[tuple(slice(n // 2 - 32, n // 2 + 32) for n in mask.shape)] = True
-    model = load_highres3dnet(folder / WEIGHTS_NAME)
+    model = load_highres3dnet(weights)
     config = FidelityConfig(window=128, border=8, margin=8)
     result = parcellation_fidelity(
         model, volume.data, pred, mask, affine=volume.affine, config=config, keep_labels=True
@@ -404,7 +389,7 @@ def test_pretrained_highres3dnet_parcellates_a_real_head() -> None:
     # than a label count: the central 64 mm of a brain hold these structures on both sides of the
     # midline, the third ventricle and corpus callosum between them, and each left/right pair
     # the network finds lies on its own side (the crop is in RAS order: axis 0 points right).
-    table = folder / WEIGHTS_NAME.rsplit("/", 1)[0] / "GIFNiftyNet.ctbl"
+    table = weights.parent / "GIFNiftyNet.ctbl"
     value = {
         row.split()[1]: int(row.split()[0]) for row in table.read_text().splitlines() if row.strip()
     }

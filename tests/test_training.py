@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import head_phantom, write_nifti
+from conftest import head_phantom, real_volume, write_nifti
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -49,12 +49,6 @@ TINY = {"features": 4, "blocks": 1, "growth": 2}
 TINY_CRITIC = {"base_features": 4, "plain_layers": 0}
 PATCH = (16, 12, 16)
 LOG = run_files.LOG_NAME
-
-
-def data_dir() -> Path | None:
-    """The shared real data: $MRISR_DATA, else ../shared/data beside the repository."""
-    folder = Path(os.environ.get("MRISR_DATA", REPO.parent / "shared" / "data"))
-    return folder if all((folder / "t1" / name).is_file() for name in REAL) else None
 
 
 def invoke(*args: str | Path):
@@ -86,13 +80,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two real T1 volumes, cropped, through `mrisr prepare` (one train, one val subject)."""
-    shared = data_dir()
-    if shared is None:
-        pytest.skip("real T1 volumes not found (set MRISR_DATA to the shared data folder)")
+    sources = [real_volume(f"t1/{name}") for name in REAL]  # skips where one is missing
     root = tmp_path_factory.mktemp("prepared")
     (root / "src").mkdir()
-    for name in REAL:
-        crop_centre(shared / "t1" / name, root / "src" / name, CROP)
+    for source in sources:
+        crop_centre(source, root / "src" / source.name, CROP)
     args = ["--no-n4", "--min-extent", "32", "--threads", "1"]
     result = invoke("prepare", root / "src", root / "data", *args)
     assert result.exit_code == 0, result.output
