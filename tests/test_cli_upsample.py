@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -634,6 +635,43 @@ def test_an_input_named_twice_is_run_once(tmp_path: Path, fast_weights: Path) ->
     result = upsample(*args, "--psnr-weights", fast_weights, *SMALL_PATCH)
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz"]
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "a new sidecar", "the image"])
+def test_a_stale_sidecar_is_removed_only_as_it_was_read_and_still_alone(
+    tmp_path: Path, psnr_weights: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """A sidecar whose image is gone is removed by --skip-existing, unless another run (a task
+    resubmitted while it still ran) placed a new sidecar or its image after it was checked."""
+    from mrisr_cli import batch
+    from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
+
+    src = write_nifti(tmp_path / "a.nii.gz", head_phantom((30, 20, 30)))
+    outputs = [tmp_path / "out.nii.gz", tmp_path / "next.nii.gz"]
+    for output in outputs:
+        assert upsample(src, output, "--psnr-weights", psnr_weights, *SMALL_PATCH).exit_code == 0
+        output.unlink()  # both sidecars are stale
+    image, sidecar = outputs[0], tmp_path / "out.json"
+    read_sidecar = batch._read_sidecar
+
+    def another_run_writes_while_the_next_job_is_checked(path: Path) -> dict:
+        if path.name == "next.json" and meanwhile == "a new sidecar":  # renamed: new inode
+            newer = {**json.loads(sidecar.read_text()), "alpha": 0.5}
+            (tmp_path / "new.json").write_text(json.dumps(newer))
+            os.replace(tmp_path / "new.json", sidecar)
+        elif path.name == "next.json" and meanwhile == "the image":
+            image.write_bytes(b"the other run's image")
+        return read_sidecar(path)
+
+    monkeypatch.setattr(batch, "_read_sidecar", another_run_writes_while_the_next_job_is_checked)
+    jobs = [batch.UpsampleJob(src, output, 1.0) for output in outputs]
+    resume = batch.split_finished(jobs, load_generator_files(psnr_weights, None), UpsampleOptions())
+    assert resume.to_run == jobs and not (tmp_path / "next.json").exists()
+    if meanwhile == "nothing":
+        assert not sidecar.exists()
+    else:  # the other run's files are left to it
+        assert sidecar.exists()
+        assert (json.loads(sidecar.read_text())["alpha"] == 0.5) == (meanwhile == "a new sidecar")
 
 
 def test_a_link_to_a_missing_file_in_a_folder_is_reported_not_skipped(
