@@ -666,10 +666,11 @@ class _TrainingRun:
             # a time limit ends the call like an epoch: validated, exported weights
             if step % config.steps_per_epoch == 0 or (timed_out and step < self.total):
                 self._end_epoch()
-                # a stop asked for while validating ends the call here, not a step later
-                stopping = stopping or _stop_agreed(stop, self.dist)
             elif config.checkpoint_every and step % config.checkpoint_every == 0:
                 self.save_checkpoint(step)
+            # a stop asked for after the losses were agreed (in the step's event or log line,
+            # in validation or a checkpoint) ends the call here, not a step later
+            stopping = stopping or _stop_agreed(stop, self.dist)
             if stopping and step < self.total:
                 self._stop_early(timed_out)
                 return

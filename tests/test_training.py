@@ -386,9 +386,9 @@ def test_resume_continues_bit_for_bit(prepared: Path, tmp_path: Path, stage: str
     assert straight.status == "done" and straight.step == 4
 
     config = tiny_config(prepared / "data", tmp_path / "b", **extra)
-    first = train(config, on_event=interrupt_at(1))
-    assert first.status == "interrupted" and first.step == 2  # mid-epoch
-    assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 2
+    first = train(config, on_event=interrupt_at(1))  # in step 1's event: stops at step 1
+    assert first.status == "interrupted" and first.step == 1  # mid-epoch
+    assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 1
     assert not (tmp_path / "b" / "last.safetensors").exists()
     second = training.resume(config)
     assert second.status == "done" and second.step == 4
@@ -712,8 +712,8 @@ def test_a_stop_at_a_checkpoint_every_step_writes_one_checkpoint(
     saved: list[int] = []
 
     def on_event(kind: str, payload: dict) -> None:
-        if kind == "step" and payload["step"] == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # honoured after the next step: step 2
+        if kind == "step" and payload["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # honoured at this step, after its checkpoint
         if kind == "checkpoint":
             saved.append(payload["step"])
 
