@@ -49,7 +49,7 @@ WindowOption = Annotated[
     str,
     typer.Option(
         metavar="U,F,P",
-        help="k-space windows (in axis sizes): inverse Hann U >= 1, Hann F, power P.",
+        help="k-space windows (in axis sizes): inverse Hann U > 1, Hann F, power P.",
     ),
 ]
 #: Where the thread count comes from when --threads is not given (mrisr_cli.threads).
@@ -106,9 +106,9 @@ def parse_window(text: str) -> dict[str, float]:
         raise InputError(
             f"--window takes three positive numbers U,F,P (e.g. 1.25,1.5,1/3), got {text!r}"
         )
-    if values[0] < 1:
+    if values[0] <= 1:
         raise InputError(
-            f"--window: the boosting window's length U must be at least 1 (the spectrum's "
+            f"--window: the boosting window's length U must be more than 1 (the spectrum's "
             f"size), got {text!r}"
         )
     return dict(zip(("unfilter_window", "filter_window", "window_power"), values, strict=True))

@@ -70,9 +70,9 @@ class DegradationConfig:
             value = getattr(self, name)
             if not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.unfilter_window < 1:  # shorter, it vanishes on part of the spectrum it divides
+        if self.unfilter_window <= 1:  # no longer, it vanishes on the spectrum it divides
             raise ValueError(
-                "unfilter_window must be at least 1 (the spectrum's size), "
+                "unfilter_window must be more than 1 (the spectrum's size), "
                 f"got {self.unfilter_window!r}"
             )
         if not isinstance(self.n4, bool):
@@ -140,6 +140,13 @@ def central_band(shape: tuple[int, ...], factors: tuple[int, ...]) -> tuple[slic
 
 def lowres_spectrum(hr: np.ndarray, config: DegradationConfig) -> np.ndarray:
     """The (fftshift-ed) spectrum of the true low-resolution volume: windowed central band."""
+    shortest = min(hr.shape)
+    if config.unfilter_window * shortest - 1 <= shortest:  # Hann's zero reaches the edge sample
+        raise InputError(
+            f"the boosting k-space window (--window U = {config.unfilter_window:g}) vanishes at "
+            f"the edge of a {shortest}-sample axis, where it would divide by 0: U must be more "
+            f"than {1 + 1 / shortest:.4g} for this image"
+        )
     spectrum = np.fft.fftshift(np.fft.fftn(hr.astype(np.float64)))
     boosted = spectrum / separable_window(hr.shape, config.unfilter_window, config.window_power)
     band = boosted[central_band(hr.shape, config.factors())]

@@ -115,14 +115,18 @@ def errors_shared(info: DistInfo) -> Iterator[None]:
     collective call: an internal error ("Connection closed by peer") or, where the backend does
     not notice, a wait until the process group times out (a plain ``srun`` kills no one).
     """
-    error: MrisrError | None = None
+    error: Exception | None = None
     try:
         yield
-    except MrisrError as exc:
+    except Exception as exc:  # a bug too: the others must not wait for this rank either
         if not info.enabled:
             raise
         error = exc
-    messages = all_gather(info, None if error is None else str(error))
+    if error is None or isinstance(error, MrisrError):
+        message = None if error is None else str(error)
+    else:
+        message = f"process {info.rank} failed ({type(error).__name__}: {error})"
+    messages = all_gather(info, message)
     if error is not None:
         raise error
     first = next((m for m in messages if m), None)

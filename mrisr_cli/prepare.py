@@ -34,11 +34,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
@@ -51,8 +51,8 @@ from mrisr_cli.volumes import (
     check_t1_name,
     image_files,
     load_volume,
-    nibabel_readable,
     obliquity_degrees,
+    read_geometry,
     strip_suffix,
 )
 from mrisr_cli.weights import sha256_of
@@ -219,12 +219,7 @@ def check_extent(
 def _check_source_extent(path: Path, min_extent_mm: float) -> None:
     """:func:`check_extent` from the header alone: a scan prepared by an earlier run is held
     to this run's ``--min-extent`` too (it is not part of the settings that redo a scan)."""
-    try:
-        with nibabel_readable(path) as readable:
-            image = nib.load(str(readable))
-            shape, affine = image.shape, np.asarray(image.affine)
-    except Exception as exc:  # the file it was prepared from (same sha256): not expected
-        raise InputError(f"{path}: its header cannot be read ({type(exc).__name__})") from exc
+    shape, affine = read_geometry(path)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     check_extent(shape, zooms, str(path), min_extent_mm=min_extent_mm)
 
@@ -682,6 +677,8 @@ def _option_text(key: str, value: Any) -> str:
     """A setting as the `prepare` option that sets it (``factor 2`` -> ``--factor 2``)."""
     if key == "n4":
         return "--n4" if value else "--no-n4"
+    if key == "window":
+        return f"--window {','.join(_exact_text(v) for v in value)}"
     if isinstance(value, list | tuple):
         value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     names = {"spacing_mm": "--spacing", "factor": "--factor", "axes": "--axes"}
@@ -750,9 +747,10 @@ def check_output_folder(
             f"{out_dir}: holds a {MANIFEST_NAME} that is not an mrisr dataset; {advice}"
         ) from None
     if theirs != ours:
+        changes = _changes(theirs, ours) or "other settings"
         raise OutputError(
-            f"{out_dir}: holds a dataset prepared with {_changes(theirs, ours)}; rerun with "
-            f"those settings to extend it, or {advice}"
+            f"{out_dir}: holds a dataset prepared with {changes}; rerun with those settings to "
+            f"extend it, or {advice}"
         )
     _check_split_rule(out_dir, ratios, seed, options, advice)
     return manifest
@@ -779,12 +777,21 @@ WINDOW_KEYS = ("unfilter_window", "filter_window", "window_power")  # one option
 
 
 def _with_window(settings: dict[str, Any]) -> dict[str, Any]:
-    """The three window settings as the one ``--window U,F,P`` value that sets them."""
+    """The three window settings as one ``window`` setting (``--window U,F,P`` sets them)."""
     out = {k: v for k, v in settings.items() if k not in WINDOW_KEYS}
     if any(k in settings for k in WINDOW_KEYS):
-        values = [settings.get(k) for k in WINDOW_KEYS]
-        out["window"] = ",".join(f"{v:g}" if isinstance(v, int | float) else str(v) for v in values)
+        out["window"] = tuple(settings.get(k) for k in WINDOW_KEYS)
     return out
+
+
+def _exact_text(value: Any) -> str:
+    """A number as `--window` reads it back exactly: ``1.25``, ``1/3`` (not ``0.333333``)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    if float(f"{value:g}") == value:
+        return f"{value:g}"
+    fraction = Fraction(value).limit_denominator(1000)
+    return str(fraction) if float(fraction) == value else repr(float(value))
 
 
 def _changes(theirs: dict[str, Any], ours: dict[str, Any]) -> str:

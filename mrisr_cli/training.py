@@ -139,7 +139,7 @@ class TrainConfig:
     steps_per_epoch: int = 1000
     batch_size: int = 4  # per process
     lr: float = 1e-4
-    critic_lr: float = CRITIC_LR_PER_LR * 1e-4  # as `mrisr train` derives it from lr
+    critic_lr: float = CRITIC_LR_PER_LR * 1e-4  # what `mrisr train` derives from the default lr
     betas: tuple[float, float] = (0.9, 0.999)
     lr_decay: float = 0.95
     lr_decay_steps: int = 10_000
@@ -670,7 +670,7 @@ class _TrainingRun:
                 self.save_checkpoint(step)
             # a stop asked for after the losses were agreed (in the step's event or log line,
             # in validation or a checkpoint) ends the call here, not a step later
-            stopping = stopping or _stop_agreed(stop, self.dist)
+            stopping = stopping or _stop_agreed(stop, self.dist, self.device)
             if stopping and step < self.total:
                 self._stop_early(timed_out)
                 return
@@ -882,9 +882,16 @@ def _reduce_losses(
     return out
 
 
-def _stop_agreed(stop: StopRequest, dist: DistInfo) -> bool:
-    """Whether a stop was asked for on any rank (all ranks must stop at the same step)."""
-    return any(all_gather(dist, stop.requested))
+def _stop_agreed(stop: StopRequest, dist: DistInfo, device: str) -> bool:
+    """Whether a stop was asked for on any rank (all ranks must stop at the same step): one
+    all-reduce of one number, since every step asks."""
+    if not dist.enabled:
+        return stop.requested
+    import torch.distributed as tdist
+
+    flag = torch.tensor([float(stop.requested)], device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 # --- setting a run up -------------------------------------------------------------------------

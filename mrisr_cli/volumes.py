@@ -94,6 +94,17 @@ def load_volume(path: Path) -> Volume:
     return volume
 
 
+def read_geometry(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine from an image's header alone (no voxels read), with nibabel's header
+    repairs kept quiet as :func:`load_volume` keeps them; an unreadable file is an InputError."""
+    with _nibabel_header_fixes(), nibabel_readable(Path(path)) as readable:
+        try:
+            image = nib.load(str(readable))
+            return tuple(image.shape), np.asarray(image.affine, dtype=np.float64)
+        except Exception as exc:  # nibabel raises many types for foreign files
+            raise InputError(f"{path}: {_unreadable_reason(Path(path), exc)}") from exc
+
+
 @contextmanager
 def nibabel_readable(path: Path) -> Iterator[Path]:
     """``path``, or a link to it whose suffix is in lower case while the image is read.
@@ -439,11 +450,11 @@ def new_file_mode() -> int:
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one file: after symlinks, and hard links too where both exist."""
-    if Path(a).resolve() == Path(b).resolve():
-        return True
     try:
+        if Path(a).resolve() == Path(b).resolve():
+            return True
         return os.path.samefile(a, b)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11's resolve)
         return False
 
 

@@ -20,6 +20,7 @@ from mrisr_cli.degradation import (
     lowres_volume,
     resample_onto_grid,
 )
+from mrisr_cli.errors import InputError, WeightsError
 from mrisr_cli.networks import build_network
 from mrisr_cli.volumes import canonical_reorientation, load_volume
 from mrisr_cli.weights import save_weights
@@ -346,3 +347,19 @@ def test_degrade_real_volume_psnr_in_expected_range(tmp_path: Path) -> None:
     expected = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
     assert lr.shape == expected.shape
     np.testing.assert_allclose(lr, expected, rtol=0, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_a_boosting_window_that_vanishes_on_the_spectrum_is_refused() -> None:
+    """At U <= 1 (or U <= 1 + 1/n on an n-sample axis) the inverse Hann reaches 0 on the spectrum
+    it divides: the edge samples were boosted 1e6-fold (a degraded head's maximum 1.7e6). Weights
+    files and datasets are held to it too (their settings go through the same class)."""
+    with pytest.raises(ValueError, match="unfilter_window must be more than 1"):
+        DegradationConfig(unfilter_window=1.0)
+    text = DegradationConfig().to_json().replace('"unfilter_window": 1.25', '"unfilter_window": 1')
+    with pytest.raises(WeightsError, match="unfilter_window must be more than 1"):
+        DegradationConfig.from_json(text)
+    hr = head_phantom((40, 30, 40))
+    with pytest.raises(InputError, match="vanishes at the edge of a 30-sample axis"):
+        degrade_volume(hr, DegradationConfig(unfilter_window=1.03))
+    degraded = degrade_volume(hr, DegradationConfig(unfilter_window=1.05))  # 1 + 1/30 < 1.05
+    assert np.isfinite(degraded).all() and degraded.max() < 2 * hr.max()

@@ -200,7 +200,9 @@ def test_window_option_sets_the_k_space_windows(work: Path) -> None:
         ("1.25,1.5,1/0", "three positive numbers"),
         ("1.25,nan,0.3", "three positive numbers"),
         ("1.25,1.5,-1", "three positive numbers"),
-        ("0.9,1.5,1/3", "U must be at least 1"),
+        ("0.9,1.5,1/3", "U must be more than 1"),
+        ("1,1.5,1/3", "U must be more than 1"),
+        ("1.01,1.5,1/3", "vanishes at the edge of a 20-sample axis"),
     ],
 )
 def test_bad_window_values_are_one_line_and_write_nothing(

@@ -279,8 +279,14 @@ def test_window_is_a_setting_of_the_dataset(tmp_path: Path) -> None:
     before = (out / "manifest.json").read_bytes()
     result = invoke(src, out, *SMALL_ARGS)
     assert result.exit_code == 1
-    assert "--window 1.5,1.25,0.5 (now --window 1.25,1.5,0.333333)" in result.stderr
+    assert "--window 1.5,1.25,0.5 (now --window 1.25,1.5,1/3)" in result.stderr
     assert (out / "manifest.json").read_bytes() == before
+    # a value that prints like the recorded one but is not it: the difference still shows, and
+    # what the message suggests reads back exactly
+    result = invoke(src, out, *SMALL_ARGS, "--window", "1.5,1.25,0.5000001")
+    assert result.exit_code == 1
+    assert "--window 1.5,1.25,0.5 (now --window 1.5,1.25,0.5000001)" in result.stderr
+    assert invoke(src, out, *SMALL_ARGS, "--window", "1.5,1.25,0.5").exit_code == 0
 
 
 def test_other_contrasts_of_a_bids_tree_are_not_trained_on(tmp_path: Path) -> None:

@@ -979,9 +979,14 @@ def save_to_memory_only(obj, f, *args, **kwargs):  # torch pickles for collectiv
     return torch_save(obj, f, *args, **kwargs)
 
 target, torch_save = sys.argv.pop(1), torch.save
+def bug(*args, **kwargs):
+    raise ValueError("boom")
+
 if dist_from_env().rank == 0:  # rank 0 alone writes files
     if target == "weights":
         training.save_weights = disk_full
+    elif target == "bug":
+        training.save_weights = bug
     else:
         torch.save = save_to_memory_only  # write_checkpoint's
 main()
@@ -989,7 +994,7 @@ main()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["weights", "checkpoint"])
+@pytest.mark.parametrize("target", ["weights", "checkpoint", "bug"])
 def test_a_write_failing_on_rank_0_stops_every_rank(
     prepared: Path, tmp_path: Path, target: str
 ) -> None:
@@ -1007,7 +1012,8 @@ def test_a_write_failing_on_rank_0_stops_every_rank(
         port = probe.getsockname()[1]
     ranks = []
     for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+        # PYTHONPATH: the checkout's package, whatever an installed one would be
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
         env.update(MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
         command = [sys.executable, str(script), target, *train]
         ranks.append(
@@ -1018,6 +1024,11 @@ def test_a_write_failing_on_rank_0_stops_every_rank(
     finally:
         for process in ranks:
             process.kill()
+    if target == "bug":  # rank 0's own report of a bug; rank 1 says which process failed
+        assert [process.returncode for process in ranks] == [3, 1], errors
+        assert "internal error" in errors[0]
+        assert errors[1].strip().endswith("mrisr: error: process 0 failed (ValueError: boom)")
+        return
     assert [process.returncode for process in ranks] == [1, 1], errors
     for error in errors:
         lines = [line for line in error.splitlines() if line.startswith("mrisr: error:")]

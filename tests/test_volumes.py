@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
 from mrisr_cli.errors import InputError
-from mrisr_cli.volumes import atomic_path, load_volume, save_volume
+from mrisr_cli.volumes import atomic_path, load_volume, read_geometry, same_file, save_volume
 
 SHAPE = (20, 18, 22)
 # scanner qform with a flip and a shift; an MNI-like sform that differs from it
@@ -390,3 +391,36 @@ def test_a_gzip_image_named_nii_is_told_to_be_renamed(tmp_path: Path) -> None:
     assert (
         str(caught.value) == f"{path}: gzip-compressed, but not named .nii.gz or .mgz (rename it)"
     )
+
+
+def test_read_geometry_reads_the_header_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """prepare's rerun reads a scan's header alone; nibabel's repairs (zero pixdim here), which
+    it logs to stderr, are kept quiet, as load_volume keeps them."""
+    image = nib.Nifti1Image(head_phantom(SHAPE), MNI)
+    image.header["pixdim"][1:4] = 0
+    image.header.set_sform(MNI, code=2)
+    image.to_filename(tmp_path / "pixdim0.nii.gz")
+    with caplog.at_level(logging.INFO, logger="nibabel.global"):
+        nib.load(tmp_path / "pixdim0.nii.gz")  # what nibabel says on its own
+        assert any("pixdim" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        shape, affine = read_geometry(tmp_path / "pixdim0.nii.gz")
+    assert shape == SHAPE and np.allclose(affine, MNI)
+    assert caplog.records == []
+    (tmp_path / "notes.nii.gz").write_text("not an image")
+    with pytest.raises(InputError, match=r"notes\.nii\.gz"):
+        read_geometry(tmp_path / "notes.nii.gz")
+
+
+def test_same_file_through_links_and_not_through_a_loop(tmp_path: Path) -> None:
+    target = write_nifti(tmp_path / "a.nii.gz", head_phantom(SHAPE))
+    (tmp_path / "link.nii.gz").symlink_to(target)
+    os.link(target, tmp_path / "hard.nii.gz")
+    assert same_file(tmp_path / "link.nii.gz", target)
+    assert same_file(tmp_path / "hard.nii.gz", target)
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert not same_file(tmp_path / "loop1", target)  # Python 3.11's resolve raised here
+    assert not same_file(tmp_path / "b.nii.gz", target)
