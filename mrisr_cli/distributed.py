@@ -100,20 +100,13 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_error(info: DistInfo, message: str | None) -> None:
-    """Raise on every rank when rank 0 met a user error, so no rank waits forever."""
-    messages = all_gather(info, message)
-    first = next((m for m in messages if m), None)
-    if first:
-        raise MrisrError(first)
-
-
 @contextmanager
 def errors_shared(info: DistInfo) -> Iterator[None]:
-    """Run a block that some ranks may leave with a user error (rank 0 writing a file), then
-    raise that error on every rank. Otherwise the others meet the gone rank at their next
-    collective call: an internal error ("Connection closed by peer") or, where the backend does
-    not notice, a wait until the process group times out (a plain ``srun`` kills no one).
+    """Run a block that some ranks may leave with a user error (rank 0 writing a file: the
+    run folder, weights, a checkpoint), then raise that error on every rank. Otherwise the
+    others meet the gone rank at their next collective call: an internal error ("Connection
+    closed by peer") or, where the backend does not notice, a wait until the process group
+    times out (a plain ``srun`` kills no one).
     """
     error: Exception | None = None
     try:

@@ -198,17 +198,18 @@ def check_training_scan(
             f"{what}: voxels of {zooms.max():.2f} mm are too coarse to serve as high-resolution "
             f"ground truth at --spacing {spacing_mm:g} (at most {spacing_mm * MAX_SPACING_RATIO:g})"
         )
-    check_extent(data.shape, zooms, what, min_extent_mm=min_extent_mm)
+    check_extent(data.shape, affine, what, min_extent_mm=min_extent_mm)
     oblique = obliquity_degrees(affine)
     if oblique > MAX_OBLIQUITY_DEGREES:
         raise InputError(f"{what}: grid is {oblique:.0f} degrees oblique; reslice it first")
 
 
 def check_extent(
-    shape: Sequence[int], zooms: np.ndarray, what: str, *, min_extent_mm: float = MIN_EXTENT_MM
+    shape: Sequence[int], affine: np.ndarray, what: str, *, min_extent_mm: float = MIN_EXTENT_MM
 ) -> None:
     """Refuse a field of view under ``min_extent_mm`` along some axis (a slab, a crop)."""
-    extent = np.asarray(shape[:3]) * np.asarray(zooms)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    extent = np.asarray(shape[:3]) * zooms
     if extent.min() < min_extent_mm:
         raise InputError(
             f"{what}: field of view {' x '.join(f'{e:.0f}' for e in extent)} mm is too small "
@@ -220,8 +221,7 @@ def _check_source_extent(path: Path, min_extent_mm: float) -> None:
     """:func:`check_extent` from the header alone: a scan prepared by an earlier run is held
     to this run's ``--min-extent`` too (it is not part of the settings that redo a scan)."""
     shape, affine = read_geometry(path)
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    check_extent(shape, zooms, str(path), min_extent_mm=min_extent_mm)
+    check_extent(shape, affine, str(path), min_extent_mm=min_extent_mm)
 
 
 def resample_isotropic(

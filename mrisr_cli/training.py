@@ -56,7 +56,6 @@ from mrisr_cli.distributed import (
     DistInfo,
     all_gather,
     barrier,
-    broadcast_error,
     errors_shared,
     init_distributed,
 )
@@ -950,17 +949,18 @@ def _open_run_folder(
     folder that cannot be written stops every rank. None on the other ranks."""
     out = Path(config.out)
     log: JsonlLog | None = None
-    error = None
-    if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            log = JsonlLog(out / LOG_NAME, keep=log_keep)
-            if not resume:
-                with atomic_path(out / RUN_NAME, overwrite=True) as tmp:
-                    tmp.write_text(json.dumps(_run_record(config, manifest, dist), indent=1) + "\n")
-        except OSError as exc:
-            error = f"{out}: cannot write the run folder ({exc.strerror or exc})"
-    broadcast_error(dist, error)
+    with errors_shared(dist):
+        if dist.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                log = JsonlLog(out / LOG_NAME, keep=log_keep)
+                if not resume:
+                    with atomic_path(out / RUN_NAME, overwrite=True) as tmp:
+                        record = _run_record(config, manifest, dist)
+                        tmp.write_text(json.dumps(record, indent=1) + "\n")
+            except OSError as exc:
+                reason = exc.strerror or exc
+                raise OutputError(f"{out}: cannot write the run folder ({reason})") from exc
     return log
 
 

@@ -912,6 +912,17 @@ def test_bad_training_options(prepared: Path, tmp_path: Path) -> None:
     assert not run.exists()  # nothing started
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_line(prepared: Path, tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    result = invoke(*train_args(prepared / "data", out, "--stage", "psnr", "--epochs", "1"))
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr.strip()
+        == f"mrisr: error: {out}: cannot write the run folder (Not a directory)"
+    )
+
+
 # --- several processes ------------------------------------------------------------------------
 
 
