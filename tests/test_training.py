@@ -984,15 +984,15 @@ from mrisr_cli.distributed import dist_from_env
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
+def bug(*args, **kwargs):
+    raise ValueError("boom")
+
 def save_to_memory_only(obj, f, *args, **kwargs):  # torch pickles for collectives too
     if isinstance(f, (str, os.PathLike)):
         disk_full()
     return torch_save(obj, f, *args, **kwargs)
 
 target, torch_save = sys.argv.pop(1), torch.save
-def bug(*args, **kwargs):
-    raise ValueError("boom")
-
 if dist_from_env().rank == 0:  # rank 0 alone writes files
     if target == "weights":
         training.save_weights = disk_full
