@@ -244,8 +244,9 @@ def split_finished(
                 (f"alpha {record.get('alpha')}", record.get("alpha") == job.alpha),
                 ("other weights", _weights_of(record.get("weights")) == weights),
                 *(
-                    (f"{key} {record.get(key)!r}", record.get(key) == value)
+                    (f"{key} {recorded!r}", recorded == value)
                     for key, value in settings.items()
+                    for recorded in [record.get(key, BEFORE_RECORDED.get(key))]
                 ),
             )
             if not same
@@ -284,6 +285,12 @@ def split_finished(
             ):
                 sidecar.unlink()
     return resume
+
+
+#: what a setting was in outputs of versions that did not record it yet: every version that
+#: recorded keep_background (older sidecars are refused for lacking it) passed tiles of only
+#: air through, --no-keep-background included
+BEFORE_RECORDED: dict[str, object] = {"air_tiles": "input"}
 
 
 def _weights_of(sources: object) -> list[tuple[str, str]]:

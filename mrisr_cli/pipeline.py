@@ -470,6 +470,10 @@ def output_settings(options: UpsampleOptions, n4: bool) -> dict[str, Any]:
         # N4's field: removed before the network; put back into the output, or left out of it
         "bias_field": ("removed" if options.bias_corrected else "restored") if n4 else None,
         "keep_background": options.keep_background,
+        # tiles of only air: passed through with the input's values, or run (see upsample_prepared)
+        "air_tiles": "input"
+        if options.keep_background and inference.skip_background
+        else "network",
         "patch": list(inference.patch),
         "margin": inference.margin,
         "overlap": inference.overlap,

@@ -393,7 +393,9 @@ def test_skip_existing_resumes_a_batch_and_refuses_what_another_run_made(
         "--skip-existing",
         "--no-keep-background",
     )
-    assert_one_line_error(other_settings, "made by another run (keep_background True)")
+    assert_one_line_error(
+        other_settings, "made by another run (keep_background True, air_tiles 'input')"
+    )
     (out / "a_alpha-0.json").unlink()
     no_record = upsample(folder, out, *weights, "--alpha", "0,1", "--skip-existing")
     assert no_record.exit_code == 1  # the one output it cannot take over; the others are done
@@ -903,6 +905,29 @@ def test_tiles_of_air_keep_the_input_unless_no_keep_background(tmp_path: Path) -
     assert json.loads((tmp_path / "raw.json").read_text())["keep_background"] is False
 
 
+def test_skip_existing_refuses_an_earlier_versions_no_keep_background_output(
+    tmp_path: Path,
+) -> None:
+    """Sidecars written before the air-tile rule was recorded: a default output is the same
+    today and is finished; a --no-keep-background one kept tiles of air then, so it is not."""
+    data = np.random.default_rng(0).uniform(0.1, 0.6, (80, 36, 88)).astype(np.float32)
+    data[20:60, :, 22:66] += head_phantom((40, 36, 44))
+    src = write_nifti(tmp_path / "head_in_air.nii.gz", data)
+    kept_and_raw(src, tmp_path)
+    weights = ["--psnr-weights", tmp_path / "offset.safetensors", *SMALL_PATCH]
+    for name, now in (("kept", "input"), ("raw", "network")):
+        sidecar = tmp_path / f"{name}.json"
+        record = json.loads(sidecar.read_text())
+        assert record.pop("air_tiles") == now
+        sidecar.write_text(json.dumps(record))  # as an earlier version wrote it
+    kept = upsample(src, tmp_path / "kept.nii.gz", *weights, "--skip-existing")
+    assert kept.exit_code == 0 and "finished by an earlier run" in kept.stderr, kept.stderr
+    raw = upsample(
+        src, tmp_path / "raw.nii.gz", *weights, "--no-keep-background", "--skip-existing"
+    )
+    assert_one_line_error(raw, "made by another run (air_tiles 'input')")
+
+
 def test_a_non_finite_network_output_is_an_error_not_a_file(
     tmp_path: Path, phantom_file: Path
 ) -> None:
@@ -1349,3 +1374,23 @@ def test_real_lowres_acquisitions(
     assert image.shape == shape
     assert np.allclose(image.header.get_zooms(), 1.0)
     assert "sharpens only 2" in result.stderr  # 2 mm on all three axes
+
+
+def test_readme_lists_every_key_of_the_sidecar(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """README's sidecar table names exactly the keys a sidecar holds, so neither drifts."""
+    from conftest import REPO
+
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    written = set(json.loads((tmp_path / "o.json").read_text()))
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| keys | what they hold |", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        name
+        for row in table.splitlines()[2:]
+        for name in re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", row.split(" | ")[0]))
+    }
+    assert documented == written
