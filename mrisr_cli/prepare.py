@@ -19,7 +19,7 @@ Layout of OUT_DIR (plain .npy so that training memory-maps them and never decode
 float16 halves disk and page cache; on z-scores its rounding error (~5e-4 relative) is far below
 the L1 errors a network reaches. Subjects run in separate processes; a failed scan is reported
 and skipped. OUT must be new, empty or a dataset made with the same settings, split and seed: a
-rerun then skips the subjects already done (and readable), and the subjects already split keep
+rerun then skips the subjects already done (and intact), and the subjects already split keep
 their split, so that extending a dataset never moves a held-out subject into train.
 """
 
@@ -31,11 +31,10 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ from mrisr_cli.volumes import (
     strip_suffix,
 )
 from mrisr_cli.weights import sha256_of
+from mrisr_cli.workers import WorkerPool
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mrisr-dataset"
@@ -319,8 +319,9 @@ def prepare_subject(scan: Scan, out_dir: Path, options: PrepareOptions) -> Subje
                 except InputError as exc:
                     return SubjectOutcome(scan, "failed", str(exc))
                 # the subject comes from the path (subject_of), which an earlier version read
-                # otherwise: this run's grouping applies to subjects done before it too
-                record = {**record, "subject": scan.subject}
+                # otherwise: this run's grouping applies to subjects done before it too; and the
+                # source folder may have moved: warnings name where the scan is now
+                record = {**record, "subject": scan.subject, "source": str(scan.path)}
                 return SubjectOutcome(scan, "skipped", "already prepared", record)
     try:
         record = _process(scan, folder, options, source_sha)
@@ -339,10 +340,13 @@ def _array_damage(folder: Path, record: dict[str, Any]) -> str | None:
     """Why a done subject's arrays cannot be trained on (None: they can).
 
     Training memory-maps them and refuses a truncated or foreign file, so a rerun must not count
-    such a subject as done; mapping reads only the header, so this is cheap.
+    such a subject as done. Damage that keeps the size (zeroed or overwritten bytes) only the
+    sha256 that subject.json records shows; hashing costs little next to preparing the subject
+    again. A record without it (an older version's) gets the header check alone.
     """
     shape = tuple(record.get("shape") or ())
     dtypes = (np.float16, np.float16, np.uint8, np.int16)
+    files = record.get("files")
     for name, dtype in zip(ARRAY_NAMES, dtypes, strict=True):
         path = folder / f"{name}.npy"
         try:
@@ -358,7 +362,29 @@ def _array_damage(folder: Path, record: dict[str, Any]) -> str | None:
                 f"not what subject.json records"
             )
         del array
+        entry = files.get(name) if isinstance(files, dict) else None
+        recorded = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(recorded, str):
+            continue
+        try:
+            matches = sha256_of(path) == recorded
+        except OSError:
+            return f"subjects/{folder.name}/{name}.npy was missing or unreadable"
+        if not matches:
+            return (
+                f"subjects/{folder.name}/{name}.npy did not match the sha256 that subject.json "
+                "records (damaged or changed)"
+            )
     return None
+
+
+def voxels_sha256(data: np.ndarray) -> str:
+    """sha256 of a scan's voxels (float32, canonical axes) and shape: the same for a copy saved
+    in another format or encoding, whose file sha256 differs. The affine is left out: a copy
+    whose header was edited (another origin, say) is still the same scan, as leaky as any."""
+    digest = hashlib.sha256(str(tuple(data.shape)).encode())
+    digest.update(memoryview(np.ascontiguousarray(data, dtype=np.float32)).cast("B"))
+    return digest.hexdigest()
 
 
 def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str) -> dict:
@@ -372,7 +398,9 @@ def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str)
         min_extent_mm=options.min_extent_mm,
     )
     reo = canonical_reorientation(volume.affine, volume.data.shape)
-    hr, affine = resample_isotropic(reo.apply(volume.data), reo.canonical_affine, config.spacing_mm)
+    canonical = reo.apply(volume.data)
+    voxels_sha = voxels_sha256(canonical)
+    hr, affine = resample_isotropic(canonical, reo.canonical_affine, config.spacing_mm)
     if config.n4:
         from mrisr_cli.n4 import n4_correct
 
@@ -392,6 +420,7 @@ def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str)
         "subject": scan.subject,
         "source": str(scan.path),
         "source_sha256": source_sha,
+        "voxels_sha256": voxels_sha,
         "settings": _settings(options),
         "shape": [int(n) for n in hr.shape],
         "affine": np.asarray(affine, dtype=float).round(6).tolist(),
@@ -475,10 +504,37 @@ def assign_splits(
     return result
 
 
+def content_keys(record: Mapping[str, Any]) -> set[str]:
+    """What makes two records one scan, whatever its file's name or encoding: the same file
+    (source sha256), the same voxels (``voxels_sha256``; not in records of earlier versions)
+    or the same prepared ``hr.npy`` (in every record; ``hr_sha256`` in a ``former`` entry)."""
+    files = record.get("files")
+    hr = files.get("hr") if isinstance(files, dict) else None
+    shas = {
+        "sha256:": record.get("source_sha256"),
+        "voxels:": record.get("voxels_sha256"),
+        "hr:": hr.get("sha256") if isinstance(hr, dict) else record.get("hr_sha256"),
+    }
+    return {kind + sha for kind, sha in shas.items() if isinstance(sha, str) and sha}
+
+
 def split_groups(records: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Record id -> group that shares a split: the scans of one subject, and identical files
-    (same source sha256, e.g. one scan copied under two names) that would otherwise leak a
-    held-out scan into train. A group is named by its first subject."""
+    """Record id -> group that shares a split: the scans of one subject, and identical scans
+    (:func:`content_keys`: one scan copied under two names, or saved again as ``.nii`` beside
+    its ``.nii.gz``) that would otherwise leak a held-out scan into train. A group is named by
+    its first subject."""
+    linked = _linked(records, lambda r: {"subject:" + r["subject"], *content_keys(r)})
+    name: dict[str, str] = {}
+    for record in sorted(records, key=lambda r: r["subject"]):
+        name.setdefault(linked[record["id"]], record["subject"])
+    return {r["id"]: name[linked[r["id"]]] for r in records}
+
+
+def _linked(
+    records: Sequence[Mapping[str, Any]], keys_of: Callable[[Mapping[str, Any]], set[str]]
+) -> dict[str, str]:
+    """Record id -> a name shared by every record linked to it through a chain of common keys
+    (``a.nii.gz`` and its copy ``b.nii.gz`` by file, ``b.nii.gz`` and ``b.nii`` by voxels)."""
     parent: dict[str, str] = {}
 
     def root(node: str) -> str:
@@ -487,13 +543,11 @@ def split_groups(records: Sequence[dict[str, Any]]) -> dict[str, str]:
         return node
 
     for record in records:
-        a, b = root("subject:" + record["subject"]), root("sha256:" + record["source_sha256"])
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    name: dict[str, str] = {}
-    for record in sorted(records, key=lambda r: r["subject"]):
-        name.setdefault(root("subject:" + record["subject"]), record["subject"])
-    return {r["id"]: name[root("subject:" + r["subject"])] for r in records}
+        for key in keys_of(record):
+            a, b = root("id:" + record["id"]), root(key)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {r["id"]: root("id:" + r["id"]) for r in records}
 
 
 def dataset_fingerprint(degradation: str, subjects: Sequence[dict[str, Any]]) -> str:
@@ -516,7 +570,7 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write ``manifest.json`` (atomically) from the outcomes; return it, with ``"run"``.
 
-    Groups (:func:`split_groups`) that hold a subject or file of the ``previous`` manifest keep
+    Groups (:func:`split_groups`) that hold a subject or scan of the ``previous`` manifest keep
     its split; only new groups are assigned. ``"run"`` (returned, not written: a rerun must
     write the same file) says how many scans kept their split and how many were newly assigned,
     and carries the warnings for the user.
@@ -540,11 +594,9 @@ def write_manifest(
     kept: dict[str, int] = {}
     for group_records in members.values():
         names = {r["subject"] for r in group_records}
-        shas = {r["source_sha256"] for r in group_records}
+        keys = set().union(*(content_keys(r) for r in group_records))
         matches = {
-            r.get("split")
-            for r in old
-            if r.get("subject") in names or r.get("source_sha256") in shas
+            r.get("split") for r in old if r.get("subject") in names or content_keys(r) & keys
         }
         before = [name for name in SPLITS if name in matches]
         if not before:
@@ -556,7 +608,7 @@ def write_manifest(
         if len(before) > 1:
             warnings.append(
                 f"{', '.join(r['source'] for r in group_records)}: the same subject or identical "
-                f"files were put in different splits ({', '.join(before)}) by an earlier "
+                f"scans were put in different splits ({', '.join(before)}) by an earlier "
                 "preparation and keep them; remove the copies from the source folder, or "
                 "prepare into a new folder, to keep held-out scans out of train"
             )
@@ -565,15 +617,16 @@ def write_manifest(
     for group in new_groups:
         for record in members[group]:
             split_of[record["id"]] = new_splits[group]
-    by_sha: dict[str, list[dict[str, Any]]] = {}
+    scan_of = _linked(records, content_keys)
+    by_scan: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        by_sha.setdefault(record["source_sha256"], []).append(record)
-    for same in by_sha.values():
+        by_scan.setdefault(scan_of[record["id"]], []).append(record)
+    for same in by_scan.values():
         if len(same) > 1 and len({split_of[r["id"]] for r in same}) == 1:
             warnings.append(
-                f"{', '.join(r['source'] for r in same)}: identical files (same sha256); "
-                f"kept together in {split_of[same[0]['id']]}; remove the copies unless they "
-                "are meant to count twice"
+                f"{', '.join(r['source'] for r in same)}: identical files (same sha256 of the "
+                f"file or of its voxels); kept together in {split_of[same[0]['id']]}; remove "
+                "the copies unless they are meant to count twice"
             )
     subjects = []
     for record in records:
@@ -592,12 +645,12 @@ def write_manifest(
     split = {"ratios": list(options.ratios), "seed": options.seed, "by": "subject"}
     # scans that left (moved away, failed, not fetched) keep their split for when they return
     names = {r["subject"] for r in records}
-    shas = {r["source_sha256"] for r in records}
+    here = set().union(*(content_keys(r) for r in records))
     former = sorted(
         (
-            {key: r.get(key) for key in ("id", "subject", "source_sha256", "split")}
+            _former_entry(r)
             for r in old
-            if r.get("subject") not in names and r.get("source_sha256") not in shas
+            if r.get("subject") not in names and not content_keys(r) & here
         ),
         key=lambda r: str(r["id"]),
     )
@@ -612,6 +665,9 @@ def write_manifest(
         min_extent_mm=options.min_extent_mm,
     )
     _record_splits(out_dir, subjects, {"ratios": list(options.ratios), "seed": options.seed})
+    empty = _empty_splits_warning(manifest["counts"], options.ratios, len(members))
+    if empty:
+        warnings.append(empty)
     new_ids = {r["id"] for g in new_groups for r in members[g]}
     manifest["run"] = {
         "kept": len(records) - len(new_ids),
@@ -621,17 +677,53 @@ def write_manifest(
     return manifest
 
 
+def _empty_splits_warning(
+    counts: Mapping[str, int], ratios: Sequence[float], groups: int
+) -> str | None:
+    """One line when a split came out empty (too few subjects, :func:`split_counts`), said at
+    prepare time rather than by `mrisr train` later: an empty val always (training then keeps
+    no best weights), an empty eval or test only where its share asked for scans."""
+    held_out = [name for name, share in zip(SPLITS[2:], ratios[2:], strict=True) if share > 0]
+    missing = [name for name in held_out if counts.get(name, 0) == 0]
+    subjects = f"{groups} subject{'' if groups == 1 else 's'}"
+    advice = "add scans of more subjects to the source folder and rerun"
+    if counts.get("val", 0) == 0:
+        also = f"; {' and '.join(missing)} empty too" if missing else ""
+        return (
+            f"val is empty ({subjects} in all{also}): `mrisr train` will have nothing to "
+            f"validate on and write no best weights; {advice}"
+        )
+    if missing:
+        return (
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty ({subjects} "
+            f"in all, too few for the --split shares): no scan is held out there; {advice}"
+        )
+    return None
+
+
+def _former_entry(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the ``former`` list keeps of a subject that left: enough to give its split back to
+    it, or to a copy of it (:func:`content_keys`), when it returns."""
+    entry = {key: record.get(key) for key in ("id", "subject", "source_sha256", "split")}
+    for key in sorted(content_keys(record)):
+        kind, sha = key.split(":", 1)
+        if kind in ("voxels", "hr"):
+            entry[f"{kind}_sha256"] = sha
+    return entry
+
+
 def _record_splits(out_dir: Path, subjects: Sequence[dict[str, Any]], rule: dict[str, Any]) -> None:
     """Write each subject's split, and the ``rule`` (shares and seed) it was made by, into its
     ``subject.json`` too, so that a lost or deleted ``manifest.json`` can neither re-split the
-    dataset (a held-out scan landing in train) nor let another rule extend it."""
+    dataset (a held-out scan landing in train) nor let another rule extend it. Its ``source``
+    follows a source folder that moved."""
     for subject in subjects:
         path = Path(out_dir) / "subjects" / str(subject["id"]) / "subject.json"
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # the manifest still holds it; the next run redoes this subject
-        wanted = {"split": subject["split"], "split_rule": rule}
+        wanted = {"split": subject["split"], "split_rule": rule, "source": subject["source"]}
         if not isinstance(record, dict) or all(record.get(k) == v for k, v in wanted.items()):
             continue
         record.update(wanted)
@@ -883,8 +975,10 @@ def prepare_dataset(
     scans = list(scans) if scans is not None else find_scans(src_dir)
     out_dir = Path(out_dir)
     previous = check_output_folder(src_dir, out_dir, options)
+    subjects_dir = out_dir / "subjects"
+    created = [p for p in (subjects_dir, out_dir, *out_dir.parents) if not p.exists()]
     try:
-        (out_dir / "subjects").mkdir(parents=True, exist_ok=True)
+        subjects_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out_dir}: cannot create the output folder ({exc.strerror})") from exc
     if on_start:
@@ -897,31 +991,41 @@ def prepare_dataset(
             on_outcome(outcome)
 
     jobs = max(1, min(jobs, len(scans)))
-    if jobs == 1:
-        for scan in scans:
-            finished(prepare_subject(scan, out_dir, options))
-    else:
-        from mrisr_cli.threads import resolve_thread_count
+    try:
+        if jobs == 1:
+            for scan in scans:
+                finished(prepare_subject(scan, out_dir, options))
+        else:
+            from mrisr_cli.threads import resolve_thread_count
 
-        per_job = max(1, resolve_thread_count(threads) // jobs)
-        with ProcessPoolExecutor(
-            max_workers=jobs,
-            mp_context=get_context("spawn"),  # no fork after ITK/torch threads started
-            initializer=_worker_init,
-            initargs=(per_job,),
-        ) as pool:
-            futures = {pool.submit(prepare_subject, s, out_dir, options): s for s in scans}
-            try:
-                for future in as_completed(futures):
-                    finished(future.result())
-            except BrokenProcessPool as exc:
-                raise MrisrError(
-                    "a worker process died (out of memory?); rerun with fewer --jobs "
-                    "(subjects already finished are kept)"
-                ) from exc
+            per_job = max(1, resolve_thread_count(threads) // jobs)
+            with WorkerPool(jobs, initializer=_worker_init, initargs=(per_job,)) as pool:
+                futures = {pool.submit(prepare_subject, s, out_dir, options): s for s in scans}
+                try:
+                    for future in as_completed(futures):
+                        finished(future.result())
+                except BrokenProcessPool as exc:
+                    raise MrisrError(
+                        "a worker process died (out of memory?); rerun with fewer --jobs "
+                        "(subjects already finished are kept)"
+                    ) from exc
+    except BaseException:  # stopped (Ctrl-C) or failed: the folders it made and left empty go
+        _remove_empty(created)
+        raise
     if not any(o.record is not None for o in outcomes):
+        _remove_empty(created)
         raise InputError(f"{src_dir}: none of the {len(scans)} images could be prepared")
     return write_manifest(out_dir, options, outcomes, previous)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders this run created (deepest first) while they are empty, so that a run
+    that prepared nothing leaves no empty OUT behind to be mistaken for a dataset."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (a failed subject's files): keep it and the folders above
 
 
 def default_jobs(threads: int | None = None) -> int:

@@ -19,9 +19,11 @@ from mrisr_cli.prepare import (
     PrepareOptions,
     SubjectOutcome,
     assign_splits,
+    find_scans,
     freesurfer_mri_folders,
     load_manifest,
     prepare_dataset,
+    prepare_subject,
     resample_isotropic,
     split_counts,
     subject_of,
@@ -612,9 +614,153 @@ def test_damaged_subjects_are_redone_and_named(tmp_path: Path) -> None:
     assert status["s0"] == ("done", "redone: subjects/s0/hr.npy was missing or unreadable")
     assert status["s1"][0] == "done" and "mask.npy held float32" in status["s1"][1]
     assert status["s2"] == ("skipped", "already prepared")
-    assert len(manifest["run"]["warnings"]) == 2
-    assert all("prepared it again" in w for w in manifest["run"]["warnings"])
+    redone = [w for w in manifest["run"]["warnings"] if "prepared it again" in w]
+    assert len(redone) == 2  # besides them: eval and test are empty with 3 subjects
     for record in load_manifest(out).subjects:  # what training opens
         for entry in record["files"].values():
             assert np.load(out / entry["path"], mmap_mode="r").size > 0
             assert sha256_of(out / entry["path"]) == entry["sha256"]
+
+
+def test_damage_that_keeps_the_size_is_found_by_the_recorded_sha256(tmp_path: Path) -> None:
+    """Zeroed bytes at the end of lr.npy left its header and size intact: a rerun counted the
+    subject as done although its file no longer matched the sha256 in its own subject.json."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    lr = out / "subjects" / "s1" / "lr.npy"
+    data = bytearray(lr.read_bytes())
+    data[-4000:] = bytes(4000)
+    lr.write_bytes(bytes(data))
+    seen: list[SubjectOutcome] = []
+    manifest = prepare_dataset(src, out, SMALL_OPTIONS, on_outcome=seen.append)
+    status = {o.scan.id: (o.status, o.message) for o in seen}
+    assert status["s1"][0] == "done", status
+    assert "subjects/s1/lr.npy did not match the sha256" in status["s1"][1]
+    assert status["s0"] == status["s2"] == ("skipped", "already prepared")
+    assert any("lr.npy did not match" in w for w in manifest["run"]["warnings"])
+    for record in manifest["subjects"]:
+        for entry in record["files"].values():
+            assert sha256_of(out / entry["path"]) == entry["sha256"]
+    # a record without hashes (as an older version might have written): the header check only
+    own = out / "subjects" / "s2" / "subject.json"
+    record = json.loads(own.read_text())
+    record["files"] = {name: {"path": entry["path"]} for name, entry in record["files"].items()}
+    own.write_text(json.dumps(record))
+    (scan,) = [s for s in find_scans(src) if s.id == "s2"]
+    assert prepare_subject(scan, out, SMALL_OPTIONS).status == "skipped"
+
+
+def test_a_copy_in_another_encoding_shares_a_split(tmp_path: Path) -> None:
+    """s0.nii.gz and s0_again.nii hold the same voxels in other bytes: grouped by file sha256
+    alone, they could land in test and train. A dataset that an earlier version split so keeps
+    its splits on a rerun, and the two are named (their hr.npy is the same)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    save(src / "s0_again.nii", head(0, SMALL))  # uncompressed: other bytes, same voxels
+    nib.save(nib.MGHImage(head(1, SMALL), np.eye(4)), str(src / "s1_again.mgz"))
+    assert sha256_of(src / "s0.nii.gz") != sha256_of(src / "s0_again.nii")
+    # seed 3: grouped by file alone, both pairs were split (s0 val, s0_again train)
+    options = PrepareOptions(SMALL_OPTIONS.degradation, (0.5, 0.5, 0, 0), 3, 16)
+    first = prepare_dataset(src, out, options)
+    splits = splits_of(out)
+    assert splits["s0"] == splits["s0_again"] and splits["s1"] == splits["s1_again"]
+    assert [splits[k] for k in ("s0", "s1", "s2")].count("val") == 2  # 3 groups: 1.5 rounds up
+    named = [w for w in first["run"]["warnings"] if "identical" in w]
+    assert len(named) == 2 and any("s0_again.nii" in w and "s0.nii.gz" in w for w in named)
+
+    # as an earlier version wrote it: no voxels_sha256, and the copies in two splits
+    raw = json.loads((out / "manifest.json").read_text())
+    for record in raw["subjects"]:
+        record.pop("voxels_sha256")
+        if record["id"] in ("s0", "s0_again"):
+            record["split"] = "train" if record["id"] == "s0" else "test"
+        own = out / "subjects" / record["id"] / "subject.json"
+        on_disk = json.loads(own.read_text())
+        on_disk.pop("voxels_sha256")
+        own.write_text(json.dumps({**on_disk, "split": record["split"]}))
+    (out / "manifest.json").write_text(json.dumps(raw))
+    again = prepare_dataset(src, out, options)
+    assert splits_of(out)["s0"] == "train" and splits_of(out)["s0_again"] == "test"
+    (warning,) = [w for w in again["run"]["warnings"] if "different splits" in w]
+    assert "s0_again.nii" in warning and "(train, test)" in warning
+
+    # the same voxels under a header that says 1.1 mm: resampled, its hr.npy differs
+    other = tmp_path / "other"
+    save(other / "s0.nii.gz", head(0, SMALL))
+    save(other / "s0_relabelled.nii.gz", head(0, SMALL), np.diag([1.0, 1.0, 1.1, 1.0]))
+    manifest = prepare_dataset(other, tmp_path / "out_other", SMALL_OPTIONS)
+    hr = {r["id"]: r["files"]["hr"]["sha256"] for r in manifest["subjects"]}
+    assert hr["s0"] != hr["s0_relabelled"]
+    assert len(set(splits_of(tmp_path / "out_other").values())) == 1
+    assert any("identical" in w for w in manifest["run"]["warnings"])
+
+
+def test_an_empty_val_or_test_is_warned_about_at_prepare_time(tmp_path: Path) -> None:
+    """One scan gave "train 1, val 0, eval 0, test 0" without a word; only `mrisr train` said
+    later that it had nothing to validate on (and so writes no best weights)."""
+    src = tmp_path / "src"
+    small_heads(src, [0])
+    result = invoke(src, tmp_path / "one", *SMALL_ARGS)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())
+    assert "mrisr: warning: val is empty (1 subject in all; eval and test empty too)" in shown
+    assert "no best weights" in shown
+    manifest = prepare_dataset(src, tmp_path / "one", SMALL_OPTIONS)  # a rerun says it again
+    assert manifest["counts"] == {"train": 1, "val": 0, "eval": 0, "test": 0}
+    assert [w for w in manifest["run"]["warnings"] if w.startswith("val is empty")]
+    # two subjects: val gets one, test none although its share asked for scans
+    small_heads(src, [1])
+    two = prepare_dataset(src, tmp_path / "two", SMALL_OPTIONS)
+    assert two["counts"] == {"train": 1, "val": 1, "eval": 0, "test": 0}
+    (warning,) = two["run"]["warnings"]
+    assert warning.startswith("eval and test are empty (2 subjects in all")
+    # shares of 0 ask for no eval or test scans: nothing to warn about
+    zero = PrepareOptions(SMALL_OPTIONS.degradation, (0.5, 0.5, 0, 0), 0, 16)
+    assert prepare_dataset(src, tmp_path / "zero", zero)["run"]["warnings"] == []
+
+
+def test_a_run_that_prepares_nothing_leaves_no_empty_folders(tmp_path: Path) -> None:
+    save(tmp_path / "src" / "mask.nii.gz", (head(0) > 50).astype(np.uint8))
+    for out in (tmp_path / "out", tmp_path / "new" / "deeper"):
+        with pytest.raises(InputError, match="none of the 1 images"):
+            prepare_dataset(tmp_path / "src", out, NO_N4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    (tmp_path / "empty").mkdir()  # OUT made by the user: kept, only subjects/ goes
+    result = invoke(tmp_path / "src", tmp_path / "empty", "--no-n4", "--jobs", "1")
+    assert result.exit_code == 1 and "none of the 1 images" in result.output
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_a_run_stopped_before_any_subject_leaves_no_empty_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mrisr_cli.prepare as prepare_module
+
+    def ctrl_c(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    small_heads(tmp_path / "src", range(1))
+    monkeypatch.setattr(prepare_module, "prepare_subject", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(tmp_path / "src", tmp_path / "new" / "out", SMALL_OPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_moved_source_folder_is_named_where_it_is_now(tmp_path: Path) -> None:
+    """Scans skipped as already prepared kept the path they had: after the source folder
+    moved, the identical-files warning named old paths next to new ones."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(2))
+    (src / "copy_of_s0.nii.gz").write_bytes((src / "s0.nii.gz").read_bytes())
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    moved = src.rename(tmp_path / "moved")
+    seen: list[SubjectOutcome] = []
+    manifest = prepare_dataset(moved, out, SMALL_OPTIONS, on_outcome=seen.append)
+    assert {o.status for o in seen} == {"skipped"}
+    (warning,) = [w for w in manifest["run"]["warnings"] if "identical" in w]
+    assert str(moved / "s0.nii.gz") in warning and str(src) + "/" not in warning
+    for record in manifest["subjects"]:
+        assert Path(record["source"]).parent == moved
+        own = json.loads((out / "subjects" / record["id"] / "subject.json").read_text())
+        assert own["source"] == record["source"]
