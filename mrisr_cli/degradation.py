@@ -155,9 +155,15 @@ def lowres_spectrum(hr: np.ndarray, config: DegradationConfig) -> np.ndarray:
 
 
 def lowres_volume(hr: np.ndarray, config: DegradationConfig) -> np.ndarray:
-    """The true low-resolution volume (shape ``n // factor`` on degraded axes), float32."""
-    band = lowres_spectrum(hr, config)
-    return np.abs(np.fft.ifftn(np.fft.ifftshift(band))).astype(np.float32)
+    """The true low-resolution volume (shape ``n // factor`` on degraded axes), float32.
+
+    The result is a magnitude image (the authors' ``abs`` of the inverse DFT), which has no
+    negative values: an input that has some (z-scored, or shifted) is degraded as its offset to
+    0 and shifted back, so that negative tissue is not folded onto positive values."""
+    lowest = float(hr.min())
+    offset = min(lowest, 0.0)
+    band = lowres_spectrum(hr - offset if offset else hr, config)
+    return (np.abs(np.fft.ifftn(np.fft.ifftshift(band))) + offset).astype(np.float32)
 
 
 def lowres_spacing(shape: tuple[int, ...], factors: tuple[int, ...]) -> tuple[float, ...]:

@@ -153,5 +153,6 @@ def foreground_stats(data: np.ndarray, mask: np.ndarray | None = None) -> Intens
     if mask is None:
         mask = foreground_mask(data)
     values = data[mask] if mask.any() else data.ravel()
-    std = float(values.std())
-    return IntensityStats(mean=float(values.mean()), std=std if std > 0 else 1.0)
+    # in float64: squares of float32 overflow above 1.8e19 (any float32 image is accepted)
+    std = float(values.std(dtype=np.float64))
+    return IntensityStats(mean=float(values.mean(dtype=np.float64)), std=std if std > 0 else 1.0)

@@ -84,7 +84,7 @@ class GeneratorFiles:
 
     def sources(self) -> list[dict[str, str]]:
         return [
-            {"role": role, "path": str(w.path), "sha256": w.sha256}
+            {"role": role, "path": os.path.abspath(w.path), "sha256": w.sha256}
             for role, w in (("psnr", self.psnr), ("gan", self.gan))
             if w is not None
         ]
@@ -233,8 +233,8 @@ def upsample_array(
         out = stats.denormalise(out)
     if not np.isfinite(out).all():
         raise MrisrError(
-            "the network's output holds NaN or infinite values (an fp16 overflow: try without "
-            "--half)"
+            "the network's output holds NaN or infinite values"
+            + (" (an fp16 overflow: try without --half)" if options.half else "")
         )
     if data.min() >= 0 if nonnegative is None else nonnegative:
         np.maximum(out, 0.0, out=out)

@@ -143,6 +143,15 @@ def _checked_volume(image: object, path: Path, fixes: list[str]) -> Volume:
     ):
         raise InputError(f"{path}: the header gives a voxel size of 0 mm (pixdim)")
     check_affine(image.affine, str(path))
+    stored = np.dtype(image.get_data_dtype())
+    if stored.kind == "c":
+        raise InputError(
+            f"{path}: complex-valued voxels ({stored}, e.g. raw or phase data); give the "
+            "magnitude image"
+        )
+    if stored.kind not in "biuf":  # structured (RGB), strings, objects
+        what = "colour (RGB) voxels" if stored.names else f"voxels of type {stored}"
+        raise InputError(f"{path}: {what}, not the grey values of a T1")
     try:
         # a damaged stream can decode to huge values; numpy's cast warning would be printed
         # above the error line that _check_gzip_stream gives for it
@@ -150,7 +159,10 @@ def _checked_volume(image: object, path: Path, fixes: list[str]) -> Volume:
             data = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}: {_unreadable_reason(path, exc, header_read=True)}") from exc
-    if isinstance(image.header, nib.Nifti1Header):
+    if isinstance(image.header, nib.Nifti2Header):  # written as NIfTI-1, like every output
+        with _nibabel_header_fixes():  # nibabel logs its sizeof_hdr repair
+            header = nib.Nifti1Header.from_header(image.header)
+    elif isinstance(image.header, nib.Nifti1Header):
         header = image.header.copy()
     else:  # MGH: its affine is scanner RAS
         header = nib.Nifti1Header()
@@ -522,6 +534,8 @@ def write_volume(
     callers that rename several files together; a failure names ``name``, the final file."""
     header = header.copy() if header is not None else nib.Nifti1Header()
     array = np.asarray(data, dtype=dtype)
+    if tuple(header.get_data_shape()[:3]) != array.shape[:3]:
+        _forget_slice_timing(header)
     carry_transforms(header, affine, array.shape)
     header.set_data_shape(array.shape)
     header.set_data_dtype(array.dtype)
@@ -535,6 +549,15 @@ def write_volume(
         nib.save(image, str(tmp))
     except OSError as exc:
         raise OutputError(f"{name}: could not write ({os_reason(exc)})") from exc
+
+
+def _forget_slice_timing(header: nib.Nifti1Header) -> None:
+    """Slice order and timing describe the input's acquisition grid: on another grid they
+    would name slices that do not exist (slice_end 49 of 100 slices)."""
+    for field in ("slice_start", "slice_end", "slice_code", "slice_duration"):
+        header[field] = 0
+    freq, phase, _ = header.get_dim_info()
+    header.set_dim_info(freq, phase, None)
 
 
 def carry_transforms(header: nib.Nifti1Header, affine: np.ndarray, shape: tuple[int, ...]) -> None:

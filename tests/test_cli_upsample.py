@@ -936,7 +936,21 @@ def test_a_non_finite_network_output_is_an_error_not_a_file(
     out = tmp_path / "o.nii.gz"
     result = upsample(phantom_file, out, "--psnr-weights", weights, *SMALL_PATCH)
     assert_one_line_error(result, "NaN or infinite values")
+    assert "fp16" not in result.stderr  # it ran in fp32: no advice about --half
     assert not out.exists() and no_partial_files(tmp_path)
+
+
+def test_intensities_near_the_float32_limit_are_processed(tmp_path: Path) -> None:
+    """Their standard deviation overflowed in float32 above 1.8e19: "NaN or infinite values"
+    (with advice about an fp16 overflow in an fp32 run), or an internal error."""
+    data = head_phantom() * np.float32(1e36)
+    src = write_nifti(tmp_path / "huge.nii.gz", data)
+    weights = offset_weights(tmp_path / "plus_one_sd.safetensors", 1.0)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(src, out, "--psnr-weights", weights, "--no-keep-background", *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    stats = foreground_stats(data.astype(np.float64))
+    np.testing.assert_allclose(nib.load(out).get_fdata(), stats.mean + stats.std, rtol=1e-4)
 
 
 def test_half_falling_back_to_fp32_is_recorded_in_the_sidecar(
@@ -1394,3 +1408,15 @@ def test_readme_lists_every_key_of_the_sidecar(
         for name in re.findall(r"`(\w+)`", re.sub(r"\(.*?\)", "", row.split(" | ")[0]))
     }
     assert documented == written
+
+
+def test_the_sidecar_names_the_weights_by_absolute_path(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like its input and output: the sidecar may be read from anywhere."""
+    monkeypatch.chdir(fast_weights.parent)
+    out = tmp_path / "o.nii.gz"
+    result = upsample(phantom_file, out, "--psnr-weights", fast_weights.name, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    (source,) = json.loads((tmp_path / "o.json").read_text())["weights"]
+    assert source["path"] == str(fast_weights)

@@ -92,6 +92,15 @@ def test_degradation_keeps_units_and_removes_only_high_frequencies_of_degraded_a
     assert amplitude_after(0, 4) > 0.8  # low frequencies pass on degraded axes too
 
 
+def test_an_input_with_negative_values_is_degraded_as_its_shifted_magnitude_image() -> None:
+    """The authors' abs() makes a magnitude image: applied to a z-scored input it folded
+    negative tissue onto positive values. Degradation now commutes with the shift."""
+    hr = head_phantom((48, 40, 48))  # background 0, as a magnitude image
+    shifted = degrade_volume(hr - 60.0)
+    np.testing.assert_allclose(shifted, degrade_volume(hr) - 60.0, atol=1e-3)
+    assert shifted.min() < -50
+
+
 @pytest.mark.parametrize(
     ("shape", "voxel_mm"),
     [

@@ -424,3 +424,55 @@ def test_same_file_through_links_and_not_through_a_loop(tmp_path: Path) -> None:
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     assert not same_file(tmp_path / "loop1", target)  # Python 3.11's resolve raised here
     assert not same_file(tmp_path / "b.nii.gz", target)
+
+
+def test_colour_and_complex_images_are_refused_in_one_line(tmp_path: Path) -> None:
+    """An RGB image crashed the read (a batch stopped with an internal error); a complex one
+    was silently cut to its real part."""
+    rgb = np.zeros((12, 10, 14), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    phase = np.exp(1j * np.linspace(0, 3, 12 * 10 * 14)).reshape(12, 10, 14)
+    complex_data = (head_phantom((12, 10, 14)) * phase).astype(np.complex64)
+    nib.save(nib.Nifti1Image(complex_data, np.eye(4)), tmp_path / "complex.nii.gz")
+    for name, needle in (("rgb", "colour (RGB) voxels"), ("complex", "complex-valued voxels")):
+        out = tmp_path / f"{name}_out.nii.gz"
+        result = CliRunner().invoke(app, ["upsample", str(tmp_path / f"{name}.nii.gz"), str(out)])
+        one_line_error(result, needle)
+        assert not out.exists()
+
+
+def test_a_nifti2_input_is_written_as_nifti1_without_nibabel_chatter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = head_phantom((12, 10, 14))
+    image = nib.Nifti2Image(data, MNI)
+    image.header.set_qform(SCANNER, code=1)
+    image.header.set_sform(MNI, code=4)
+    nib.save(image, tmp_path / "in.nii.gz")
+    volume = load_volume(tmp_path / "in.nii.gz")
+    with caplog.at_level(logging.DEBUG, logger="nibabel"):
+        save_volume(tmp_path / "out.nii.gz", volume.data, volume.affine, volume.header)
+    assert not caplog.records  # nibabel logs to stderr: "sizeof_hdr should be 348"
+    written = nib.load(tmp_path / "out.nii.gz")
+    assert type(written.header) is nib.Nifti1Header
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 4)
+    np.testing.assert_allclose(written.header.get_sform(), MNI)
+    np.testing.assert_allclose(written.header.get_qform(), SCANNER)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), data)
+
+
+def test_slice_timing_of_the_input_grid_is_not_carried_onto_another(tmp_path: Path) -> None:
+    image = nib.Nifti1Image(head_phantom(SHAPE), SCANNER)
+    image.header.set_dim_info(freq=0, phase=1, slice=2)
+    image.header["slice_end"], image.header["slice_code"] = SHAPE[2] - 1, 1
+    image.header.set_slice_duration(0.05)
+    nib.save(image, tmp_path / "in.nii.gz")
+    volume = load_volume(tmp_path / "in.nii.gz")
+    save_volume(tmp_path / "same.nii.gz", volume.data, volume.affine, volume.header)
+    finer = np.repeat(volume.data, 2, axis=2)
+    save_volume(tmp_path / "finer.nii.gz", finer, volume.affine @ np.diag([1, 1, 0.5, 1]),
+                volume.header)  # fmt: skip
+    same, other = (nib.load(tmp_path / f"{n}.nii.gz").header for n in ("same", "finer"))
+    assert same.get_dim_info() == (0, 1, 2) and int(same["slice_end"]) == SHAPE[2] - 1
+    assert other.get_dim_info() == (0, 1, None)
+    assert int(other["slice_end"]) == int(other["slice_code"]) == 0
