@@ -10,7 +10,7 @@ import numpy as np
 from nibabel import orientations as ornt
 
 from mrisr_cli.degradation import DegradationConfig, degrade_volume, lowres_affine, lowres_volume
-from mrisr_cli.errors import OutputError
+from mrisr_cli.errors import InputError, OutputError
 from mrisr_cli.volumes import (
     NIFTI_SUFFIXES,
     atomic_path,
@@ -59,7 +59,10 @@ def degrade_file(
         )
     reo = canonical_reorientation(volume.affine, volume.data.shape)
     canonical = reo.apply(volume.data)
-    degraded = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
+    try:
+        degraded = reo.undo(degrade_volume(canonical, config, affine=reo.canonical_affine))
+    except InputError as exc:  # too small, or a --window that vanishes on it: name the file
+        raise InputError(f"{hr_path}: {exc}") from exc
     # With --keep-lowres both files are written in full to hidden temporary files before either
     # is renamed into place, so a failed write leaves neither. LOW is renamed first, then LR;
     # should that last rename fail, a LOW that did not exist before is removed again (one that

@@ -213,3 +213,11 @@ def test_bad_window_values_are_one_line_and_write_nothing(
     assert result.exit_code == 1 and needle in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert tree(work) == before
+
+
+def test_an_image_too_small_to_degrade_is_named(work: Path) -> None:
+    write_nifti(work / "thin.nii.gz", head_phantom((3, 20, 22)))
+    before = tree(work)
+    result = degrade(work, "thin.nii.gz", "o/lr.nii.gz")
+    assert_one_line_error(result, "thin.nii.gz: volume of shape (3, 20, 22) is too small")
+    assert tree(work) == before
