@@ -219,5 +219,7 @@ def test_an_image_too_small_to_degrade_is_named(work: Path) -> None:
     write_nifti(work / "thin.nii.gz", head_phantom((3, 20, 22)))
     before = tree(work)
     result = degrade(work, "thin.nii.gz", "o/lr.nii.gz")
-    assert_one_line_error(result, "thin.nii.gz: volume of shape (3, 20, 22) is too small")
+    assert_one_line_error(
+        result, "thin.nii.gz: volume of shape (3, 20, 22) is too small to degrade by 2"
+    )
     assert tree(work) == before
