@@ -163,8 +163,9 @@ def _run(
         evaluation = evaluate(
             ref, pred, mask_dir=mask, options=options, jobs=jobs, progress=progress, planned=planned
         )
-    for note in evaluation.notes:
-        report_line("note", note)
+    pair_notes = {note for result in evaluation.results for note in result.notes}
+    for note in evaluation.notes:  # a pair's notes (scale, HighRes3DNet) question its scores
+        report_line("warning" if note in pair_notes else "note", note)
     for result in evaluation.errors:
         report_line("error", f"{result.method}/{result.subject}: {result.error}")
     if evaluation.evaluated:

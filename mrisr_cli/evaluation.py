@@ -9,8 +9,9 @@ that cannot be evaluated becomes a recorded error while the others go on.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from mrisr_cli.evaluation_stats import SIGNIFICANCE_LEVEL, paired_tests, summari
 from mrisr_cli.intensity import foreground_mask
 from mrisr_cli.pairing import Plan, plan
 from mrisr_cli.volumes import load_volume, nibabel_readable, strip_suffix
+from mrisr_cli.workers import WorkerPool
 
 AFFINE_TOLERANCE_MM = 1e-3
+REORDER_TOLERANCE_MM = 1e-2  # only picks the message for a refused grid (float32 affines)
 UNRELIABLE_BACKGROUND = 0.5  # parcellation background share of the mask that flags a failure
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -72,12 +75,48 @@ def _model(weights: Path) -> Any:
     return _MODELS[key]
 
 
+def _corners(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World positions of the centres of a grid's 8 corner voxels."""
+    index = np.array(list(itertools.product(*[(0, n - 1) for n in shape[:3]])), dtype=np.float64)
+    return index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+
+
+def _reordered(ref: Any, other: Any) -> bool:
+    """Whether ``other`` holds the reference's voxel grid stored in another axis order or
+    direction (flipped or permuted axes, the affine saying so): each of its voxel axes is one
+    of the reference's, same length and voxel size, and the corners sit on the same points."""
+    a, b = np.asarray(ref.affine)[:3, :3], np.asarray(other.affine)[:3, :3]
+    free = [0, 1, 2]
+    for j in range(3):
+        same = [
+            i
+            for i in free
+            if ref.data.shape[i] == other.data.shape[j]
+            and min(np.abs(b[:, j] - a[:, i]).max(), np.abs(b[:, j] + a[:, i]).max())
+            <= REORDER_TOLERANCE_MM
+        ]
+        if not same:
+            return False
+        free.remove(same[0])
+    ours, theirs = _corners(ref.affine, ref.data.shape), _corners(other.affine, other.data.shape)
+    gaps = np.abs(theirs[:, None, :] - ours[None, :, :]).max(axis=2)  # corner to corner
+    return bool((gaps.min(axis=1) <= REORDER_TOLERANCE_MM).all())
+
+
 def _check_same_grid(ref: Any, other: Any, what: str) -> None:
+    gap = float(np.abs(np.asarray(ref.affine) - np.asarray(other.affine)).max())
+    same = ref.data.shape == other.data.shape and gap <= AFFINE_TOLERANCE_MM
+    if not same and _reordered(ref, other):  # refused too, but it is not misplaced
+        theirs, ours = ("".join(nib.aff2axcodes(v.affine)) for v in (other, ref))
+        raise InputError(
+            f"{what} is stored in another orientation ({theirs} vs the reference's {ours}) "
+            "on the same grid; reorient it to the reference's voxel order first (e.g. "
+            "nibabel's as_reoriented, docs/evaluate.md)"
+        )
     if ref.data.shape != other.data.shape:
         raise InputError(
             f"{what} shape {other.data.shape} differs from the reference's {ref.data.shape}"
         )
-    gap = float(np.abs(np.asarray(ref.affine) - np.asarray(other.affine)).max())
     if gap > AFFINE_TOLERANCE_MM:
         raise InputError(
             f"{what} affine differs from the reference's (by up to {gap:.3g} mm); "
@@ -212,6 +251,7 @@ def _evaluate_pair(
     _check_same_grid(ref, pred, "prediction")
     metrics = image_metrics(ref.data, pred.data, mask, device=options.device)
     result.values.update(metrics.as_dict())
+    _check_scale(result, ref.data, pred.data, n4_mask)
     if task.preview:
         ref_n, pred_n = normalise_pair(ref.data, pred.data)
         result.preview = _preview(ref_n.numpy(), pred_n.numpy(), mask, ref.affine)
@@ -257,6 +297,24 @@ def _evaluate_pair(
                 "fails on skull-stripped ones, so its M_h and Dice are unreliable there",
             )
     return ref_corrected
+
+
+def _check_scale(result: PairResult, ref: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> None:
+    """Record the prediction's intensity scale against the reference's, and note a gross
+    difference: the metrics scale both by the reference's min-max, so a prediction stored
+    0-1 (or z-scored) against a 0-255 reference would score near zero with no other sign."""
+    from mrisr_cli.metrics import SCALE_LIMIT, intensity_scale_ratio, scale_differs
+
+    ratio = intensity_scale_ratio(ref, pred, mask)
+    result.details["scale_ratio"] = ratio
+    if scale_differs(ratio):
+        result.notes += (
+            f"{result.method}/{result.subject}: the prediction's intensity scale is {ratio:.3g} "
+            "times the reference's (1st-99th percentile range in the reference's foreground, "
+            f"expected within 1/{SCALE_LIMIT:g} to {SCALE_LIMIT:g}): both are scaled by the "
+            "reference's min-max, so its scores measure the scale difference; put it on the "
+            "reference's intensity scale first",
+        )
 
 
 # --- the whole evaluation ---------------------------------------------------------------------
@@ -359,16 +417,12 @@ def _run_tasks(
             if progress:
                 progress(task.subject, done, total)
         return results
-    import multiprocessing
-
     import torch
 
     workers = min(jobs, total)
     # the process's thread count (--threads, SLURM, or the affinity mask) shared by the workers
     worker_options = replace(options, threads=max(1, torch.get_num_threads() // workers))
-    # spawn, not fork: forking a process whose OpenMP/torch threads are running can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with WorkerPool(workers) as pool:  # spawned: forking with OpenMP threads running can deadlock
         futures = {pool.submit(evaluate_subject, t, worker_options): t for t in tasks}
         for done, future in enumerate(as_completed(futures), start=1):
             task = futures[future]
@@ -403,7 +457,7 @@ def _settings(
     options: EvaluationOptions, mask_dir: Path | None, jobs: int, *, compared: bool
 ) -> dict[str, Any]:
     from mrisr_cli.fidelity import MH_RULE, TISSUE_RULE
-    from mrisr_cli.metrics import NORMALISATION_RULE, SSIM_RULE
+    from mrisr_cli.metrics import NORMALISATION_RULE, SCALE_LIMIT, SSIM_RULE
 
     return {
         "normalisation": NORMALISATION_RULE,
@@ -420,6 +474,9 @@ def _settings(
         "parcellation_weights": str(options.weights) if options.weights else None,
         "n4": options.n4,
         "n4_mask": "the automatic reference mask (also when --mask is given)",
+        "scale_ratio": "the prediction's 1st-99th percentile range over the reference's, both in "
+        f"the automatic reference mask; a pair outside 1/{SCALE_LIMIT:g} to {SCALE_LIMIT:g} gets "
+        "a note (its scores unchanged)",
         "std": "sample standard deviation (ddof=1) over subjects with a finite value",
         "test": "paired two-tailed t-test (scipy.stats.ttest_rel) over subjects evaluated in "
         f"both methods; the better method is named only where p < {SIGNIFICANCE_LEVEL}"

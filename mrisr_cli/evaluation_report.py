@@ -1,7 +1,9 @@
 """The files `mrisr evaluate --out` writes: subjects.csv, parcellation_dice.csv, summary.json.
 
 Each goes through a temporary name and a rename, and files of an earlier report that this one
-does not replace are removed; the PNG figures come from :mod:`mrisr_cli.evaluation_figures`.
+does not replace are removed (summary.json records which files are the report's: the user's own
+files in the folder are left alone); the PNG figures come from
+:mod:`mrisr_cli.evaluation_figures`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,19 +25,51 @@ from mrisr_cli.evaluation_stats import SIGNIFICANCE_LEVEL
 from mrisr_cli.volumes import atomic_path
 
 REPORT_FILES = ("subjects.csv", "summary.json", "parcellation_dice.csv")
+RECORD_KEY = "report_files"  # summary.json's list of the files its report wrote
+_FIGURE = re.compile(r"figures/[A-Za-z0-9._-]+\.png")  # evaluation_figures' names, no folders
+
+
+def _recorded(out_dir: Path) -> list[str] | None:
+    """The files an earlier report in ``out_dir`` wrote (relative names), as its summary.json
+    records them; None where there is no such record (no report, or one written before reports
+    kept it). Only names a report can have are taken: a record never reaches outside the folder."""
+    try:
+        record = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))[RECORD_KEY]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(record, list):
+        return None
+    return [n for n in record if isinstance(n, str) and (n in REPORT_FILES or _FIGURE.fullmatch(n))]
+
+
+def report_files(out_dir: Path) -> list[Path]:
+    """The existing files of an earlier report in ``out_dir``: its fixed names, and the figures
+    its summary.json records (without a record, those named like the report's figures:
+    boxplots.png, slices_*.png). Anything else there is the user's and is left alone."""
+    out_dir = Path(out_dir)
+    recorded = _recorded(out_dir)
+    if recorded is None:
+        figures = out_dir / "figures"
+        recorded = [f"figures/{p.name}" for p in sorted(figures.glob("slices_*.png"))]
+        recorded.append("figures/boxplots.png")
+    names = dict.fromkeys([*REPORT_FILES, *recorded])  # ordered, once each
+    return [out_dir / n for n in names if (out_dir / n).is_file()]
 
 
 def check_report_target(out_dir: Path, *, overwrite: bool) -> None:
-    """Fail before any work if the report would replace files without --overwrite."""
+    """Fail before any work if the report would replace files without --overwrite: those of an
+    earlier report (:func:`report_files`); other files in the folder do not matter."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
     if overwrite or not out_dir.exists():
         return
-    existing = [out_dir / n for n in REPORT_FILES if (out_dir / n).exists()]
-    existing += sorted((out_dir / "figures").glob("*.png"))
+    existing = report_files(out_dir)
     if existing:
-        raise OutputError(f"{existing[0]}: already exists (use --overwrite to replace it)")
+        raise OutputError(
+            f"{existing[0]}: already exists (a report's file; use --overwrite to replace the "
+            "report's files)"
+        )
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -74,6 +109,7 @@ def write_report(
         (out_dir / "figures").mkdir(exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create the report folder ({exc.strerror})") from exc
+    earlier = report_files(out_dir)  # before this report's summary.json replaces the record
     written: list[Path] = []
 
     detail_keys = sorted({k for r in evaluation.results for k in r.details}, key=_detail_order)
@@ -103,14 +139,16 @@ def write_report(
         )
         written.append(path)
 
-    path = out_dir / "summary.json"
-    _write_text(path, json.dumps(summary_dict(evaluation), indent=2) + "\n", overwrite)
-    written.append(path)
-
     written += write_figures(evaluation, out_dir / "figures", overwrite=overwrite)
+
+    path = out_dir / "summary.json"  # last: its record names every file of the report
+    written.append(path)
+    summary = summary_dict(evaluation)
+    summary[RECORD_KEY] = [p.relative_to(out_dir).as_posix() for p in written]
+    _write_text(path, json.dumps(summary, indent=2) + "\n", overwrite)
     # an earlier report's files that this one does not replace would mix two runs: remove them
-    stale = [out_dir / n for n in REPORT_FILES] + sorted((out_dir / "figures").glob("*.png"))
-    for path in stale:
+    # (only the report's own, report_files: a file the user put in the folder stays)
+    for path in earlier:
         if path not in written:
             path.unlink(missing_ok=True)
     return written

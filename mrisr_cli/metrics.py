@@ -34,6 +34,11 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 DATA_RANGE = 1.0
 SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # 5 voxels: scipy.ndimage's radius rule
+# A prediction whose 1st-99th percentile range (in the reference's foreground) is more than
+# SCALE_LIMIT times the reference's, or less than 1 / SCALE_LIMIT of it, is on another intensity
+# scale (0-1, z-scored, 12-bit...): the shared min-max then makes its scores meaningless.
+SCALE_PERCENTILES = (1.0, 99.0)
+SCALE_LIMIT = 2.0
 
 NORMALISATION_RULE = (
     "min-max of the reference applied to both volumes: x' = (x - min(ref)) / (max(ref) - "
@@ -226,6 +231,34 @@ def ssim(
     if not bool(inner.any()):
         return math.nan
     return float(local[inner].double().mean())
+
+
+def robust_range(data: np.ndarray, mask: np.ndarray) -> float:
+    """The spread of the intensities in ``mask``: 99th minus 1st percentile (nan when empty)."""
+    values = np.asarray(data)[np.asarray(mask, dtype=bool)]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan
+    low, high = np.percentile(values, SCALE_PERCENTILES)
+    return float(high - low)
+
+
+def intensity_scale_ratio(ref: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> float:
+    """How much larger the prediction's intensity scale is than the reference's.
+
+    :func:`robust_range` of the prediction over that of the reference, both over the same
+    voxels (the reference's foreground): about 1 when both are on one scale, whatever their
+    blur or noise. nan when the reference is flat there (no scale to compare with).
+    """
+    ref_range = robust_range(ref, mask)
+    if not ref_range > 0:
+        return math.nan
+    return robust_range(pred, mask) / ref_range
+
+
+def scale_differs(ratio: float) -> bool:
+    """Whether :func:`intensity_scale_ratio` is outside [1 / SCALE_LIMIT, SCALE_LIMIT]."""
+    return math.isfinite(ratio) and not 1 / SCALE_LIMIT <= ratio <= SCALE_LIMIT
 
 
 def image_metrics(

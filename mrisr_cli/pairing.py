@@ -38,6 +38,13 @@ def list_volumes(folder: Path, what: str) -> list[Path]:
         raise InputError(f"{what} folder {folder}: is not a folder")
     files = image_files(folder)
     if not files:
+        below = image_files(folder, recursive=True)  # a BIDS tree: hr/sub-01/anat/...
+        if below:
+            raise InputError(
+                f"{what} folder {folder}: no images directly in it ({len(below)} in subfolders, "
+                f"e.g. {below[0].relative_to(folder).as_posix()}: evaluate reads one folder "
+                "level; link or copy them into one folder)"
+            )
         raise InputError(f"{what} folder {folder}: no images (.nii, .nii.gz, .mgz, .mgh) in it")
     return files
 

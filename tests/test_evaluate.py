@@ -10,7 +10,7 @@ import shutil
 import time
 import typing
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from mrisr_cli.evaluation_results import METRIC_BY_KEY, PairResult
 from mrisr_cli.evaluation_stats import paired_tests, summarise
 from mrisr_cli.networks.highres3dnet import RECEPTIVE_RADIUS, HighRes3DNet
 from mrisr_cli.pairing import match_files, name_score
+from mrisr_cli.workers import WorkerPool
 
 SHAPE = (22, 24, 20)
 AFFINE = np.array(
@@ -303,11 +304,11 @@ def test_parallel_jobs_give_the_same_numbers_in_several_processes(
     record = tmp_path / "pids"
     record.mkdir()
 
-    class SpyPool(ProcessPoolExecutor):
-        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-            return super().submit(_in_worker, record, 2, fn, *args, **kwargs)
+    class SpyPool(WorkerPool):
+        def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+            return super().submit(_in_worker, record, 2, fn, *args)
 
-    monkeypatch.setattr(evaluation_module, "ProcessPoolExecutor", SpyPool)
+    monkeypatch.setattr(evaluation_module, "WorkerPool", SpyPool)
     one, two = tmp_path / "one", tmp_path / "two"
     assert invoke("--ref", hr, "--pred", sharp, "--out", one, *FAST).exit_code == 0
     assert not list(record.iterdir())  # one job: no worker process
@@ -316,6 +317,62 @@ def test_parallel_jobs_give_the_same_numbers_in_several_processes(
     workers = {int(p.name) for p in record.iterdir()}
     assert len(workers) == 2 and os.getpid() not in workers
     assert read_rows(one / "subjects.csv") == read_rows(two / "subjects.csv")
+
+
+def test_a_prediction_on_another_intensity_scale_is_warned(tmp_path: Path) -> None:
+    """A prediction stored 0-1 (or z-scored) against a 0-150 reference was scored (PSNR ~5 dB)
+    with exit 0 and no sign of why; now each such pair gets a warning, once, in the output and
+    in summary.json, and subjects.csv gives every pair's scale ratio. The scores are unchanged."""
+    from mrisr_cli.metrics import image_metrics
+
+    hr, sharp, _ = dataset(tmp_path, subjects=3)
+    unit = ndi.gaussian_filter(head(0), 0.6) / 150.0
+    save(sharp / "sub-00_desc-sr_T1w.nii.gz", unit)
+    blurred = ndi.gaussian_filter(head(1), 0.6)
+    save(sharp / "sub-01_desc-sr_T1w.nii.gz", (blurred - blurred.mean()) / blurred.std())
+    out = tmp_path / "report"
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", "--threads", "1", *FAST]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    for subject in ("sub-00_T1w", "sub-01_T1w"):
+        line = f"mrisr: warning: sharp/{subject}: the prediction's intensity scale is 0.0"
+        assert result.stderr.count(line) == 1, result.stderr
+    assert "sub-02_T1w" not in result.stderr and result.stderr.count("warning:") == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum("intensity scale" in note for note in summary["notes"]) == 2
+    assert "outside 1/2 to 2" in summary["settings"]["scale_ratio"]
+    rows = {r["subject"]: r for r in read_rows(out / "subjects.csv")}
+    assert float(rows["sub-00_T1w"]["scale_ratio"]) < 0.01
+    assert float(rows["sub-01_T1w"]["scale_ratio"]) < 0.05
+    assert 0.8 < float(rows["sub-02_T1w"]["scale_ratio"]) < 1.1  # blurred, same scale
+    ref = np.asarray(nib.load(str(hr / "sub-00_T1w.nii.gz")).dataobj)
+    expected = image_metrics(ref, unit, reference_mask(ref)).psnr
+    assert float(rows["sub-00_T1w"]["psnr"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_scale_check_passes_blur_noise_and_a_degraded_input() -> None:
+    """The criterion (1st-99th percentile range ratio outside [1/2, 2]) flags rescaled copies
+    and none of what a super-resolution method or the low-resolution input looks like."""
+    from mrisr_cli.degradation import DegradationConfig, degrade_volume
+    from mrisr_cli.metrics import intensity_scale_ratio, scale_differs
+
+    ref = head(0)
+    mask = reference_mask(ref)
+    rng = np.random.default_rng(0)
+    lowres = degrade_volume(ref, DegradationConfig(n4=False))
+    same_scale = {
+        "blur": ndi.gaussian_filter(ref, 1.5),
+        "noise": ref + rng.normal(0, 10, SHAPE).astype(np.float32),
+        "offset": ref + 20,
+        "degraded": lowres,
+        "contrast 1.5x": 1.5 * ref,
+    }
+    for name, pred in same_scale.items():
+        assert not scale_differs(intensity_scale_ratio(ref, pred, mask)), name
+    other_scale = {"0-1": ref / ref.max(), "z": (ref - ref.mean()) / ref.std(), "x10": ref * 10}
+    for name, pred in other_scale.items():
+        assert scale_differs(intensity_scale_ratio(ref, pred, mask)), name
+    assert math.isnan(intensity_scale_ratio(np.ones(SHAPE), ref, mask))  # no scale to compare
 
 
 def test_identical_volumes_report_infinite_psnr(tmp_path: Path) -> None:
@@ -406,6 +463,20 @@ def test_empty_reference_folder(tmp_path: Path) -> None:
     assert "no images" in result.stderr and "Traceback" not in result.output
 
 
+def test_a_folder_with_images_only_in_subfolders_says_so(tmp_path: Path) -> None:
+    """A BIDS tree (hr/sub-01/anat/...) stopped with 'no images ... in it' and no hint."""
+    bids = tmp_path / "hr"
+    save(bids / "sub-00" / "anat" / "sub-00_T1w.nii.gz", head(0))
+    save(bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz", head(1))
+    _, sharp, _ = dataset(tmp_path / "x")
+    result = invoke("--ref", bids, "--pred", sharp)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert (
+        f"reference folder {bids}: no images directly in it (2 in subfolders, e.g. "
+        "sub-00/anat/sub-00_T1w.nii.gz: evaluate reads one folder level" in result.stderr
+    )
+
+
 def test_missing_prediction_folder(tmp_path: Path) -> None:
     hr, _, _ = dataset(tmp_path)
     result = invoke("--ref", hr, "--pred", tmp_path / "nope")
@@ -443,6 +514,45 @@ def test_mismatched_affine_is_an_error_for_that_pair(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "sub-02_T1w: prediction affine differs" in result.stderr
     assert result.stderr.count("mrisr: error:") == 1
+
+
+def test_a_flipped_prediction_is_refused_as_another_orientation(tmp_path: Path) -> None:
+    """A prediction stored flipped (or with axes swapped) with a correct affine sits where the
+    reference does; the error gave the affines' difference in mm as if it were misplaced."""
+    hr, sharp, _ = dataset(tmp_path)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = SHAPE[0] - 1
+    save(sharp / "sub-00_desc-sr_T1w.nii.gz", head(0)[::-1], affine=AFFINE @ flip)
+    swap = np.eye(4)[[1, 0, 2, 3]]  # voxel axes 0 and 1 swapped
+    save(sharp / "sub-01_desc-sr_T1w.nii.gz", head(1).transpose(1, 0, 2), affine=AFFINE @ swap)
+    result = invoke("--ref", hr, "--pred", sharp, "--no-tissue", "--threads", "1", *FAST)
+    assert result.exit_code == 0, result.output
+    assert (
+        "sharp/sub-00_T1w: prediction is stored in another orientation (RAS vs the "
+        "reference's LAS) on the same grid; reorient it" in result.stderr
+    )
+    assert "sharp/sub-01_T1w: prediction is stored in another orientation (ALS vs" in (
+        result.stderr
+    )
+    assert " mm)" not in result.stderr and "shape" not in result.stderr
+    assert _table_row(result.stdout, "sharp")[1] == "1"  # refused all the same
+    # flipped and 2 mm away: not the same place, so the millimetre message stays
+    moved = AFFINE @ flip
+    moved[1, 3] += 2.0
+    save(sharp / "sub-00_desc-sr_T1w.nii.gz", head(0)[::-1], affine=moved)
+    result = invoke("--ref", hr, "--pred", sharp, "--no-tissue", "--threads", "1", *FAST)
+    assert "sharp/sub-00_T1w: prediction affine differs from the reference's (by up to" in (
+        result.stderr
+    )
+    # reoriented onto the reference's voxel order as docs/evaluate.md shows, it is scored
+    image = nib.load(str(sharp / "sub-01_desc-sr_T1w.nii.gz"))
+    reference = nib.load(str(hr / "sub-01_T1w.nii.gz"))
+    transform = nib.orientations.ornt_transform(
+        nib.io_orientation(image.affine), nib.io_orientation(reference.affine)
+    )
+    nib.save(image.as_reoriented(transform), str(sharp / "sub-01_desc-sr_T1w.nii.gz"))
+    result = invoke("--ref", hr, "--pred", sharp, "--no-tissue", "--threads", "1", *FAST)
+    assert "sub-01_T1w" not in result.stderr and _table_row(result.stdout, "sharp")[1] == "2"
 
 
 def test_nan_in_a_prediction(tmp_path: Path) -> None:
@@ -508,6 +618,62 @@ def test_overwriting_a_report_leaves_no_file_of_the_earlier_run(tmp_path: Path) 
     assert not (out / "parcellation_dice.csv").exists()
     figures = sorted(p.name for p in (out / "figures").iterdir())
     assert figures == ["boxplots.png", "slices_sub-00_T1w.png", "slices_sub-01_T1w.png"]
+
+
+def test_the_users_own_files_in_the_report_folder_are_left_alone(tmp_path: Path) -> None:
+    """A file mrisr never wrote in the report folder made the run stop without --overwrite
+    ('already exists', though it would not be written) and was deleted with it."""
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "my_figure.png").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", "--threads", "1", *FAST]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["report_files"] == [
+        "subjects.csv",
+        "figures/boxplots.png",
+        "figures/slices_sub-00_T1w.png",
+        "figures/slices_sub-01_T1w.png",
+        "summary.json",
+    ]
+    again = invoke(*args)  # the report's own files are still refused without --overwrite
+    assert again.exit_code == 1 and "subjects.csv: already exists" in again.stderr
+    (hr / "sub-01_T1w.nii.gz").unlink()
+    assert invoke(*args, "--overwrite").exit_code == 0
+    assert (out / "figures" / "my_figure.png").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine"
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["boxplots.png", "my_figure.png", "slices_sub-00_T1w.png"]  # stale gone
+
+
+def test_a_report_without_a_record_is_known_by_its_figure_names(tmp_path: Path) -> None:
+    """A report whose summary.json lists no files (an earlier version's): its figures are those
+    named like the report's (boxplots.png, slices_*.png); other files stay."""
+    hr, sharp, _ = dataset(tmp_path, subjects=1)
+    out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    (out / "figures" / "slices_sub-09_T1w.png").write_text("old report")
+    (out / "figures" / "my_figure.png").write_text("mine")
+    args = ["--ref", hr, "--pred", sharp, "--out", out, "--no-tissue", "--threads", "1", *FAST]
+    result = invoke(*args)
+    assert result.exit_code == 1 and "summary.json: already exists" in result.stderr
+    (out / "summary.json").unlink()
+    result = invoke(*args)
+    assert result.exit_code == 1 and "slices_sub-09_T1w.png: already exists" in result.stderr
+    assert invoke(*args, "--overwrite").exit_code == 0
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["boxplots.png", "my_figure.png", "slices_sub-00_T1w.png"]
+    # a record names only the report's own files: one reaching elsewhere is not followed
+    summary = json.loads((out / "summary.json").read_text())
+    summary["report_files"] += ["../outside.txt", "figures/my_figure.png/../x.png"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "outside.txt").write_text("mine")
+    assert invoke(*args, "--overwrite").exit_code == 0
+    assert (tmp_path / "outside.txt").exists() and (out / "figures" / "my_figure.png").exists()
 
 
 def test_hidden_files_are_not_predictions(tmp_path: Path) -> None:
