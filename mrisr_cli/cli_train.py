@@ -87,7 +87,7 @@ def prepare_command(
             help="Shares train,val,eval,test, by subject (paper: 780/111/111/111).",
         ),
     ] = "0.7,0.1,0.1,0.1",
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed of the split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, metavar="N", help="Seed of the split.")] = 0,
     factor: FactorOption = 2,
     axes: AxesOption = "0,2",
     interpolation: InterpolationOption = "linear",
@@ -286,7 +286,7 @@ def train_command(
         switch("--resume", help="Continue the run in --out from its checkpoint."),
     ] = False,
     seed: Annotated[
-        int, typer.Option(metavar="N", help="Seed of initialisation and patch sampling.")
+        int, typer.Option(min=0, metavar="N", help="Seed of initialisation and patch sampling.")
     ] = 0,
     device: Annotated[
         str, typer.Option(metavar="DEVICE", help="auto, cpu or cuda (cuda:N).")

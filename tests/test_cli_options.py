@@ -73,3 +73,18 @@ def test_prepare_refuses_settings_that_degrade_nothing(
     result = runner.invoke(app, ["prepare", str(src), str(tmp_path / "out"), *args])
     assert result.exit_code in (1, 2) and needle in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_a_negative_seed_is_a_usage_error_before_any_work(tmp_path: Path, command: str) -> None:
+    """numpy refuses a negative seed: prepare failed with an internal error after preparing
+    every subject (and wrote no manifest), train after making its run folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_nifti(src / "a.nii.gz", head_phantom((24, 20, 24)))
+    out = tmp_path / "out"
+    train = ["--stage", "psnr", "--data", str(src), "--out", str(out)]
+    args = [str(src), str(out)] if command == "prepare" else train
+    result = runner.invoke(app, [command, *args, "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.stderr, result.stderr
+    assert not out.exists()

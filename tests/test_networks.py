@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +159,25 @@ def test_discriminator_takes_training_patches() -> None:
 def test_build_network_rejects_bad_configs(config: NetworkConfig) -> None:
     with pytest.raises(WeightsError):
         build_network(config)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"features": 0}, "features must be a whole number of at least 1 (got 0)"),
+        ({"growth": 0}, "growth must be a whole number of at least 1 (got 0)"),
+        ({"blocks": -1}, "blocks must be a whole number of at least 1 (got -1)"),
+        ({"features": "x"}, "features must be a whole number of at least 1 (got 'x')"),
+        ({"features": 8.0}, "features must be a whole number"),
+        ({"residual_scale": float("nan")}, "residual_scale must be a finite number"),
+    ],
+)
+def test_hyper_parameters_are_checked_before_the_network_is_built(
+    params: dict[str, object], needle: str
+) -> None:
+    """A size of 0 built with torch's multi-line warning and failed later, -1 blocks built a
+    network without blocks (and weights that said -1), "x" failed with a format error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(WeightsError, match=re.escape(needle)):
+            build_network(NetworkConfig("rrdg", {"features": 8, "growth": 4, **params}))

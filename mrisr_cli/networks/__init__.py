@@ -7,7 +7,9 @@ builders in ``BUILDERS`` below.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +60,31 @@ def build_network(config: NetworkConfig) -> nn.Module:
     except KeyError:
         known = ", ".join(sorted(BUILDERS))
         raise WeightsError(f"unknown network {config.name!r} (known: {known})") from None
+    problem = _bad_param(builder, config.params)
+    if problem:
+        raise WeightsError(f"bad hyper-parameters for network {config.name!r}: {problem}")
     try:
         return builder(**config.params)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. a negative size
         raise WeightsError(f"bad hyper-parameters for network {config.name!r}: {exc}") from exc
+
+
+def _bad_param(builder: Callable[..., nn.Module], params: dict[str, Any]) -> str | None:
+    """What is wrong with a value the builder declares as int or float (None: nothing), found
+    before building: torch takes a size of 0 with a multi-line warning, -1 blocks as none, and
+    "x" as a format error."""
+    declared = inspect.signature(builder).parameters
+    for name, value in params.items():
+        kind = declared[name].annotation if name in declared else None
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"{name} must be a whole number of at least 1 (got {value!r})"
+        if kind == "float" and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return f"{name} must be a finite number (got {value!r})"
+    return None
 
 
 def count_parameters(module: nn.Module) -> int:
