@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from mrisr_cli import __version__
@@ -93,7 +93,25 @@ def save_weights(
         "provenance": json.dumps(provenance or {}, sort_keys=True, default=str),
     }
     with atomic_path(Path(path), overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(_metadata_sorted(save(tensors, metadata=metadata)))
+
+
+def _metadata_sorted(blob: bytes) -> bytes:
+    """The same safetensors file with its metadata keys in sorted order.
+
+    safetensors writes them in a hash map's order, which changes from one save to the next, so
+    two saves of the same tensors and metadata (``best`` and ``last`` of one step) differed in
+    their bytes, and so in the sha256 by which a GAN model names the PSNR model it was tuned
+    from. Sorted, a file's bytes follow from its content alone.
+    """
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stay 8-byte aligned, as safetensors keeps them
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_metadata(path: Path) -> dict[str, str]:

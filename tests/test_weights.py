@@ -41,6 +41,22 @@ def test_round_trip_keeps_tensors_network_and_degradation(tmp_path: Path) -> Non
     assert len(loaded.sha256) == 64
 
 
+def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path: Path) -> None:
+    """safetensors orders the metadata as a hash map does, differently from save to save:
+    best and last of one step differed in sha256, and upsample then warned that a GAN model
+    tuned from one was "fine-tuned from another model" than the other."""
+    torch.manual_seed(0)
+    state = build_network(TINY_RRDG).state_dict()
+    provenance = {"stage": "psnr", "step": 4, "path": "run/Grün/best.safetensors"}
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(6)]
+    for path in paths:
+        save_weights(path, state, TINY_RRDG, NO_N4, provenance=provenance)
+    assert len({path.read_bytes() for path in paths}) == 1
+    loaded = load_weights(paths[0])
+    assert all(torch.equal(loaded.state[k], v) for k, v in state.items())
+    assert loaded.provenance == provenance
+
+
 def test_pickle_is_refused_without_being_opened(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
     torch.save(build_network(TINY_RRDG).state_dict(), path)
