@@ -166,7 +166,7 @@ def test_build_network_rejects_bad_configs(config: NetworkConfig) -> None:
     [
         ({"features": 0}, "features must be a whole number of at least 1 (got 0)"),
         ({"growth": 0}, "growth must be a whole number of at least 1 (got 0)"),
-        ({"blocks": -1}, "blocks must be a whole number of at least 1 (got -1)"),
+        ({"blocks": -1}, "blocks must be a whole number of at least 0 (got -1)"),
         ({"features": "x"}, "features must be a whole number of at least 1 (got 'x')"),
         ({"features": 8.0}, "features must be a whole number"),
         ({"residual_scale": float("nan")}, "residual_scale must be a finite number"),
