@@ -935,8 +935,16 @@ def load_manifest(data_dir: Path) -> Manifest:
         degradation = DegradationConfig.from_json(json.dumps(raw["degradation"]))
         subjects = tuple(raw["subjects"])
         fingerprint = str(raw["fingerprint"])
+        # the settings as prepare wrote them (not re-serialised through DegradationConfig, whose
+        # fields an earlier version's manifest may lack): that is what was fingerprinted
+        recomputed = dataset_fingerprint(json.dumps(raw["degradation"], sort_keys=True), subjects)
     except (ValueError, KeyError, TypeError, AttributeError, WeightsError) as exc:
         raise InputError(f"{path}: not a readable mrisr manifest ({exc})") from exc
+    if recomputed != fingerprint:  # a factor or a split edited: weights would record a lie
+        raise InputError(
+            f"{path} does not match its fingerprint (edited by hand?): prepare the dataset "
+            "again with `mrisr prepare`"
+        )
     return Manifest(data_dir, degradation, subjects, fingerprint, sha256_of(path))
 
 

@@ -82,7 +82,7 @@ from mrisr_cli.run_files import (
     write_checkpoint,
     write_failure,
 )
-from mrisr_cli.tiling import PAPER_PATCH
+from mrisr_cli.tiling import PAPER_MARGIN, PAPER_PATCH
 from mrisr_cli.volumes import atomic_path
 from mrisr_cli.weights import WeightsFile, load_weights, save_weights
 
@@ -192,6 +192,17 @@ class TrainConfig:
             raise InputError("--time-limit cannot be negative")
         if any(p < 8 for p in self.patch):
             raise InputError(f"--patch {self.patch} is too small (at least 8 voxels per axis)")
+        # checked here, not by the first validation: that comes after the run folder is made
+        if any(p <= 2 * PAPER_MARGIN for p in self.val_patch):
+            raise InputError(
+                f"--val-patch {','.join(map(str, self.val_patch))} leaves no core after "
+                f"cropping the margin of {PAPER_MARGIN} voxels per face (at least "
+                f"{2 * PAPER_MARGIN + 1} voxels per axis)"
+            )
+        if self.val_batch_size < 1:
+            raise InputError("the validation batch size must be at least 1")
+        if not 0 <= self.seed < 2**64:  # what numpy's and torch's generators take
+            raise InputError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed}")
 
     @property
     def total_steps(self) -> int:
@@ -589,6 +600,11 @@ class _TrainingRun:
         self.step, self.best, log_keep = (
             _restore(self.trainer, payload, dist) if resume else (0, None, 0)
         )
+        # loss sums (and their steps) since the last "train" log record; the checkpoint carries
+        # them, so a resumed run's records average the same steps as an uninterrupted run's
+        self.window, self.window_steps = (
+            _log_window(payload, self.checkpoint_path) if resume else ({}, 0)
+        )
         self.trainer.wrap()
         self.train_subjects = open_split(manifest, "train")
         self.val_subjects = open_split(manifest, "val")
@@ -613,8 +629,6 @@ class _TrainingRun:
                 "warning", message="no validation subjects in the data folder: no best weights"
             )
         self.saved_at: int | None = self.step if resume else None  # what checkpoint.pt holds
-        self.window: dict[str, float] = {}  # loss sums since the last "train" log record
-        self.window_steps = 0
         self.throughput = _Throughput()
 
     def emit(self, kind: str, **payload: Any) -> None:
@@ -716,14 +730,16 @@ class _TrainingRun:
         self.window_steps += 1
         lr = config.lr * _lr_factor(config, step - 1)
         self.emit("step", step=step, losses=values, lr=lr)
-        if self.log is not None and (step % config.log_every == 0 or step == self.total):
-            self.log.write(
-                "train",
-                step=step,
-                epoch=(step - 1) // config.steps_per_epoch + 1,
-                lr=lr,
-                **{k: v / self.window_steps for k, v in self.window.items()},
-            )
+        if step % config.log_every == 0 or step == self.total:
+            if self.log is not None:
+                self.log.write(
+                    "train",
+                    step=step,
+                    epoch=(step - 1) // config.steps_per_epoch + 1,
+                    lr=lr,
+                    **{k: v / self.window_steps for k, v in self.window.items()},
+                )
+            # on every rank, so that each holds the window rank 0 saves in the checkpoint
             self.window, self.window_steps = {}, 0
 
     def _end_epoch(self) -> None:
@@ -800,6 +816,8 @@ class _TrainingRun:
                         "step": at,
                         "best_psnr": self.best,
                         "log_records": self.log.records if self.log else 0,
+                        # the same on every rank: the summed losses are all-reduced ones
+                        "log_window": {"sums": dict(self.window), "steps": self.window_steps},
                         "data_fingerprint": self.manifest.fingerprint,
                         "init_sha256": self.init_sha,
                         "world_size": self.dist.world,
@@ -940,6 +958,22 @@ def _restore(
     states = payload["rng"]
     set_rng_state(states[dist.rank] if dist.rank < len(states) else states[0])
     return step, best, log_keep
+
+
+def _log_window(payload: dict[str, Any], path: Path) -> tuple[dict[str, float], int]:
+    """A checkpoint's loss sums since its last "train" record, and their steps: without them a
+    resumed run's next record would average only the steps after the resume. A checkpoint of an
+    earlier version has none: the window starts empty."""
+    window = payload.get("log_window")
+    if window is None:
+        return {}, 0
+    try:
+        sums = {str(k): float(v) for k, v in window["sums"].items()}
+        steps = int(window["steps"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = f"its log window: {exc}"
+        raise InputError(f"{path}: checkpoint is unreadable or corrupt ({reason})") from exc
+    return sums, steps
 
 
 def _open_run_folder(

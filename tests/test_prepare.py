@@ -600,6 +600,39 @@ def test_identical_files_share_a_split_and_are_named(tmp_path: Path) -> None:
     assert any("different splits (train, test)" in w for w in third["run"]["warnings"])
 
 
+def test_a_hand_edited_manifest_is_refused_until_prepared_again(tmp_path: Path) -> None:
+    """A factor edited 2 -> 3 gave weights that said 3 for data degraded by 2, and a split
+    edited gave a resumed run another validation set: the stored fingerprint no longer
+    matched, but nothing recomputed it. A rerun of `prepare` writes a fingerprint that does."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    small_heads(src, range(3))
+    prepare_dataset(src, out, SMALL_OPTIONS)
+    pristine = (out / "manifest.json").read_text()
+    assert load_manifest(out).degradation.factor == 2
+    raw = json.loads(pristine)
+    raw["degradation"]["factor"] = 3
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="does not match its fingerprint") as caught:
+        load_manifest(out)
+    assert "\n" not in str(caught.value) and "mrisr prepare" in str(caught.value)
+
+    raw = json.loads(pristine)  # a val subject moved to test, as the audit did
+    for record in raw["subjects"]:
+        record["split"] = "test" if record["split"] == "val" else record["split"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="does not match its fingerprint"):
+        load_manifest(out)
+    assert prepare_dataset(src, out, SMALL_OPTIONS)["run"]["kept"] == 3  # keeps the edit
+    assert not load_manifest(out).split("val") and load_manifest(out).split("test")
+
+    # what the fingerprint leaves out (the counts) and the key order are not edits of it
+    raw = json.loads(pristine)
+    raw["counts"] = {}
+    raw["degradation"] = dict(reversed(raw["degradation"].items()))
+    (out / "manifest.json").write_text(json.dumps(dict(reversed(raw.items()))))
+    assert load_manifest(out).fingerprint == raw["fingerprint"]
+
+
 def test_damaged_subjects_are_redone_and_named(tmp_path: Path) -> None:
     """`train` refuses a truncated hr.npy; prepare used to count it as done (files existed)."""
     src, out = tmp_path / "src", tmp_path / "out"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -438,6 +439,51 @@ def test_time_limit_ends_a_call_with_validated_weights_and_resume_finishes_the_r
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(InputError, match="time-limit"):
         tiny_config(prepared / "data", tmp_path / "c", time_limit=-1.0)
+
+
+def train_records(out: Path) -> list[dict]:
+    return [r for r in read_log(out / LOG) if r["event"] == "train"]
+
+
+def assert_same_records(straight: list[dict], other: list[dict]) -> None:
+    """The same steps and epochs exactly, the same losses and lr to rounding."""
+    assert [(r["step"], r["epoch"]) for r in other] == [(r["step"], r["epoch"]) for r in straight]
+    for a, b in zip(straight, other, strict=True):
+        numbers = {k: v for k, v in a.items() if k not in ("event", "time", "step", "epoch")}
+        assert set(numbers) == set(b) - {"event", "time", "step", "epoch"}
+        assert {k: b[k] for k in numbers} == pytest.approx(numbers, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "time-limit"])
+def test_a_resumed_run_logs_the_losses_of_an_uninterrupted_one(
+    prepared: Path, tmp_path: Path, stop: str
+) -> None:
+    """With --log-every 3 and a stop after step 2, the record at step 3 averaged step 3 alone
+    (steps 1 and 2 were in no record): the checkpoint now carries the partial window. One of
+    an earlier version, without it, still resumes, its window empty."""
+    config = tiny_config(prepared / "data", tmp_path / "a", log_every=3, precise_bn=2)
+    train(config)
+    straight = train_records(tmp_path / "a")
+    assert [r["step"] for r in straight] == [3, 4]
+
+    out = tmp_path / "b"
+    if stop == "ctrl-c":
+        first = train(replace(config, out=str(out)), on_event=interrupt_at(2))
+    else:  # the first step is past the limit: stops after step 1, with a window of one step
+        first = train(replace(config, out=str(out), time_limit=1e-9))
+    expected = ("interrupted", 2) if stop == "ctrl-c" else ("time-limit", 1)
+    assert (first.status, first.step) == expected
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    checkpoint = read_checkpoint_raw(old / "checkpoint.pt")
+    assert checkpoint["log_window"]["steps"] == first.step
+    del checkpoint["log_window"]  # as an earlier version wrote it
+    torch.save(checkpoint, old / "checkpoint.pt")
+
+    assert training.resume(replace(config, out=str(out))).status == "done"
+    assert_same_records(straight, train_records(out))
+    assert training.resume(replace(config, out=str(old))).status == "done"
+    assert [r["step"] for r in train_records(old)] == [3, 4]
 
 
 def test_checkpoint_every_saves_between_epochs(prepared: Path, tmp_path: Path) -> None:
@@ -868,6 +914,50 @@ def test_data_folder_without_manifest(tmp_path: Path) -> None:
     assert f"mrisr prepare {tmp_path / 'data'} PREPARED_DIR" in " ".join(result.output.split())
 
 
+def edited_copy(data: Path, copy: Path, edit) -> Path:
+    """``data``'s manifest, changed by ``edit``, beside its subjects (linked, not copied)."""
+    copy.mkdir()
+    raw = json.loads((data / "manifest.json").read_text())
+    edit(raw)
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    (copy / "subjects").symlink_to(data / "subjects", target_is_directory=True)
+    return copy
+
+
+def test_a_hand_edited_manifest_is_refused_for_a_new_run_and_a_resume(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """The audit's two edits: --factor 2 -> 3 (weights that said 3 for data degraded by 2) and
+    the val subject moved to test (a resumed run went on with another split); both ran."""
+    data = prepared / "data"
+
+    def factor_3(raw: dict) -> None:
+        raw["degradation"]["factor"] = 3
+
+    def no_val(raw: dict) -> None:
+        for record in raw["subjects"]:
+            record["split"] = "test" if record["split"] == "val" else record["split"]
+
+    deg = edited_copy(data, tmp_path / "deg", factor_3)
+    out = tmp_path / "new"
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "1"]
+    result = invoke(*train_args(deg, out, *args))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"mrisr: error: {deg / 'manifest.json'} does not match its fingerprint (edited by "
+        "hand?): prepare the dataset again with `mrisr prepare`"
+    )
+    assert not out.exists()  # refused before the run folder
+
+    run = tmp_path / "run"
+    assert train(tiny_config(data, run), on_event=interrupt_at(1)).status == "interrupted"
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", LOG)}
+    split = edited_copy(data, tmp_path / "split", no_val)
+    with pytest.raises(InputError, match="does not match its fingerprint"):
+        training.resume(tiny_config(split, run))
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 def test_gan_stage_without_init(prepared: Path, tmp_path: Path) -> None:
     result = invoke(*train_args(prepared / "data", tmp_path / "run", "--stage", "gan"))
     assert result.exit_code == 1
@@ -910,6 +1000,29 @@ def test_bad_training_options(prepared: Path, tmp_path: Path) -> None:
     result = invoke(*train_args(data, run, "--stage", "psnr", "--net-params", negative))
     assert result.exit_code == 1 and "bad hyper-parameters for network 'rrdg'" in result.output
     assert not run.exists()  # nothing started
+
+
+def test_val_patch_and_seed_are_checked_before_the_run_folder_is_made(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """--val-patch 4,4,4 failed at the first validation ("must exceed twice the margin 3", an
+    internal error) and --seed -1 in numpy's generator, both after run.json and the log were
+    written; now they are one line before anything is."""
+    data, run = prepared / "data", tmp_path / "run"
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "1"]
+    result = invoke(*train_args(data, run, *args, "--val-patch", "4,4,4"))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        "mrisr: error: --val-patch 4,4,4 leaves no core after cropping the margin of 3 voxels "
+        "per face (at least 7 voxels per axis)"
+    )
+    assert not run.exists()
+    for bad in ({"val_patch": (40, 6, 40)}, {"seed": -1}, {"seed": 2**64}, {"val_batch_size": 0}):
+        with pytest.raises(InputError) as caught:
+            tiny_config(data, run, **bad)
+        assert "\n" not in str(caught.value)
+    tiny_config(data, run, val_patch=(7, 7, 7), seed=2**64 - 1)  # the limits are allowed
+    assert not run.exists()
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(prepared: Path, tmp_path: Path) -> None:
