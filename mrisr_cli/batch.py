@@ -244,9 +244,11 @@ def split_finished(
                 (f"alpha {record.get('alpha')}", record.get("alpha") == job.alpha),
                 ("other weights", _weights_of(record.get("weights")) == weights),
                 *(
-                    (f"{key} {recorded!r}", recorded == value)
+                    (
+                        f"{key} {record[key]!r}" if key in record else f"{key} {UNRECORDED[key]}",
+                        record.get(key, BEFORE_RECORDED.get(key)) == value,
+                    )
                     for key, value in settings.items()
-                    for recorded in [record.get(key, BEFORE_RECORDED.get(key))]
                 ),
             )
             if not same
@@ -287,10 +289,15 @@ def split_finished(
     return resume
 
 
-#: what a setting was in outputs of versions that did not record it yet: every version that
-#: recorded keep_background (older sidecars are refused for lacking it) passed tiles of only
-#: air through, --no-keep-background included
+#: what a setting is taken to have been in outputs of versions that did not record it yet:
+#: with keep_background (sidecars without it are refused for lacking it), tiles of only air kept
+#: the input's values; with --no-keep-background they did in early versions and not in later
+#: ones, which the sidecar cannot tell apart, so such an output is refused (UNRECORDED says why)
 BEFORE_RECORDED: dict[str, object] = {"air_tiles": "input"}
+UNRECORDED = {
+    "air_tiles": "not recorded (an earlier version's --no-keep-background output may have kept "
+    "the input in tiles of only air)"
+}
 
 
 def _weights_of(sources: object) -> list[tuple[str, str]]:

@@ -61,10 +61,11 @@ def degrade_zscores(
     """The degradation of a z-scored volume, as z-scores with the same statistics.
 
     The degradation keeps the magnitude of the inverse FFT, as a scanner does: it is not linear
-    in signed z-scores, so it runs in the scan's own (non-negative) units, as in `prepare`.
+    in signed z-scores, so it runs in the scan's own units, as in `prepare` (where N4 may leave
+    the background a little below 0: :func:`~mrisr_cli.degradation.lowres_volume` shifts such
+    an image to 0 and back, here as there).
     """
-    raw = np.maximum(stats.denormalise(hr_z), 0.0)
-    return stats.normalise(degrade_volume(raw, config, affine=affine))
+    return stats.normalise(degrade_volume(stats.denormalise(hr_z), config, affine=affine))
 
 
 def quantise(volume: np.ndarray) -> tuple[np.ndarray, float, float]:

@@ -32,6 +32,9 @@ _in_task = False  # in a worker: whether it is running a task (else it waits for
 def _stop_worker(signum: int, frame: FrameType | None) -> None:
     """SIGTERM in a worker: unwind the running task, or end an idle worker quietly."""
     if _in_task:
+        # once: a second SIGTERM (scancel signals every process, then the parent does) would
+        # break off the unwinding, and with it the removal of temporary files
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
     os._exit(128 + signum)
 
@@ -99,9 +102,14 @@ class WorkerPool:
         for process in processes:
             if process.is_alive():
                 process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.kill()
-                process.join()
+        try:
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting (the first one goes on)
+            pass
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()

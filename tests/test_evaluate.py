@@ -642,11 +642,13 @@ def test_the_users_own_files_in_the_report_folder_are_left_alone(tmp_path: Path)
     again = invoke(*args)  # the report's own files are still refused without --overwrite
     assert again.exit_code == 1 and "subjects.csv: already exists" in again.stderr
     (hr / "sub-01_T1w.nii.gz").unlink()
+    # named like a report's figure, but not in the record: the user's (only the record says so)
+    (out / "figures" / "slices_mine.png").write_text("mine")
     assert invoke(*args, "--overwrite").exit_code == 0
     assert (out / "figures" / "my_figure.png").read_text() == "mine"
     assert (out / "notes.txt").read_text() == "mine"
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["boxplots.png", "my_figure.png", "slices_sub-00_T1w.png"]  # stale gone
+    assert figures == ["boxplots.png", "my_figure.png", "slices_mine.png", "slices_sub-00_T1w.png"]
 
 
 def test_a_report_without_a_record_is_known_by_its_figure_names(tmp_path: Path) -> None:
