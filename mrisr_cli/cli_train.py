@@ -7,6 +7,8 @@ numpy, torch and the CLI helpers are imported inside the commands.
 
 from __future__ import annotations
 
+import json
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -389,6 +391,7 @@ def train_command(
         configure_threads(worker_threads(threads))
         progress, on_event = _train_display(config, stderr_console(), warn, enabled=is_main)
         stopped: StoppedAtOnce | None = None
+        started = time.perf_counter()
         try:
             with progress:
                 result = (resume_run if resume else train)(config, on_event=on_event)
@@ -409,16 +412,44 @@ def train_command(
         )
         raise typer.Exit(130)
     best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
+    best_step = _step_of(out / "best.safetensors") if result.best_psnr is not None else None
+    if best_step is not None:
+        best += f" (step {best_step})"
     ended = "done" if result.status == "done" else "time limit reached"
     more = "; continue with the same command and --resume" if result.status != "done" else ""
     console.print(
-        f"{ended}: {result.step} of {result.total_steps} steps{more}; best validation PSNR "
+        f"{ended}: {result.step} of {result.total_steps} steps in "
+        f"{_duration(time.perf_counter() - started)}{more}; best validation PSNR "
         f"{best}; weights: {result.best_weights or '-'} (best), "
         f"{result.last_weights or '-'} (last)",
         markup=False,
     )
     if result.last_weights is None:
         raise fail("no weights were written", EXIT_USER_ERROR)
+
+
+def _step_of(weights: Path) -> int | None:
+    """The training step a weights file records (None: no file, or none recorded): the best
+    model may come from an earlier call of a resumed run."""
+    from safetensors import SafetensorError
+
+    from mrisr_cli.weights import read_metadata
+
+    try:
+        step = json.loads(read_metadata(weights).get("provenance", "{}")).get("step")
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _duration(seconds: float) -> str:
+    """This call's wall time: ``42 s``, ``7 min 03 s`` or ``2 h 05 min``."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 def _report_stopped_at_once(stopped: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -328,6 +329,10 @@ def test_smoke_psnr_then_gan_then_upsample(prepared: Path, psnr_run: Path) -> No
     del gan_args[at : at + 2]
     result = invoke(*gan_args)
     assert result.exit_code == 0, result.output
+    summary = " ".join(result.output.split())  # this call's time, and where the best model is
+    assert re.search(
+        r"done: 3 of 3 steps in \d+ s; best validation PSNR [\d.]+ dB \(step 3\)", summary
+    )
     gan_steps = [r for r in read_log(gan / LOG) if r["event"] == "train"]
     assert "g_adv" not in gan_steps[0] and "d_loss" in gan_steps[0]  # critic warm-up
     assert all(np.isfinite(gan_steps[-1][k]) for k in ("d_loss", "gp", "g_adv", "l1"))
