@@ -7,7 +7,6 @@ numpy, torch and the CLI helpers are imported inside the commands.
 
 from __future__ import annotations
 
-import json
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -433,12 +432,13 @@ def _step_of(weights: Path) -> int | None:
     model may come from an earlier call of a resumed run."""
     from safetensors import SafetensorError
 
-    from mrisr_cli.weights import read_metadata
+    from mrisr_cli.weights import provenance_of, read_metadata
 
     try:
-        step = json.loads(read_metadata(weights).get("provenance", "{}")).get("step")
-    except (SafetensorError, OSError, ValueError, AttributeError):
+        provenance = provenance_of(read_metadata(weights))
+    except (SafetensorError, OSError):
         return None
+    step = provenance.get("step") if isinstance(provenance, dict) else None
     return step if isinstance(step, int) else None
 
 

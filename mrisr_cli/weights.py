@@ -122,6 +122,15 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+def provenance_of(metadata: dict[str, str]) -> Any:
+    """A file's free-form provenance (run, step, init...), ``{}`` where it holds none that
+    parses: it describes a file, it never decides whether the file loads."""
+    try:
+        return json.loads(metadata.get("provenance", "{}"))
+    except ValueError:
+        return {}
+
+
 def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
     """What differs between a network's tensors and a file's, named, in a few words ("" when
     the names and shapes agree)."""
@@ -175,15 +184,11 @@ def load_weights(path: Path, *, expect_network: str | None = None) -> WeightsFil
     bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise WeightsError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values ({bad[0]})")
-    try:
-        provenance = json.loads(metadata.get("provenance", "{}"))
-    except ValueError:
-        provenance = {}
     return WeightsFile(
         state=state,
         network=network,
         degradation=degradation,
-        provenance=provenance,
+        provenance=provenance_of(metadata),
         path=path,
         sha256=sha256_of(path),
     )
