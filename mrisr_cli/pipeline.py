@@ -193,6 +193,11 @@ class UpsampleOptions:
         """Whether N4 runs: ``n4`` where given, else as the weights were trained."""
         return degradation.n4 if self.n4 is None else self.n4
 
+    def skips_air_tiles(self) -> bool:
+        """Whether tiles of only air keep the input's values: by default; not with
+        ``keep_background`` off, which asks for the network's output everywhere."""
+        return self.keep_background and self.inference.skip_background
+
 
 @dataclass
 class UpsampleResult:
@@ -336,7 +341,7 @@ def upsample_prepared(
     the input is left as it was, for the next alpha."""
     started = time.perf_counter()
     inference, half_warning = resolve_options(options.inference)
-    if not options.keep_background:  # the network's output everywhere: tiles of air run too
+    if not options.skips_air_tiles():
         inference = replace(inference, skip_background=False)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
@@ -470,10 +475,7 @@ def output_settings(options: UpsampleOptions, n4: bool) -> dict[str, Any]:
         # N4's field: removed before the network; put back into the output, or left out of it
         "bias_field": ("removed" if options.bias_corrected else "restored") if n4 else None,
         "keep_background": options.keep_background,
-        # tiles of only air: passed through with the input's values, or run (see upsample_prepared)
-        "air_tiles": "input"
-        if options.keep_background and inference.skip_background
-        else "network",
+        "air_tiles": "input" if options.skips_air_tiles() else "network",  # tiles of only air
         "patch": list(inference.patch),
         "margin": inference.margin,
         "overlap": inference.overlap,
