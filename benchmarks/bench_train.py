@@ -37,12 +37,14 @@ from bench_upsample import PeakRss
 
 from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.inference import resolve_device
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
-from mrisr_cli.prepare import PrepareOptions, load_manifest, prepare_dataset
+from mrisr_cli.prepare import PrepareOptions, prepare_dataset
 from mrisr_cli.selftest import phantom
 from mrisr_cli.threads import configure_threads
-from mrisr_cli.training import TrainConfig, Trainer
+from mrisr_cli.training import Trainer
+from mrisr_cli.training_config import TrainConfig
 from mrisr_cli.volumes import save_volume
 
 PHANTOM_SHAPE = (144, 176, 144)

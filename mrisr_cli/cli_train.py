@@ -111,15 +111,15 @@ def prepare_command(
 
         from mrisr_cli.degradation import DegradationConfig
         from mrisr_cli.errors import InputError
+        from mrisr_cli.manifest import MANIFEST_NAME
         from mrisr_cli.prepare import (
-            MANIFEST_NAME,
             PrepareOptions,
             SubjectOutcome,
             default_jobs,
             find_scans,
-            parse_ratios,
             prepare_dataset,
         )
+        from mrisr_cli.splits import parse_ratios
         from mrisr_cli.threads import configure_threads
 
         try:
@@ -337,14 +337,10 @@ def train_command(
         from mrisr_cli.distributed import worker_threads
         from mrisr_cli.networks import NetworkConfig
         from mrisr_cli.threads import configure_threads
-        from mrisr_cli.training import (
-            CRITIC_LR_PER_LR,
-            StoppedAtOnce,
-            TrainConfig,
-            load_init_weights,
-            train,
-        )
+        from mrisr_cli.training import StoppedAtOnce, train
         from mrisr_cli.training import resume as resume_run
+        from mrisr_cli.training_checks import load_init_weights
+        from mrisr_cli.training_config import CRITIC_LR_PER_LR, TrainConfig
 
         patch_size = parse_triple(patch, "--patch")
         val_size = parse_triple(val_patch, "--val-patch")

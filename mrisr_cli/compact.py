@@ -30,13 +30,9 @@ import numpy as np
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
 from mrisr_cli.errors import InputError
 from mrisr_cli.intensity import IntensityStats, bounding_box, foreground_mask
-from mrisr_cli.prepare import (
-    MANIFEST_NAME,
-    SPLITS,
-    load_manifest,
-    save_manifest,
-    write_subject_arrays,
-)
+from mrisr_cli.manifest import MANIFEST_NAME, load_manifest, save_manifest
+from mrisr_cli.prepare import write_subject_arrays
+from mrisr_cli.splits import SPLITS
 from mrisr_cli.volumes import atomic_path
 
 PACK_FORMAT = "mrisr-compact"

@@ -26,7 +26,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from mrisr_cli.errors import InputError
-from mrisr_cli.prepare import CENTRE_STRIDE, Manifest
+from mrisr_cli.manifest import Manifest
+from mrisr_cli.prepare import CENTRE_STRIDE
 from mrisr_cli.tiling import PAPER_PATCH
 
 Key = tuple[int, ...]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,15 @@ import numpy as np
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
 from mrisr_cli.errors import InputError, MrisrError, OutputError, WeightsError
 from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.manifest import MANIFEST_FORMAT, MANIFEST_NAME, save_manifest
+from mrisr_cli.splits import (
+    DEFAULT_RATIOS,
+    SPLITS,
+    assign_splits,
+    content_keys,
+    link_records,
+    split_groups,
+)
 from mrisr_cli.volumes import (
     atomic_path,
     canonical_reorientation,
@@ -57,11 +65,6 @@ from mrisr_cli.volumes import (
 from mrisr_cli.weights import sha256_of
 from mrisr_cli.workers import WorkerPool
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "mrisr-dataset"
-MANIFEST_VERSION = 1
-SPLITS: tuple[str, ...] = ("train", "val", "eval", "test")
-DEFAULT_RATIOS: tuple[float, float, float, float] = (0.7, 0.1, 0.1, 0.1)
 CENTRE_STRIDE = 4
 MIN_EXTENT_MM = 64.0  # a whole brain spans ~140 mm; less than a patch is no brain scan
 MAX_SPACING_RATIO = 1.5  # voxels coarser than 1.5 x --spacing are no high-resolution truth
@@ -436,132 +439,6 @@ def _process(scan: Scan, folder: Path, options: PrepareOptions, source_sha: str)
 # --- split and manifest ---------------------------------------------------------------------
 
 
-def parse_ratios(text: str) -> tuple[float, float, float, float]:
-    """'0.7,0.1,0.1,0.1' -> four non-negative numbers with a positive train share."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values) or values[0] <= 0:
-        raise InputError(
-            f"--split takes four shares train,val,eval,test like 0.7,0.1,0.1,0.1, got {text!r}"
-        )
-    return values  # type: ignore[return-value]
-
-
-def split_counts(n: int, ratios: Sequence[float]) -> tuple[int, int, int, int]:
-    """Group counts per split: held-out splits get round(share / sum of shares x n) in floating
-    point, train gets the rest (kept exactly as in earlier versions, so that a dataset prepared
-    again into a new folder is split as before: an exact half can round either way, 5 subjects
-    give 2/1/1/1 at 0.7,0.1,0.1,0.1, whose sum is 0.9999999999999999, and 4/1/0/0 at 7,1,1,1).
-
-    This gives the paper's 780/111/111/111 for 1113 subjects at 0.7,0.1,0.1,0.1. With few
-    subjects, train and then val each keep at least one (taken from the largest other split),
-    because training needs both: with two or more subjects val gets one even at share 0.
-    """
-    total = float(sum(ratios))
-    counts = [0] + [round(n * r / total) for r in ratios[1:]]
-    counts[0] = n - sum(counts[1:])
-
-    def take_from_largest(candidates: list[int]) -> None:
-        counts[max(candidates, key=counts.__getitem__)] -= 1
-
-    while counts[0] < min(n, 1):
-        take_from_largest([1, 2, 3])
-        counts[0] += 1
-    if n >= 2 and counts[1] == 0:
-        take_from_largest([2, 3, 0])
-        counts[1] += 1
-    return counts[0], counts[1], counts[2], counts[3]
-
-
-def assign_splits(
-    subjects: Sequence[str],
-    ratios: Sequence[float],
-    seed: int,
-    kept: Mapping[str, int] | None = None,
-) -> dict[str, str]:
-    """Subject -> split for new subjects, the same for the same subjects, ratios, seed and
-    ``kept`` (split -> subjects already assigned there, which keep their split).
-
-    The new subjects, in the seed's random order, fill each split up to its :func:`split_counts`
-    share of all subjects (largest shortfall first); with none kept this is a fresh split.
-    """
-    unique = sorted(set(subjects))
-    order = np.random.default_rng(seed).permutation(len(unique))
-    have = [int((kept or {}).get(name, 0)) for name in SPLITS]
-    target = split_counts(len(unique) + sum(have), ratios)
-    counts = [0, 0, 0, 0]
-    for _ in unique:  # no split over its target can take one: the kept ones stay where they are
-        gap = [target[i] - have[i] - counts[i] for i in range(4)]
-        counts[max(range(4), key=lambda i: (gap[i], -i))] += 1
-    result: dict[str, str] = {}
-    position = 0
-    for name, count in zip(SPLITS, counts, strict=True):
-        for index in order[position : position + count]:
-            result[unique[int(index)]] = name
-        position += count
-    return result
-
-
-def content_keys(record: Mapping[str, Any]) -> set[str]:
-    """What makes two records one scan, whatever its file's name or encoding: the same file
-    (source sha256), the same voxels (``voxels_sha256``; not in records of earlier versions)
-    or the same prepared ``hr.npy`` (in every record; ``hr_sha256`` in a ``former`` entry)."""
-    files = record.get("files")
-    hr = files.get("hr") if isinstance(files, dict) else None
-    shas = {
-        "sha256:": record.get("source_sha256"),
-        "voxels:": record.get("voxels_sha256"),
-        "hr:": hr.get("sha256") if isinstance(hr, dict) else record.get("hr_sha256"),
-    }
-    return {kind + sha for kind, sha in shas.items() if isinstance(sha, str) and sha}
-
-
-def split_groups(records: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """Record id -> group that shares a split: the scans of one subject, and identical scans
-    (:func:`content_keys`: one scan copied under two names, or saved again as ``.nii`` beside
-    its ``.nii.gz``) that would otherwise leak a held-out scan into train. A group is named by
-    its first subject."""
-    linked = _linked(records, lambda r: {"subject:" + r["subject"], *content_keys(r)})
-    name: dict[str, str] = {}
-    for record in sorted(records, key=lambda r: r["subject"]):
-        name.setdefault(linked[record["id"]], record["subject"])
-    return {r["id"]: name[linked[r["id"]]] for r in records}
-
-
-def _linked(
-    records: Sequence[Mapping[str, Any]], keys_of: Callable[[Mapping[str, Any]], set[str]]
-) -> dict[str, str]:
-    """Record id -> a name shared by every record linked to it through a chain of common keys
-    (``a.nii.gz`` and its copy ``b.nii.gz`` by file, ``b.nii.gz`` and ``b.nii`` by voxels)."""
-    parent: dict[str, str] = {}
-
-    def root(node: str) -> str:
-        while parent.setdefault(node, node) != node:
-            node = parent[node]
-        return node
-
-    for record in records:
-        for key in keys_of(record):
-            a, b = root("id:" + record["id"]), root(key)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {r["id"]: root("id:" + r["id"]) for r in records}
-
-
-def dataset_fingerprint(degradation: str, subjects: Sequence[dict[str, Any]]) -> str:
-    """sha256 of what training reads: settings, ids, splits and array hashes (not paths)."""
-    content = {
-        "degradation": degradation,
-        "subjects": [
-            [s["id"], s["split"], {k: v["sha256"] for k, v in sorted(s["files"].items())}]
-            for s in subjects
-        ],
-    }
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
 def write_manifest(
     out_dir: Path,
     options: PrepareOptions,
@@ -617,7 +494,7 @@ def write_manifest(
     for group in new_groups:
         for record in members[group]:
             split_of[record["id"]] = new_splits[group]
-    scan_of = _linked(records, content_keys)
+    scan_of = link_records(records, content_keys)
     by_scan: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_scan.setdefault(scan_of[record["id"]], []).append(record)
@@ -729,40 +606,6 @@ def _record_splits(out_dir: Path, subjects: Sequence[dict[str, Any]], rule: dict
         record.update(wanted)
         with atomic_path(path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-
-
-def save_manifest(
-    out_dir: Path,
-    config: DegradationConfig,
-    split: dict[str, Any],
-    subjects: list[dict[str, Any]],
-    failures: list[dict[str, str]],
-    former: list[dict[str, Any]] | None = None,
-    *,
-    min_extent_mm: float | None = None,
-) -> dict[str, Any]:
-    """Write ``manifest.json`` (atomically) for subjects whose split is already assigned;
-    ``former``: the splits of subjects that left the dataset, kept for their return;
-    ``min_extent_mm``: the smallest field of view the scans were accepted with."""
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "degradation": json.loads(config.to_json()),
-        "spacing_mm": config.spacing_mm,
-        "n4": config.n4,
-        "split": split,
-        "counts": {name: sum(s["split"] == name for s in subjects) for name in SPLITS},
-        "fingerprint": dataset_fingerprint(config.to_json(), subjects),
-        "subjects": subjects,
-        "failures": failures,
-    }
-    if former:
-        manifest["former"] = former
-    if min_extent_mm is not None:
-        manifest["min_extent_mm"] = min_extent_mm
-    with atomic_path(Path(out_dir) / MANIFEST_NAME, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return manifest
 
 
 def _option_text(key: str, value: Any) -> str:
@@ -893,59 +736,6 @@ def _changes(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
     return ", ".join(
         f"{_option_text(k, theirs.get(k))} (now {_option_text(k, ours.get(k))})" for k in keys
     )
-
-
-# --- reading a prepared dataset -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A prepared dataset as training reads it."""
-
-    root: Path
-    degradation: DegradationConfig
-    subjects: tuple[dict[str, Any], ...]
-    fingerprint: str
-    sha256: str
-
-    def split(self, name: str) -> list[dict[str, Any]]:
-        return [s for s in self.subjects if s["split"] == name]
-
-
-def load_manifest(data_dir: Path) -> Manifest:
-    """Read ``DATA/manifest.json``; a missing or foreign manifest is one InputError line."""
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST_NAME
-    if not data_dir.is_dir():
-        raise InputError(f"{data_dir}: no such data folder")
-    if not path.is_file():
-        if image_files(data_dir, recursive=True):  # the scans (or a BIDS tree), unprepared
-            raise InputError(
-                f"{data_dir}: holds images but no {MANIFEST_NAME}: prepare them first, "
-                f"`mrisr prepare {data_dir} PREPARED_DIR`, then give --data PREPARED_DIR"
-            )
-        raise InputError(
-            f"{data_dir}: no {MANIFEST_NAME}; make the data folder with "
-            f"`mrisr prepare SRC_DIR {data_dir}` first"
-        )
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != MANIFEST_FORMAT:
-            raise ValueError("not an mrisr dataset manifest")
-        degradation = DegradationConfig.from_json(json.dumps(raw["degradation"]))
-        subjects = tuple(raw["subjects"])
-        fingerprint = str(raw["fingerprint"])
-        # the settings as prepare wrote them (not re-serialised through DegradationConfig, whose
-        # fields an earlier version's manifest may lack): that is what was fingerprinted
-        recomputed = dataset_fingerprint(json.dumps(raw["degradation"], sort_keys=True), subjects)
-    except (ValueError, KeyError, TypeError, AttributeError, WeightsError) as exc:
-        raise InputError(f"{path}: not a readable mrisr manifest ({exc})") from exc
-    if recomputed != fingerprint:  # a factor or a split edited: weights would record a lie
-        raise InputError(
-            f"{path} does not match its fingerprint (edited by hand?): prepare the dataset "
-            "again with `mrisr prepare`"
-        )
-    return Manifest(data_dir, degradation, subjects, fingerprint, sha256_of(path))
 
 
 # --- the parallel driver --------------------------------------------------------------------

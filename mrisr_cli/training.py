@@ -1,8 +1,9 @@
 """Training the generators: the PSNR stage (L1, Adam) and the GAN stage (WGAN-GP, patch critic).
 
-This module holds the settings (:class:`TrainConfig`), the networks and optimisers with one step
-of each kind (:class:`Trainer`), the loop of a run and the checks that make ``--resume`` safe.
-The losses are in :mod:`mrisr_cli.losses`, the run folder's files (checkpoint, log, names) in
+This module holds the networks and optimisers with one step of each kind (:class:`Trainer`)
+and the loop of a run. The settings are in :mod:`mrisr_cli.training_config`, the checks that make
+a start or ``--resume`` safe in :mod:`mrisr_cli.training_checks`, the losses in
+:mod:`mrisr_cli.losses`, the run folder's files (checkpoint, log, names) in
 :mod:`mrisr_cli.run_files`, the helpers for several processes in :mod:`mrisr_cli.distributed`.
 
 Why it is built this way:
@@ -40,7 +41,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,6 @@ from torch import nn
 
 from mrisr_cli import __version__
 from mrisr_cli.batchnorm import batchnorm_layers, recalibrate_batchnorm, sampler_batches
-from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.distributed import (
     DistInfo,
     all_gather,
@@ -59,12 +59,12 @@ from mrisr_cli.distributed import (
     errors_shared,
     init_distributed,
 )
-from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError, WeightsError
+from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError
 from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.losses import critic_loss, interpolation_weights, l1_loss
-from mrisr_cli.networks import GENERATORS, NetworkConfig, build_network
+from mrisr_cli.manifest import Manifest
+from mrisr_cli.networks import build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
-from mrisr_cli.prepare import MANIFEST_NAME, Manifest, load_manifest
 from mrisr_cli.run_files import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
@@ -75,145 +75,18 @@ from mrisr_cli.run_files import (
     RUN_NAME,
     JsonlLog,
     git_commit,
-    read_checkpoint,
     rng_state,
     set_rng_state,
     tensor_bytes,
     write_checkpoint,
     write_failure,
 )
-from mrisr_cli.tiling import PAPER_MARGIN, PAPER_PATCH
+from mrisr_cli.training_checks import read_inputs
+from mrisr_cli.training_config import TrainConfig
 from mrisr_cli.volumes import atomic_path
-from mrisr_cli.weights import WeightsFile, load_weights, save_weights
-
-STAGES: tuple[str, ...] = ("psnr", "gan")
-
-#: Settings that may change when a run is resumed: they do not change what is computed.
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "data",
-        "out",
-        "init",
-        "epochs",
-        "device",
-        "workers",
-        "prefetch",
-        "log_every",
-        "checkpoint_every",
-        "checkpointing",
-        "compile",
-        "val_batch_size",
-        "batch_size",  # compared as the global batch (batch x processes) instead
-        "time_limit",
-        "precise_bn",  # only the exported BatchNorm buffers, recomputed from scratch each time
-    }
-)
-#: Settings the PSNR stage never reads: on its resume they may change (the CLI derives
-#: --critic-lr from --lr, so a new --lr must not be reported as a new --critic-lr too).
-GAN_ONLY = frozenset(
-    {"critic", "critic_lr", "lambda_adv", "lambda_gp", "critic_steps", "critic_warmup"}
-)
-#: The CLI's --critic-lr when none is given: this times --lr (the authors' ratio).
-CRITIC_LR_PER_LR = 5
-OPTION_NAMES = {
-    "network": "--net/--net-params",
-    "critic": "--critic-params",
-    "flip_axes": "--flips",
-}
+from mrisr_cli.weights import WeightsFile, save_weights
 
 EventCallback = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run (stored in its checkpoint and weights provenance)."""
-
-    stage: str
-    data: str
-    out: str
-    network: NetworkConfig = field(default_factory=lambda: NetworkConfig("rrdg"))
-    critic: NetworkConfig = field(default_factory=lambda: NetworkConfig("patch_discriminator"))
-    init: str | None = None
-    epochs: int = 100
-    steps_per_epoch: int = 1000
-    batch_size: int = 4  # per process
-    lr: float = 1e-4
-    critic_lr: float = CRITIC_LR_PER_LR * 1e-4  # what `mrisr train` derives from the default lr
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_decay: float = 0.95
-    lr_decay_steps: int = 10_000
-    lambda_adv: float = 0.1
-    lambda_gp: float = 10.0
-    critic_steps: int = 5
-    critic_warmup: int = 0
-    patch: tuple[int, int, int] = PAPER_PATCH
-    foreground_fraction: float = 0.9
-    flip_axes: tuple[int, ...] = (0, 1, 2)
-    val_patch: tuple[int, int, int] = PAPER_PATCH
-    val_batch_size: int = 4
-    amp: bool | None = None  # None: on for CUDA, off for the CPU
-    checkpointing: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    prefetch: int = 4
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0: at the end of every epoch only
-    time_limit: float = 0.0  # seconds of training in this call; 0: none
-    precise_bn: int = 32  # training patches for BatchNorm statistics before validation; 0: off
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise InputError(f"--stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
-        if self.network.name not in GENERATORS:
-            raise InputError(
-                f"--net must be one of {', '.join(GENERATORS)}, not {self.network.name!r}"
-            )
-        positive = ("epochs", "steps_per_epoch", "batch_size", "critic_steps", "lr_decay_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-        # written so that NaN fails too (every comparison with NaN is false)
-        for name in ("lr", "critic_lr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                option = name.replace("_", "-")
-                raise InputError(f"--{option} must be a positive number, got {value}")
-        for name in ("lambda_adv", "lambda_gp"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                option = name.replace("_", "-")
-                raise InputError(f"--{option} must be a number >= 0, got {value}")
-        if self.critic_warmup < 0:
-            raise InputError("--critic-warmup cannot be negative")
-        if self.time_limit < 0:
-            raise InputError("--time-limit cannot be negative")
-        if any(p < 8 for p in self.patch):
-            raise InputError(f"--patch {self.patch} is too small (at least 8 voxels per axis)")
-        # checked here, not by the first validation: that comes after the run folder is made
-        if any(p <= 2 * PAPER_MARGIN for p in self.val_patch):
-            raise InputError(
-                f"--val-patch {','.join(map(str, self.val_patch))} leaves no core after "
-                f"cropping the margin of {PAPER_MARGIN} voxels per face (at least "
-                f"{2 * PAPER_MARGIN + 1} voxels per axis)"
-            )
-        if self.val_batch_size < 1:
-            raise InputError("the validation batch size must be at least 1")
-        if not 0 <= self.seed < 2**64:  # what numpy's and torch's generators take
-            raise InputError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed}")
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (tuples as lists) for the checkpoint, run.json and provenance."""
-        raw = asdict(self)
-        raw["network"] = {"name": self.network.name, "params": self.network.params}
-        raw["critic"] = {"name": self.critic.name, "params": self.critic.params}
-        return json.loads(json.dumps(raw))
 
 
 @dataclass
@@ -590,7 +463,7 @@ class _TrainingRun:
         self.config = config = _resolved_config(config, device)
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT_NAME
-        manifest, payload, init = _read_inputs(
+        manifest, payload, init = read_inputs(
             config, dist, resume=resume, warn=lambda m: self.emit("warning", message=m)
         )
         self.manifest = manifest
@@ -924,30 +797,6 @@ def _resolved_config(config: TrainConfig, device: str) -> TrainConfig:
     return config
 
 
-def _read_inputs(
-    config: TrainConfig, dist: DistInfo, *, resume: bool, warn: Callable[[str], None]
-) -> tuple[Manifest, dict[str, Any], WeightsFile | None]:
-    """The data, the checkpoint (``{}`` for a new run) and the --init weights, checked against
-    each other and against the run folder before anything is written."""
-    out = Path(config.out)
-    manifest = _load_data(Path(config.data))
-    payload: dict[str, Any] = {}
-    if resume:
-        payload = _read_run_checkpoint(out)
-    elif (out / CHECKPOINT_NAME).exists():
-        raise OutputError(
-            f"{out}: already holds a training run; continue it with --resume or choose "
-            "another --out"
-        )
-    else:
-        _refuse_trained_weights(out)
-    init = _load_init(config, manifest, resume, payload, warn)
-    if resume:
-        _check_resume(payload, config, manifest, init, dist)
-        _check_schedule(payload, config)
-    return manifest, payload, init
-
-
 def _restore(
     trainer: Trainer, payload: dict[str, Any], dist: DistInfo
 ) -> tuple[int, float | None, int]:
@@ -1034,176 +883,3 @@ def _provenance_base(
         "torch_version": torch.__version__,
         "config": config.as_dict(),
     }
-
-
-# --- checking the inputs and a resume ---------------------------------------------------------
-
-
-def _load_data(path: Path) -> Manifest:
-    """The data folder's manifest; a manifest named instead of its folder gets a hint."""
-    if path.is_file():
-        if path.name == MANIFEST_NAME:
-            raise InputError(
-                f"{path}: is the manifest; give --data the folder that holds it ({path.parent})"
-            )
-        raise InputError(f"{path}: is a file; give --data the folder made by `mrisr prepare`")
-    return load_manifest(path)
-
-
-def _trained_weights(out: Path) -> list[str]:
-    return [name for name in (BEST_NAME, LAST_NAME) if (out / name).exists()]
-
-
-def _refuse_trained_weights(out: Path) -> None:
-    """A run folder whose checkpoint is gone (a full disk, deleted) still holds trained
-    weights: a fresh start would silently overwrite them."""
-    names = _trained_weights(out)
-    if names:
-        raise OutputError(
-            f"{out}: already holds trained weights ({', '.join(names)}) but no {CHECKPOINT_NAME}; "
-            f"choose another --out (--resume needs {CHECKPOINT_NAME}; --init "
-            f"{out / names[-1]} starts a new run from these weights)"
-        )
-
-
-def _read_run_checkpoint(out: Path) -> dict[str, Any]:
-    """The checkpoint --resume continues; without one, say what the folder still offers."""
-    names = _trained_weights(out)
-    if not (out / CHECKPOINT_NAME).exists() and names:
-        raise InputError(
-            f"{out / CHECKPOINT_NAME}: no checkpoint to resume from, only trained weights "
-            f"({', '.join(names)}); start a new run with another --out and --init "
-            f"{out / names[-1]} to train on from them"
-        )
-    return read_checkpoint(out / CHECKPOINT_NAME)
-
-
-def _check_schedule(payload: dict[str, Any], config: TrainConfig) -> None:
-    """A resume with fewer --epochs than already trained would report "done: 31 of 30 steps"."""
-    step = int(payload["step"])
-    if step > config.total_steps:
-        more = step // config.steps_per_epoch + 1
-        raise InputError(
-            f"{config.out}: the run is already at step {step}, past the {config.total_steps} "
-            f"steps of --epochs {config.epochs} x --steps-per-epoch {config.steps_per_epoch}; "
-            f"give --epochs {more} or more to train on"
-        )
-
-
-def load_init_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
-    """:func:`load_weights`, pointing from a run's checkpoint (a pickle) to its weights files."""
-    path = Path(path)
-    if path.name == CHECKPOINT_NAME and path.is_file():
-        raise WeightsError(
-            f"{path}: is a training checkpoint, not weights; give {path.parent / BEST_NAME} or "
-            f"{path.parent / LAST_NAME}"
-        )
-    return load_weights(path, expect_network=expect_network)
-
-
-def _load_init(
-    config: TrainConfig,
-    manifest: Manifest,
-    resume: bool,
-    payload: dict[str, Any],
-    warn: Callable[[str], None],
-) -> WeightsFile | None:
-    """The --init weights. On --resume the checkpoint holds the weights, so a file that has
-    moved since is not needed; one that is there must be the run's own (see _check_resume)."""
-    if config.init is None:
-        if config.stage == "gan" and not resume:
-            raise InputError(
-                "--stage gan starts from the PSNR model: give --init PSNR_RUN/best.safetensors"
-            )
-        return None
-    path = Path(config.init)
-    if resume and not path.exists():
-        warn(f"--init {path}: not found; ignored, since {CHECKPOINT_NAME} holds the run's weights")
-        return None
-    init = load_init_weights(path, expect_network=config.network.name)
-    check_init(init, config, manifest.degradation)
-    recorded = init.provenance.get("stage") if isinstance(init.provenance, dict) else None
-    if not resume and recorded == "gan":
-        hint = (
-            "the GAN stage usually starts from PSNR weights (PSNR_RUN/best.safetensors)"
-            if config.stage == "gan"
-            else "--stage psnr trains them on with the L1 loss alone"
-        )
-        warn(
-            f"--init {path}: holds GAN-stage weights (their provenance records stage 'gan'); {hint}"
-        )
-    return init
-
-
-def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationConfig) -> None:
-    """The starting weights must be the same network, made from data prepared the same way."""
-    if init.network.name != config.network.name:
-        raise WeightsError(
-            f"{init.path}: holds a {init.network.name!r} network, but --net is "
-            f"{config.network.name!r}"
-        )
-    if init.network.params != config.network.params:
-        raise WeightsError(
-            f"{init.path}: network parameters {init.network.params} differ from "
-            f"--net-params {config.network.params}"
-        )
-    if init.degradation.to_json() != degradation.to_json():
-        diff = _differences(
-            json.loads(init.degradation.to_json()), json.loads(degradation.to_json()), frozenset()
-        )
-        raise WeightsError(
-            f"{init.path}: was trained on data prepared differently from --data "
-            f"({'; '.join(diff).replace('--', '')})"
-        )
-
-
-def _check_resume(
-    payload: dict[str, Any],
-    config: TrainConfig,
-    manifest: Manifest,
-    init: WeightsFile | None,
-    dist: DistInfo,
-) -> None:
-    """Refuse to continue a run with settings that would change what it computes."""
-    before, now = json.loads(payload["config"]), config.as_dict()
-    may_change = RESUME_MAY_CHANGE
-    if config.stage == "psnr":
-        may_change |= GAN_ONLY
-    elif _critic_lr_follows_lr(before) and _critic_lr_follows_lr(now):
-        # derived by the CLI: it changed only if --lr did, which is reported (and refused)
-        may_change |= {"critic_lr"}
-    diffs = _differences(before, now, may_change)
-    global_before = int(before["batch_size"]) * int(payload["world_size"])
-    global_now = config.batch_size * dist.world
-    if global_before != global_now:
-        diffs.append(
-            f"the global batch (--batch-size x processes) was {global_before}, now {global_now}"
-        )
-    if payload["data_fingerprint"] != manifest.fingerprint:
-        diffs.append(f"--data {config.data} holds other data than the run was started on")
-    if init is not None and not payload.get("init_sha256"):
-        diffs.append(f"--init {config.init} is given, but the run was started without --init")
-    elif init is not None and init.sha256 != payload["init_sha256"]:
-        diffs.append(f"--init {config.init} is another file than the run was started from")
-    if diffs:
-        raise InputError(
-            f"{config.out}: cannot resume with different settings: {'; '.join(diffs)} "
-            "(resume with the original settings, or start a new run with another --out)"
-        )
-
-
-def _critic_lr_follows_lr(settings: dict[str, Any]) -> bool:
-    """Whether the critic's learning rate is the one the CLI derives from --lr."""
-    lr = settings.get("lr")
-    return isinstance(lr, int | float) and settings.get("critic_lr") == CRITIC_LR_PER_LR * lr
-
-
-def _differences(before: dict[str, Any], now: dict[str, Any], skip: frozenset[str]) -> list[str]:
-    """'--option was X, now Y' for each setting that differs, those in ``skip`` aside."""
-    names = []
-    for key in sorted(set(before) | set(now)):
-        if key in skip or before.get(key) == now.get(key):
-            continue
-        option = OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
-        names.append(f"{option} was {before.get(key)!r}, now {now.get(key)!r}")
-    return names

@@ -9,8 +9,9 @@ import pytest
 
 from mrisr_cli.compact import dequantise, pack_dataset, quantise, unpack_dataset
 from mrisr_cli.errors import InputError
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.patches import open_split
-from mrisr_cli.prepare import load_manifest, prepare_dataset
+from mrisr_cli.prepare import prepare_dataset
 from tests.test_prepare import NO_N4, head, save
 
 

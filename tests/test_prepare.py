@@ -15,19 +15,18 @@ from mrisr_cli.cli import app
 from mrisr_cli.degradation import DegradationConfig, degrade_volume
 from mrisr_cli.errors import InputError, OutputError
 from mrisr_cli.intensity import foreground_mask, foreground_stats
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.prepare import (
     PrepareOptions,
     SubjectOutcome,
-    assign_splits,
     find_scans,
     freesurfer_mri_folders,
-    load_manifest,
     prepare_dataset,
     prepare_subject,
     resample_isotropic,
-    split_counts,
     subject_of,
 )
+from mrisr_cli.splits import assign_splits, split_counts
 from mrisr_cli.volumes import check_t1_name
 from mrisr_cli.weights import sha256_of
 

@@ -31,16 +31,17 @@ from conftest import head_phantom, real_volume, write_nifti
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from mrisr_cli import run_files, training
+from mrisr_cli import run_files, training, training_config
 from mrisr_cli.batchnorm import recalibrate_batchnorm, sampler_batches
 from mrisr_cli.cli import app
 from mrisr_cli.errors import InputError, OutputError, WeightsError
 from mrisr_cli.losses import critic_loss, fixed_batch_l1, interpolation_weights
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, SubjectArrays, open_split
-from mrisr_cli.prepare import load_manifest
 from mrisr_cli.run_files import read_checkpoint, read_log
-from mrisr_cli.training import TrainConfig, train
+from mrisr_cli.training import train
+from mrisr_cli.training_config import TrainConfig
 from mrisr_cli.weights import load_weights, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_generator_loss_is_l1_plus_lambda_times_the_critic_score_and_lowers_it(
 
 def test_the_library_defaults_keep_the_clis_critic_to_generator_lr_ratio() -> None:
     config = TrainConfig("gan", "data", "out")
-    assert config.critic_lr == pytest.approx(training.CRITIC_LR_PER_LR * config.lr)
+    assert config.critic_lr == pytest.approx(training_config.CRITIC_LR_PER_LR * config.lr)
 
 
 def test_learning_rates_decay_by_lr_decay_every_lr_decay_steps(tmp_path: Path) -> None:

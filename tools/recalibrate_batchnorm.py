@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from mrisr_cli.batchnorm import recalibrate_weights_file
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.metrics import normalise_pair, psnr
 from mrisr_cli.patches import PatchOptions, PatchSampler, open_split
-from mrisr_cli.prepare import load_manifest
 from mrisr_cli.weights import WeightsFile, load_weights
 
 CORE_MARGIN = 3  # voxels cropped from each face of an output patch, as in inference

@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrisr_cli.compact import degrade_zscores, unpack_dataset
 from mrisr_cli.intensity import IntensityStats
+from mrisr_cli.manifest import load_manifest
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
-from mrisr_cli.prepare import load_manifest
 from mrisr_cli.run_files import read_log
-from mrisr_cli.training import CRITIC_LR_PER_LR, TrainConfig, train
+from mrisr_cli.training import train
+from mrisr_cli.training_config import CRITIC_LR_PER_LR, TrainConfig
 
 TINY = {
     "rrdg": {"features": 4, "blocks": 1, "growth": 2},
