@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -145,13 +146,8 @@ def _load_mask(path: Path | None, ref: Any) -> np.ndarray:
         raise InputError(f"mask {path.name}: not a readable image ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if data.shape != ref.data.shape:
-        raise InputError(
-            f"mask {path.name}: shape {data.shape} differs from the reference's {ref.data.shape}"
-        )
-    gap = float(np.abs(np.asarray(image.affine) - np.asarray(ref.affine)).max())
-    if gap > AFFINE_TOLERANCE_MM:
-        raise InputError(f"mask {path.name}: affine differs from the reference's (by {gap:.3g} mm)")
+    # the prediction's checks, so that a mask stored flipped is named as such, not as misplaced
+    _check_same_grid(ref, SimpleNamespace(data=data, affine=image.affine), f"mask {path.name}")
     mask = np.nan_to_num(data.astype(np.float32)) > 0
     if not mask.any():
         raise InputError(f"mask {path.name}: has no voxel > 0")

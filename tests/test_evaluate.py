@@ -707,6 +707,28 @@ def test_mask_folder_with_a_missing_and_a_wrong_mask(tmp_path: Path) -> None:
     assert "no mask for sub-02_T1w.nii.gz" in rows["sub-02_T1w"]["error"]
 
 
+def test_a_flipped_mask_is_named_as_another_orientation(tmp_path: Path) -> None:
+    """A mask stored flipped on the reference's grid sits where it should; it was reported as
+    an affine off by many millimetres. It gets the prediction's orientation message now."""
+    hr, sharp, _ = dataset(tmp_path)
+    masks = tmp_path / "masks"
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = SHAPE[0] - 1
+    for k in range(3):
+        save(masks / f"sub-0{k}_T1w_mask.nii.gz", (head(k) > 50).astype(np.float32))
+    save(masks / "sub-00_T1w_mask.nii.gz", (head(0) > 50)[::-1].astype(np.float32), AFFINE @ flip)
+    out = tmp_path / "report"
+    result = invoke("--ref", hr, "--pred", sharp, "--mask", masks, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    rows = {r["subject"]: r for r in read_rows(out / "subjects.csv")}
+    assert (
+        "mask sub-00_T1w_mask.nii.gz is stored in another orientation (RAS vs the"
+        in (rows["sub-00_T1w"]["error"])
+    )
+    assert " mm)" not in rows["sub-00_T1w"]["error"]
+    assert rows["sub-01_T1w"]["error"] == "" and rows["sub-02_T1w"]["error"] == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu(tmp_path: Path) -> None:
     hr, sharp, _ = dataset(tmp_path)
