@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from concurrent.futures import as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,7 +46,6 @@ class EvaluationOptions:
     tissue: bool = True
     n4: bool = True
     device: str = "cpu"
-    threads: int | None = None  # torch threads in a worker process
     window: int = 112
     border: int = 8
     margin: int = 8
@@ -185,10 +184,6 @@ def _load_named(path: Path, role: str) -> Any:
 
 def evaluate_subject(task: SubjectTask, options: EvaluationOptions) -> list[PairResult]:
     """Every prediction of one subject; failures are recorded per pair, never raised."""
-    if options.threads:  # a worker's share: torch, ITK (N4) and OpenMP, not only torch
-        from mrisr_cli.threads import configure_threads
-
-        configure_threads(options.threads)
     results = [
         PairResult(method, task.subject, task.ref.name, pred.name) for method, pred in task.preds
     ]
@@ -415,11 +410,15 @@ def _run_tasks(
         return results
     import torch
 
+    from mrisr_cli.threads import configure_threads
+
     workers = min(jobs, total)
-    # the process's thread count (--threads, SLURM, or the affinity mask) shared by the workers
-    worker_options = replace(options, threads=max(1, torch.get_num_threads() // workers))
-    with WorkerPool(workers) as pool:  # spawned: forking with OpenMP threads running can deadlock
-        futures = {pool.submit(evaluate_subject, t, worker_options): t for t in tasks}
+    # the process's thread count (--threads, SLURM, or the affinity mask) shared by the workers:
+    # torch, ITK (N4) and OpenMP, set in each worker only (a caller's process keeps its own)
+    share = (max(1, torch.get_num_threads() // workers),)
+    # spawned: forking with OpenMP threads running can deadlock
+    with WorkerPool(workers, initializer=configure_threads, initargs=share) as pool:
+        futures = {pool.submit(evaluate_subject, t, options): t for t in tasks}
         for done, future in enumerate(as_completed(futures), start=1):
             task = futures[future]
             try:

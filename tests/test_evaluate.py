@@ -288,7 +288,7 @@ def _in_worker(
     minute) until ``wait_for`` workers have done so: then two subjects cannot both run in the
     first worker to start. The test is not slower: the second subject waits for the second
     worker, which the pool starts at once."""
-    (record / str(os.getpid())).touch()
+    (record / str(os.getpid())).write_text(str(torch.get_num_threads()))
     deadline = time.monotonic() + 60
     while len(list(record.iterdir())) < wait_for and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -312,11 +312,32 @@ def test_parallel_jobs_give_the_same_numbers_in_several_processes(
     one, two = tmp_path / "one", tmp_path / "two"
     assert invoke("--ref", hr, "--pred", sharp, "--out", one, *FAST).exit_code == 0
     assert not list(record.iterdir())  # one job: no worker process
-    result = invoke("--ref", hr, "--pred", sharp, "--out", two, "--jobs", "2", *FAST)
+    result = invoke(
+        "--ref", hr, "--pred", sharp, "--out", two, "--jobs", "2", "--threads", "2", *FAST
+    )
     assert result.exit_code == 0, result.output
     workers = {int(p.name) for p in record.iterdir()}
     assert len(workers) == 2 and os.getpid() not in workers
+    assert {p.read_text() for p in record.iterdir()} == {"1"}  # --threads 2 shared by 2 workers
     assert read_rows(one / "subjects.csv") == read_rows(two / "subjects.csv")
+
+
+def test_evaluate_from_python_leaves_the_callers_threads_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process (one job), evaluate() set its thread count on the caller's torch, ITK and
+    environment and left them so; only worker processes get a share now."""
+    from mrisr_cli.evaluation import EvaluationOptions, evaluate
+
+    hr, sharp, _ = dataset(tmp_path, subjects=2)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    environment = dict(os.environ)
+    options = EvaluationOptions(n4=False, tissue=False)
+    evaluation = evaluate(hr, [sharp], options=options, jobs=1)
+    assert all(not r.error for r in evaluation.results)
+    assert torch.get_num_threads() == before and dict(os.environ) == environment
 
 
 def test_a_prediction_on_another_intensity_scale_is_warned(tmp_path: Path) -> None:
