@@ -83,7 +83,9 @@ def evaluate_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            metavar="DIR", help="Write subjects.csv, summary.json and figures/*.png here."
+            metavar="DIR",
+            help="Write subjects.csv, summary.json, figures/*.png and, with --weights, "
+            "parcellation_dice.csv here.",
         ),
     ] = None,
     jobs: Annotated[

@@ -124,6 +124,18 @@ def match_files(
     return Pairing(matches, unmatched_refs, unmatched, tuple(ambiguous), tuple(ambiguous[twins:]))
 
 
+#: BIDS entities and the suffix that say what a mask is, not whose scan it belongs to: left out
+#: when a mask's name is matched, so that ``sub-01_desc-brain_mask`` pairs with ``sub-01_T1w``.
+_MASK_ONLY = re.compile(r"(?:desc|space|label|res|den)-[A-Za-z0-9]+|mask", re.IGNORECASE)
+
+
+def mask_stem(name: str) -> str:
+    """The stem a mask file is matched by: its name without :data:`_MASK_ONLY` parts."""
+    stem = strip_suffix(name)
+    kept = [part for part in stem.split("_") if not _MASK_ONLY.fullmatch(part)]
+    return "_".join(kept) or stem
+
+
 def _names(paths: Sequence[Path], limit: int = 5) -> str:
     shown = ", ".join(p.name for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
@@ -241,5 +253,5 @@ def plan(ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None) -> Plan:
                 methods[name], alphas[name] = folder, alpha
     mask_pairing = None
     if mask_dir is not None:
-        mask_pairing = match_files(refs, list_volumes(mask_dir, "mask"))
+        mask_pairing = match_files(refs, list_volumes(mask_dir, "mask"), stem=mask_stem)
     return Plan(refs, methods, pairings, labels, alphas, mask_pairing)

@@ -435,6 +435,28 @@ def test_name_matching_rules() -> None:
     assert twins.ambiguous == ("x.nii, x.nii.gz share the name x: left out",)
 
 
+def test_bids_mask_names_pair_with_their_scan() -> None:
+    """fMRIPrep's ``sub-01_desc-brain_mask`` never paired with ``sub-01_T1w`` (its ``desc`` and
+    ``mask`` parts are not the scan's); they name what the mask is, so matching leaves them out.
+    Two masks of one scan still tie."""
+    from mrisr_cli.pairing import mask_stem
+
+    refs = [Path(n) for n in ("sub-01_T1w.nii.gz", "sub-02_ses-1_T1w.nii.gz", "sub-03_T1w.nii")]
+    masks = [
+        Path(n)
+        for n in (
+            "sub-01_desc-brain_mask.nii.gz",
+            "sub-02_ses-1_space-T1w_desc-brain_mask.nii.gz",
+            "sub-03_desc-brain_mask.nii",
+            "sub-03_desc-head_mask.nii",
+        )
+    ]
+    pairing = match_files(refs, masks, stem=mask_stem)
+    assert pairing.matches == {"sub-01_T1w": masks[0], "sub-02_ses-1_T1w": masks[1]}
+    assert pairing.ambiguous and "sub-03_T1w.nii" in pairing.ambiguous[0]
+    assert mask_stem("sub-00_T1w_mask.nii.gz") == "sub-00_T1w"  # the older naming still pairs
+
+
 def test_automatic_mask_keeps_dark_csf_and_drops_noisy_air() -> None:
     grid = np.indices((40, 40, 40)).astype(np.float32)
     radius = np.sqrt(((grid - 19.5) ** 2).sum(axis=0))
@@ -737,6 +759,8 @@ def test_a_flipped_mask_is_named_as_another_orientation(tmp_path: Path) -> None:
     flip[0, 3] = SHAPE[0] - 1
     for k in range(3):
         save(masks / f"sub-0{k}_T1w_mask.nii.gz", (head(k) > 50).astype(np.float32))
+    # fMRIPrep's name pairs too (evaluate's plan matches masks by mask_stem)
+    (masks / "sub-01_T1w_mask.nii.gz").rename(masks / "sub-01_desc-brain_mask.nii.gz")
     save(masks / "sub-00_T1w_mask.nii.gz", (head(0) > 50)[::-1].astype(np.float32), AFFINE @ flip)
     out = tmp_path / "report"
     result = invoke("--ref", hr, "--pred", sharp, "--mask", masks, "--out", out, *FAST)
