@@ -84,7 +84,7 @@ def evaluate_command(
         Path | None,
         typer.Option(
             metavar="DIR",
-            help="Write subjects.csv, summary.json, figures/*.png and, with --weights, "
+            help="Write subjects.csv, summary.json, figures/*.png and (with weights) "
             "parcellation_dice.csv here.",
         ),
     ] = None,
