@@ -410,6 +410,8 @@ def train_command(
     best_step = _step_of(out / "best.safetensors") if result.best_psnr is not None else None
     if best_step is not None:
         best += f" (step {best_step})"
+    if result.best_psnr is not None and result.input_validation:
+        best += f", input {result.input_validation['psnr']:.2f} dB"
     ended = "done" if result.status == "done" else "time limit reached"
     more = "; continue with the same command and --resume" if result.status != "done" else ""
     console.print(
@@ -506,9 +508,15 @@ def _train_display(config: Any, console: Any, warn: Any, *, enabled: bool) -> tu
         elif kind == "validating":  # whole volumes take a while: say why the bar stands still
             progress.update(task, status=f"validating ({payload['subjects']} volumes)")
         elif kind == "epoch":
-            metrics = payload["metrics"]
+            metrics, inputs = payload["metrics"], payload.get("input_metrics") or {}
+            # the input's own score tells whether the model beats what it was given
+            versus = (
+                f" (input {inputs['psnr']:.2f} dB, {metrics['psnr'] - inputs['psnr']:+.2f})"
+                if metrics and inputs
+                else ""
+            )
             scores = (
-                f"val PSNR {metrics['psnr']:.2f} dB SSIM {metrics['ssim']:.4f}"
+                f"val PSNR {metrics['psnr']:.2f} dB{versus} SSIM {metrics['ssim']:.4f}"
                 if metrics
                 else "no validation"
             )

@@ -147,6 +147,25 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
+def append_resume(path: Path, entry: dict[str, Any]) -> bool:
+    """Add ``entry`` to the "resumes" list of run.json (a temporary file renamed, as run.json is
+    written), so that it records where and with what each call after the first ran. A missing
+    run.json is started with the list alone; one that is not a JSON object is left as it is
+    (False): a resume is not refused over its record."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        record = {}
+    except (OSError, ValueError):  # a UnicodeDecodeError is a ValueError
+        return False
+    if not isinstance(record, dict) or not isinstance(record.get("resumes", []), list):
+        return False
+    record["resumes"] = [*record.get("resumes", []), entry]
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return True
+
+
 class JsonlLog:
     """Append-only JSON-lines log of one run (rank 0 only), counted so a resume can cut it back
     to the records written before its checkpoint."""

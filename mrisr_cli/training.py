@@ -42,6 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ from mrisr_cli.run_files import (
     LOG_NAME,
     RUN_NAME,
     JsonlLog,
+    append_resume,
     git_commit,
     rng_state,
     set_rng_state,
@@ -101,6 +103,8 @@ class TrainResult:
     last_weights: Path | None = None
     best_weights: Path | None = None
     validation: dict[str, float] = field(default_factory=dict)
+    # the same scores for the validation inputs themselves ({}: no validation in this call)
+    input_validation: dict[str, float] = field(default_factory=dict)
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -355,16 +359,54 @@ def validate(
 ) -> dict[str, float]:
     """Mean PSNR/SSIM/NRMSE (whole volume and inside the mask) over the validation volumes,
     each super-resolved whole by the stitching code of `upsample`; ranks share the subjects."""
+    scores = _mean_scores(subjects, lambda lr: super_resolve(lr, model, options), options, dist)
+    model.train()
+    return scores
+
+
+def input_scores(
+    subjects: list[Any], options: InferenceOptions, dist: DistInfo
+) -> dict[str, float]:
+    """The scores of :func:`validate` with the low-resolution input itself as the prediction:
+    the level a model must beat to be of any use, so that a validation PSNR can be read."""
+    return _mean_scores(subjects, lambda lr: lr, options, dist)
+
+
+#: How far below the input's PSNR a validation must be, at least, to be warned about.
+FAR_BELOW_INPUT_DB = 10.0
+
+
+def far_below_input(psnr: float, input_psnr: float) -> bool:
+    """Whether a validation PSNR says that training has gone wrong, not merely that it has not
+    got far yet: more than 10 dB below the input's, and below 0 dB.
+
+    Below the input alone says little: an untrained network outputs a near-constant volume, at
+    9 to 14 dB on four whole real volumes whose inputs score 28 to 42 dB (15 to 28 dB below),
+    12 dB on the test crops (input 23 dB), the paper-size RRDG and a tiny one alike. Below 0 dB
+    the RMS error exceeds the whole intensity range of the HR volume (the metrics scale it to
+    [0, 1]), which an output inside the data's range cannot reach; on the test crops a tiny RRDG
+    trained with ``--lr 10`` scored -114 to -149 dB, ``--lr 1`` -61 to -89 and ``--lr 0.1`` -1
+    to -25 in its first validations. NaN (a NaN output) counts as below.
+    """
+    return not psnr >= min(input_psnr - FAR_BELOW_INPUT_DB, 0.0)
+
+
+def _mean_scores(
+    subjects: list[Any],
+    predict: Callable[[np.ndarray], np.ndarray],
+    options: InferenceOptions,
+    dist: DistInfo,
+) -> dict[str, float]:
+    """``predict(lr)`` scored against each subject's HR volume, this rank's share of the
+    subjects; the mean over all subjects, on every rank."""
     from mrisr_cli.metrics import image_metrics
 
     rows = []
     for subject in subjects[dist.rank :: dist.world]:
         lr = np.asarray(subject.lr, dtype=np.float32)
         hr = np.asarray(subject.hr, dtype=np.float32)
-        sr = super_resolve(lr, model, options)
-        scores = image_metrics(hr, sr, np.asarray(subject.mask, dtype=bool), device=options.device)
-        rows.append(scores.as_dict())
-    model.train()
+        mask = np.asarray(subject.mask, dtype=bool)
+        rows.append(image_metrics(hr, predict(lr), mask, device=options.device).as_dict())
     gathered = [row for part in all_gather(dist, rows) for row in part]
     if not gathered:
         return {}
@@ -486,7 +528,16 @@ class _TrainingRun:
             PatchOptions(config.patch, config.foreground_fraction, tuple(config.flip_axes)),
             seed=config.seed,
         )
-        self.log = _open_run_folder(config, manifest, dist, resume=resume, log_keep=log_keep)
+        self.log = _open_run_folder(
+            config,
+            manifest,
+            dist,
+            resume=resume,
+            log_keep=log_keep,
+            step=self.step,
+            device=device,
+            warn=lambda m: self.emit("warning", message=m),
+        )
         self.provenance = _provenance_base(config, manifest, dist, init, payload)
         self.val_options = InferenceOptions(
             patch=tuple(config.val_patch),  # type: ignore[arg-type]
@@ -503,6 +554,10 @@ class _TrainingRun:
             )
         self.saved_at: int | None = self.step if resume else None  # what checkpoint.pt holds
         self.throughput = _Throughput()
+        # the validation inputs' own scores, computed at this call's first validation (they
+        # do not change), and whether this call has warned that the model is far below them
+        self.input_metrics: dict[str, float] | None = None
+        self.warned_far_below = False
 
     def emit(self, kind: str, **payload: Any) -> None:
         """Tell the caller's ``on_event`` (rank 0 only)."""
@@ -621,6 +676,7 @@ class _TrainingRun:
         epoch = math.ceil(step / config.steps_per_epoch)
         self.emit("validating", step=step, epoch=epoch, subjects=len(self.val_subjects))
         metrics = self._validate()
+        inputs = self._input_metrics()
         data_wait = self.throughput.data_wait_fraction
         rate = self.throughput.patches_per_second
         improved = bool(metrics) and (self.best is None or metrics["psnr"] > self.best)
@@ -640,16 +696,19 @@ class _TrainingRun:
                 patches_per_second=rate,
                 best=improved,
                 **{f"val_{k}": v for k, v in metrics.items()},
+                **{f"input_{k}": v for k, v in inputs.items()},
             )
         self.emit(
             "epoch",
             step=step,
             epoch=epoch,
             metrics=metrics,
+            input_metrics=inputs,
             best=improved,
             data_wait_fraction=data_wait,
             patches_per_second=rate,
         )
+        self._warn_if_far_below_input(step, metrics, inputs)
         self.throughput = _Throughput()
         self.save_checkpoint(step)
 
@@ -662,6 +721,29 @@ class _TrainingRun:
                 sampler_batches(self.sampler, config.precise_bn, config.batch_size, self.device),
             )
         return validate(generator, self.val_subjects, self.val_options, self.dist)
+
+    def _input_metrics(self) -> dict[str, float]:
+        """The validation inputs' own scores, computed once per call (on every rank)."""
+        if self.input_metrics is None:
+            self.input_metrics = input_scores(self.val_subjects, self.val_options, self.dist)
+            self.result.input_validation = self.input_metrics
+        return self.input_metrics
+
+    def _warn_if_far_below_input(
+        self, step: int, metrics: dict[str, float], inputs: dict[str, float]
+    ) -> None:
+        """Warn once per call when a validation says training has gone wrong (see
+        :func:`far_below_input`): a diverged run otherwise trains on without a word."""
+        if self.warned_far_below or not metrics or not inputs:
+            return
+        if far_below_input(metrics["psnr"], inputs["psnr"]):
+            self.warned_far_below = True
+            self.emit(
+                "warning",
+                message=f"validation PSNR {metrics['psnr']:.2f} dB at step {step} is far below "
+                f"the input's {inputs['psnr']:.2f} dB: training has gone wrong; lower --lr "
+                f"(now {self.config.lr:g}) or check the data",
+            )
 
     def _stop_early(self, timed_out: bool) -> None:
         """End the call before the last step: a checkpoint to resume from, and why in the log."""
@@ -729,7 +811,10 @@ class _TrainingRun:
         result.step = self.step
         result.best_psnr = self.best
         if result.status == "done" and self.log is not None:
-            self.log.write("done", step=self.step, best_val_psnr=self.best)
+            inputs = self.input_metrics or {}
+            self.log.write(
+                "done", step=self.step, best_val_psnr=self.best, input_psnr=inputs.get("psnr")
+            )
         if result.last_weights is None and (out / LAST_NAME).exists():
             result.last_weights = out / LAST_NAME
         if result.best_weights is None and (out / BEST_NAME).exists():
@@ -826,10 +911,19 @@ def _log_window(payload: dict[str, Any], path: Path) -> tuple[dict[str, float], 
 
 
 def _open_run_folder(
-    config: TrainConfig, manifest: Manifest, dist: DistInfo, *, resume: bool, log_keep: int
+    config: TrainConfig,
+    manifest: Manifest,
+    dist: DistInfo,
+    *,
+    resume: bool,
+    log_keep: int,
+    step: int,
+    device: str,
+    warn: Callable[[str], None],
 ) -> JsonlLog | None:
-    """Rank 0's log (cut back to the checkpoint's records) and, for a new run, run.json; a
-    folder that cannot be written stops every rank. None on the other ranks."""
+    """Rank 0's log (cut back to the checkpoint's records) and run.json: written for a new run,
+    a "resumes" entry added for a resume; a folder that cannot be written stops every rank.
+    None on the other ranks."""
     out = Path(config.out)
     log: JsonlLog | None = None
     with errors_shared(dist):
@@ -837,7 +931,10 @@ def _open_run_folder(
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 log = JsonlLog(out / LOG_NAME, keep=log_keep)
-                if not resume:
+                if resume:
+                    if not append_resume(out / RUN_NAME, _resume_entry(step, dist, device)):
+                        warn(f"{out / RUN_NAME}: not a JSON object; this resume is not recorded")
+                else:
                     with atomic_path(out / RUN_NAME, overwrite=True) as tmp:
                         record = _run_record(config, manifest, dist)
                         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -855,6 +952,22 @@ def _run_record(config: TrainConfig, manifest: Manifest, dist: DistInfo) -> dict
         "mrisr_version": __version__,
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
+    }
+
+
+def _resume_entry(step: int, dist: DistInfo, device: str) -> dict[str, Any]:
+    """What run.json records of a resume: a run may go on on another machine, torch version,
+    commit or number of processes than it started with."""
+    if device.startswith("cuda"):
+        device = f"{device} ({torch.cuda.get_device_name(device)})"
+    return {
+        "step": step,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "world_size": dist.world,
+        "mrisr_version": __version__,
+        "torch_version": torch.__version__,
+        "git_commit": git_commit(),
+        "device": device,
     }
 
 

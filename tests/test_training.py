@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,7 @@ from mrisr_cli.cli import app
 from mrisr_cli.errors import InputError, OutputError, WeightsError
 from mrisr_cli.losses import critic_loss, fixed_batch_l1, interpolation_weights
 from mrisr_cli.manifest import load_manifest
+from mrisr_cli.metrics import image_metrics
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, SubjectArrays, open_split
 from mrisr_cli.run_files import read_checkpoint, read_log
@@ -365,6 +368,95 @@ def test_smoke_psnr_then_gan_then_upsample(prepared: Path, psnr_run: Path) -> No
     assert out.shape == CROP and np.isfinite(np.asarray(out.dataobj)).all()
 
 
+# --- validation against the input -------------------------------------------------------------
+
+
+def input_scores_by_hand(data: Path) -> dict[str, float]:
+    """The validation inputs scored as the prediction, subject by subject, and averaged."""
+    rows = [
+        image_metrics(
+            np.asarray(s.hr, dtype=np.float32),
+            np.asarray(s.lr, dtype=np.float32),
+            np.asarray(s.mask, dtype=bool),
+        ).as_dict()
+        for s in open_split(load_manifest(data), "val")
+    ]
+    return {k: float(np.mean([row[k] for row in rows])) for k in rows[0]}
+
+
+def test_validation_shows_the_input_s_own_score_computed_once_per_call(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A validation PSNR alone does not say whether the model beats its input: each validation
+    line and log record also give the inputs' own scores, computed once per call. An untrained
+    network's early validations, more than 10 dB below the input, are not warned about."""
+    data, out = prepared / "data", tmp_path / "run"
+    expected = input_scores_by_hand(data)
+    calls: list[int] = []
+    scores = training.input_scores
+    monkeypatch.setattr(training, "input_scores", lambda *a: calls.append(1) or scores(*a))
+    args = ["--stage", "psnr", "--epochs", "2", "--steps-per-epoch", "1"]  # the default --lr
+    result = invoke(*train_args(data, out, *args))
+    assert result.exit_code == 0, result.output
+    assert calls == [1]  # two validations, one scoring of the inputs
+    text = " ".join(result.output.split())
+    assert "warning" not in text, text
+    lines = re.findall(r"val PSNR (-?[\d.]+) dB \(input ([\d.]+) dB, ([+-][\d.]+)\) SSIM", text)
+    assert len(lines) == 2, text
+    for psnr, given, gain in lines:
+        assert given == f"{expected['psnr']:.2f}"
+        assert float(gain) == pytest.approx(float(psnr) - expected["psnr"], abs=0.011)
+    assert re.search(rf"\(step \d\), input {expected['psnr']:.2f} dB; weights:", text), text
+    epochs = [r for r in read_log(out / LOG) if r["event"] == "epoch"]
+    for record in epochs:
+        assert {k: record[f"input_{k}"] for k in expected} == pytest.approx(expected, rel=1e-6)
+        assert {f"val_{k}" for k in expected} <= set(record)  # the model's keys as before
+    # the case the rule is for: a fresh network far below the input is not a diverged one
+    assert expected["psnr"] - epochs[0]["val_psnr"] > 10, epochs[0]
+    assert read_log(out / LOG)[-1]["input_psnr"] == pytest.approx(expected["psnr"])
+
+    args[args.index("--epochs") + 1] = "3"
+    resumed = invoke(*train_args(data, out, *args, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert calls == [1, 1]  # once more for the resumed call
+    assert f"(input {expected['psnr']:.2f} dB," in " ".join(resumed.output.split())
+
+
+@pytest.mark.parametrize(
+    ("psnr", "input_psnr", "far"),
+    [
+        (12.39, 22.74, False),  # measured: a fresh tiny RRDG at step 1, the test crops
+        (9.36, 30.25, False),  # an untrained one on whole real volumes (S08, S18)
+        (14.30, 41.89, False),
+        (20.0, 22.74, False),
+        (-1.06, 22.74, True),  # --lr 0.1, first validation
+        (-119.84, 22.74, True),  # --lr 10
+        (-5.0, 3.0, False),  # below 0 dB but not 10 below the input
+        (math.nan, 22.74, True),
+    ],
+)
+def test_which_validations_count_as_far_below_the_input(
+    psnr: float, input_psnr: float, far: bool
+) -> None:
+    assert training.far_below_input(psnr, input_psnr) is far
+
+
+def test_a_diverged_run_is_warned_about_once(prepared: Path, tmp_path: Path) -> None:
+    """--lr 10 trained on to a "best" validation PSNR of about -134 dB without a word."""
+    warnings: list[str] = []
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "warning":
+            warnings.append(payload["message"])
+
+    config = tiny_config(prepared / "data", tmp_path / "run", lr=10.0, epochs=2, steps_per_epoch=2)
+    assert train(config, on_event=on_event).status == "done"
+    epochs = [r for r in read_log(tmp_path / "run" / LOG) if r["event"] == "epoch"]
+    assert [r["step"] for r in epochs] == [2, 4] and all(r["val_psnr"] < 0 for r in epochs)
+    assert len(warnings) == 1, warnings  # not at every validation
+    assert "at step 2 is far below the input's" in warnings[0] and "--lr (now 10)" in warnings[0]
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 
@@ -490,6 +582,43 @@ def test_a_resumed_run_logs_the_losses_of_an_uninterrupted_one(
     assert_same_records(straight, train_records(out))
     assert training.resume(replace(config, out=str(old))).status == "done"
     assert [r["step"] for r in train_records(old)] == [3, 4]
+
+
+def test_each_resume_is_recorded_in_run_json(prepared: Path, tmp_path: Path) -> None:
+    """run.json was written for a new run only: a run resumed on another machine, torch
+    version, commit or number of processes recorded none of it."""
+    out = tmp_path / "run"
+    config = tiny_config(prepared / "data", out, steps_per_epoch=3)
+    assert train(config, on_event=interrupt_at(1)).status == "interrupted"
+    first = json.loads((out / "run.json").read_text())
+    assert "resumes" not in first
+    started = time.time()
+    assert training.resume(replace(config, time_limit=1e-9)).step == 2
+    assert training.resume(config).status == "done"
+    record = json.loads((out / "run.json").read_text())
+    assert {k: record[k] for k in first} == first  # the start's record as it was
+    resumes = record["resumes"]
+    assert [entry["step"] for entry in resumes] == [1, 2]
+    for entry in resumes:
+        assert entry["world_size"] == 1 and entry["device"] == "cpu"
+        assert entry["torch_version"] == torch.__version__ and entry["mrisr_version"]
+        assert entry["git_commit"] == run_files.git_commit()
+        when = datetime.fromisoformat(entry["time"])
+        assert when.utcoffset() == timedelta(0)
+        assert started - 1 <= when.timestamp() <= time.time() + 1
+    assert not [p for p in out.iterdir() if ".part" in p.name]
+
+    # a run.json that is not JSON any more is left alone: the resume goes on, and says so
+    (out / "run.json").write_text("{ edited")
+    warnings: list[str] = []
+
+    def on_event(kind: str, payload: dict) -> None:
+        if kind == "warning":
+            warnings.append(payload["message"])
+
+    more = training.resume(replace(config, epochs=2), on_event=on_event)
+    assert more.status == "done" and (out / "run.json").read_text() == "{ edited"
+    assert any("this resume is not recorded" in w for w in warnings), warnings
 
 
 def test_checkpoint_every_saves_between_epochs(prepared: Path, tmp_path: Path) -> None:
@@ -962,6 +1091,37 @@ def test_a_hand_edited_manifest_is_refused_for_a_new_run_and_a_resume(
     with pytest.raises(InputError, match="does not match its fingerprint"):
         training.resume(tiny_config(split, run))
     assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_out_inside_data_or_equal_to_it_is_refused_before_anything_is_written(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """`--out DATA/run1` put checkpoints and weights into the prepared dataset, where `mrisr
+    prepare` reruns and dataset packs find them; also through a symlink to the data folder."""
+    data = edited_copy(prepared / "data", tmp_path / "data", lambda raw: None)
+    (tmp_path / "link").symlink_to(data, target_is_directory=True)
+    args = ["--stage", "psnr", "--epochs", "1", "--steps-per-epoch", "1"]
+    cases = [
+        (data / "run1", "is inside"),
+        (data, "is the same folder as"),
+        (tmp_path / "link" / "run1", "is inside"),
+        (tmp_path / "link", "is the same folder as"),
+    ]
+    for out, where in cases:
+        result = invoke(*train_args(data, out, *args))
+        assert result.exit_code == 1, (out, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"--out {out} {where} --data {data}" in lines[0]
+        assert f"such as --out {tmp_path / 'runs' / 'run1'}" in lines[0]
+        assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "subjects"]
+    with pytest.raises(OutputError, match="move it to a folder beside the data"):
+        training.resume(tiny_config(data, data / "run1"))
+    # beside the data, and the data inside the run folder, are fine
+    assert train(tiny_config(data, tmp_path / "runs" / "run1", steps_per_epoch=1)).step == 1
+    (tmp_path / "runs" / "run2").mkdir()
+    inside = edited_copy(prepared / "data", tmp_path / "runs" / "run2" / "data", lambda raw: None)
+    assert train(tiny_config(inside, tmp_path / "runs" / "run2", steps_per_epoch=1)).step == 1
 
 
 def test_gan_stage_without_init(prepared: Path, tmp_path: Path) -> None:
