@@ -7,6 +7,7 @@ numpy, torch and the CLI helpers are imported inside the commands.
 
 from __future__ import annotations
 
+import signal
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -405,7 +406,7 @@ def train_command(
             f"{out / 'checkpoint.pt'}; continue with the same command and --resume",
             markup=False,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.signal or signal.SIGINT))  # 130 Ctrl-C, 143 SIGTERM
     best = f"{result.best_psnr:.2f} dB" if result.best_psnr is not None else "n/a"
     best_step = _step_of(out / "best.safetensors") if result.best_psnr is not None else None
     if best_step is not None:

@@ -102,9 +102,10 @@ class TrainResult:
     best_psnr: float | None = None
     last_weights: Path | None = None
     best_weights: Path | None = None
-    validation: dict[str, float] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)  # this call's last validation
     # the same scores for the validation inputs themselves ({}: no validation in this call)
     input_validation: dict[str, float] = field(default_factory=dict)
+    signal: int | None = None  # the signal that interrupted this process (SIGINT, SIGTERM)
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -328,6 +329,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: int | None = None  # the first signal received: the CLI exits 128 + it
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -341,6 +343,8 @@ class StopRequest:
             self.__exit__()
             raise KeyboardInterrupt
         self.requested = True
+        if self.signal is None:
+            self.signal = signum
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -466,6 +470,8 @@ def _run(
             ) as prefetch,
         ):
             run.train_steps(stop, prefetch)
+        if run.result.status == "interrupted":
+            run.result.signal = stop.signal  # None on a rank that stopped because another did
     except KeyboardInterrupt as exc:  # a second Ctrl-C (StopRequest): say what is on disk
         raise StoppedAtOnce(run.step, run.total, run.checkpoint_path, run.saved_at) from exc
     return run.finish()
@@ -650,8 +656,9 @@ class _TrainingRun:
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise MrisrError(
-                f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); lower "
-                "--lr or resume from the last checkpoint"
+                f"training diverged at step {step} ({bad[0]} is {values[bad[0]]}); start a new "
+                "run with a lower --lr (--init RUN/last.safetensors keeps what was learnt; "
+                "--resume would repeat the same steps)"
             )
         for k, v in values.items():
             self.window[k] = self.window.get(k, 0.0) + v
@@ -676,6 +683,7 @@ class _TrainingRun:
         epoch = math.ceil(step / config.steps_per_epoch)
         self.emit("validating", step=step, epoch=epoch, subjects=len(self.val_subjects))
         metrics = self._validate()
+        self.result.validation = metrics
         inputs = self._input_metrics()
         data_wait = self.throughput.data_wait_fraction
         rate = self.throughput.patches_per_second

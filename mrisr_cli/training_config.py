@@ -46,6 +46,8 @@ GAN_ONLY = frozenset(
 
 #: The CLI's --critic-lr when none is given: this times --lr (the authors' ratio).
 CRITIC_LR_PER_LR = 5
+#: The largest learning rate accepted (the paper's is 1e-4; Adam's steps scale with it).
+MAX_LR = 1.0
 
 OPTION_NAMES = {
     "network": "--net/--net-params",
@@ -105,12 +107,16 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-        # written so that NaN fails too (every comparison with NaN is false)
-        for name in ("lr", "critic_lr"):
+        # written so that NaN fails too (every comparison with NaN is false); above MAX_LR Adam
+        # diverges at once, and near float32's limit its update overflowed (an internal error)
+        # (the critic's limit leaves room for the --critic-lr the CLI derives from --lr)
+        for name, limit in (("lr", MAX_LR), ("critic_lr", CRITIC_LR_PER_LR * MAX_LR)):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if not (math.isfinite(value) and 0 < value <= limit):
                 option = name.replace("_", "-")
-                raise InputError(f"--{option} must be a positive number, got {value}")
+                raise InputError(
+                    f"--{option} must be a positive number at most {limit:g}, got {value}"
+                )
         for name in ("lambda_adv", "lambda_gp"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
