@@ -180,7 +180,7 @@ def prepare_command(
         else ""
     )
     stderr_console().print(
-        f"prepared {done + redone + skipped} subjects ({done} new, {redone} redone, {skipped} "
+        f"prepared {done + redone + skipped} scans ({done} new, {redone} redone, {skipped} "
         f"already done, {failed} failed): {counts}{splits}; wrote {out_dir / MANIFEST_NAME}",
         markup=False,
     )

@@ -195,7 +195,7 @@ def test_cli_prepare_in_parallel_processes(tmp_path: Path) -> None:
     assert manifest["counts"] == {"train": 1, "val": 1, "eval": 0, "test": 0}
     assert manifest["split"] == {"ratios": [0.5, 0.5, 0.0, 0.0], "seed": 3, "by": "subject"}
     summary = " ".join(result.output.split())
-    assert "prepared 2 subjects (2 new, 0 redone, 0 already done, 1 failed)" in summary
+    assert "prepared 2 scans (2 new, 0 redone, 0 already done, 1 failed)" in summary
 
 
 def test_bad_options(tmp_path: Path) -> None:
