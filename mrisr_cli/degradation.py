@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from mrisr_cli.errors import InputError, WeightsError
+from mrisr_cli.volumes import checked_array
 
 INTERPOLATION_ORDERS = {"linear": 1, "cubic": 3}
 
@@ -159,7 +160,9 @@ def lowres_volume(hr: np.ndarray, config: DegradationConfig) -> np.ndarray:
 
     The result is a magnitude image (the authors' ``abs`` of the inverse DFT), which has no
     negative values: an input that has some (z-scored, or shifted) is degraded as its offset to
-    0 and shifted back, so that negative tissue is not folded onto positive values."""
+    0 and shifted back, so that negative tissue is not folded onto positive values. A NaN would
+    spread over the whole spectrum: non-finite, constant or non-3D input is an InputError."""
+    hr = checked_array(hr, "lowres_volume")
     lowest = float(hr.min())
     offset = min(lowest, 0.0)
     band = lowres_spectrum(hr - offset if offset else hr, config)
@@ -206,7 +209,11 @@ def resample_onto_grid(
 def degrade_volume(
     hr: np.ndarray, config: DegradationConfig | None = None, *, affine: np.ndarray | None = None
 ) -> np.ndarray:
-    """High-res volume -> its k-space degraded version on the same grid (the network input)."""
+    """High-res volume -> its k-space degraded version on the same grid (the network input).
+
+    Non-finite (a NaN makes every output voxel NaN), constant or non-3D input is an InputError.
+    """
+    hr = checked_array(hr, "degrade_volume")
     config = config or DegradationConfig()
     if any(s < 2 * f for s, f in zip(hr.shape, config.factors(), strict=True)):
         raise InputError(f"volume of shape {hr.shape} is too small to degrade by {config.factor}")

@@ -28,11 +28,11 @@ ONE_MM_TOLERANCE = 0.25
 
 
 def degrade_file(
-    hr_path: Path,
-    lr_path: Path,
+    hr_path: Path | str,
+    lr_path: Path | str,
     config: DegradationConfig,
     *,
-    lowres_path: Path | None = None,
+    lowres_path: Path | str | None = None,
     overwrite: bool = False,
 ) -> list[str]:
     """Write the degraded volume on the input grid (and optionally the true low-res volume);
@@ -41,6 +41,8 @@ def degrade_file(
     The low-resolution volume is written in the input's axis order (same orientation codes), so
     that ``mrisr upsample`` puts it back on exactly the grid of the degraded volume.
     """
+    hr_path, lr_path = Path(hr_path), Path(lr_path)
+    lowres_path = Path(lowres_path) if lowres_path is not None else None
     check_image_name(lr_path, "")
     if lowres_path is not None:
         check_image_name(lowres_path, "--keep-lowres ")

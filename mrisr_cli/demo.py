@@ -48,16 +48,20 @@ def _scores(hr: np.ndarray, other: np.ndarray, mask: np.ndarray) -> dict[str, fl
 
 
 def save_slices_png(path: Path, volumes: dict[str, np.ndarray], *, overwrite: bool) -> None:
-    """The middle coronal slice (canonical axis 1) of each volume, side by side, same scale."""
-    import matplotlib
+    """The middle coronal slice (canonical axis 1) of each volume, side by side, same scale.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Matplotlib's object API (no pyplot): the caller's backend (a notebook's) and figures are
+    left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     first = next(iter(volumes.values()))
     index = first.shape[1] // 2
     vmax = float(np.percentile(first, 99.5))
-    figure, axes = plt.subplots(1, len(volumes), figsize=(3.2 * len(volumes), 3.4))
+    figure = Figure(figsize=(3.2 * len(volumes), 3.4))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(volumes))
     for ax, (name, volume) in zip(np.atleast_1d(axes), volumes.items(), strict=True):
         ax.imshow(volume[:, index, :].T, cmap="gray", origin="lower", vmin=0, vmax=vmax)
         ax.set_title(name)
@@ -65,11 +69,10 @@ def save_slices_png(path: Path, volumes: dict[str, np.ndarray], *, overwrite: bo
     figure.tight_layout()
     with atomic_path(path, overwrite=overwrite) as tmp:
         figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
 
 
 def run_demo(
-    out_dir: Path,
+    out_dir: Path | str,
     generator: Generator | None,
     *,
     options: InferenceOptions,
@@ -77,6 +80,7 @@ def run_demo(
     progress: ProgressCallback | None = None,
 ) -> DemoReport:
     """Degrade, super-resolve (when a generator is given), score and draw the example."""
+    out_dir = Path(out_dir)
     names = {key: out_dir / f"{key}.nii.gz" for key in ("hr", "lr", "sr")}
     names_png = out_dir / "demo.png"
     outputs = [names["hr"], names["lr"], names_png]

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrisr_cli.errors import DeviceError
+from mrisr_cli.errors import DeviceError, MrisrError
 from mrisr_cli.fusion import fold_batchnorm
 from mrisr_cli.intensity import otsu_threshold
 from mrisr_cli.tiling import (
@@ -47,6 +49,7 @@ from mrisr_cli.tiling import (
     pad_for_grid,
     tiles_with_content,
 )
+from mrisr_cli.volumes import checked_array
 
 ProgressCallback = Callable[[int, int], None]
 Start = tuple[int, int, int]
@@ -74,6 +77,46 @@ class InferenceOptions:
     fold_batchnorm: bool = True
     channels_last: bool | None = None  # None: on (faster on CPU; cuDNN's NDHWC fp16 kernels)
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        """Checked here, for library callers (the CLI checks its options first, in its own
+        words): a bad tiling otherwise fails deep inside numpy or the tiling code. Whether the
+        device exists is checked where it is used (:func:`resolve_options`)."""
+        patch = tuple(self.patch) if isinstance(self.patch, tuple | list) else ()
+        if len(patch) != 3 or not all(_is_int(p) and p >= 1 for p in patch):
+            raise MrisrError(
+                f"InferenceOptions: patch must be three whole numbers >= 1, got {self.patch!r}"
+            )
+        patch = tuple(int(p) for p in patch)
+        object.__setattr__(self, "patch", patch)
+        for name, least in (("margin", 0), ("overlap", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < least:
+                raise MrisrError(
+                    f"InferenceOptions: {name} must be a whole number >= {least}, got {value!r}"
+                )
+            object.__setattr__(self, name, int(value))  # numpy integers: JSON in the sidecar
+        core = min(patch) - 2 * self.margin
+        if core < 1:
+            raise MrisrError(
+                f"InferenceOptions: patch {patch} leaves no core after cropping margin "
+                f"{self.margin} per face"
+            )
+        if self.overlap >= core:
+            raise MrisrError(
+                f"InferenceOptions: overlap {self.overlap} must be below the patch core "
+                f"({core} voxels)"
+            )
+        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+            raise DeviceError(f"unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)")
+
+
+#: The device names mrisr takes (whether the device exists is :func:`resolve_device`'s part).
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def resolve_device(name: str) -> str:
@@ -129,9 +172,14 @@ def resolve_half(device: str, half: bool) -> tuple[bool, str | None]:
 def resolve_options(options: InferenceOptions) -> tuple[InferenceOptions, str | None]:
     """The options as they run here: ``half`` falls back to fp32 where :func:`resolve_half` says
     so, with its warning. :func:`super_resolve` applies this to every call, so every caller (the
-    CLI, :mod:`mrisr_cli.pipeline`, the demo, library code) gets the same rule."""
-    half, warning = resolve_half(options.device, options.half)
-    return (options if half == options.half else replace(options, half=half)), warning
+    CLI, :mod:`mrisr_cli.pipeline`, the demo, library code) gets the same rule. The device is
+    resolved too (:func:`resolve_device`: ``auto`` picked, a missing GPU the CLI's DeviceError).
+    """
+    device = resolve_device(options.device)
+    half, warning = resolve_half(device, options.half)
+    if (device, half) != (options.device, options.half):
+        options = replace(options, device=device, half=half)
+    return options, warning
 
 
 def content_blocks(volume: np.ndarray) -> np.ndarray:
@@ -161,6 +209,7 @@ def _channels_last_output(_module: nn.Module, _args: object, output: torch.Tenso
 _PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
+_PREPARE_LOCK = threading.Lock()
 
 
 def _fingerprint(model: nn.Module, options: InferenceOptions) -> tuple[object, ...]:
@@ -174,16 +223,19 @@ def _fingerprint(model: nn.Module, options: InferenceOptions) -> tuple[object, .
 def prepare_network(model: nn.Module, options: InferenceOptions) -> nn.Module:
     """The inference copy that runs: folded, on the device, in the run dtype and layout.
 
-    Preparing (a trace, a copy, the folding) takes about a second for the full RRDG, so the copy
-    is kept for the next volume while the model's tensors are unchanged.
+    Preparing (a copy, the folding) takes about a second for the full RRDG, so the copy is kept
+    for the next volume while the model's tensors are unchanged. One thread prepares at a time:
+    threads that start on one model together share one copy, and a network that is not one of
+    mrisr's generators is traced by torch.fx, which is process-global (:mod:`mrisr_cli.fusion`).
     """
-    key = _fingerprint(model, options)
-    cached = _PREPARED.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    net = _prepare(model, options)
-    _PREPARED[model] = (key, net)
-    return net
+    with _PREPARE_LOCK:
+        key = _fingerprint(model, options)
+        cached = _PREPARED.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        net = _prepare(model, options)
+        _PREPARED[model] = (key, net)
+        return net
 
 
 def _prepare(model: nn.Module, options: InferenceOptions) -> nn.Module:
@@ -349,8 +401,12 @@ def super_resolve(
     """Tile, run, crop and stitch: the network's output for the whole volume (same shape).
 
     ``half`` runs only where it is fast (:func:`resolve_options`): on a CPU without native bf16
-    it runs fp32, which is ~90x faster than emulated bf16 (docs/speed.md).
+    it runs fp32, which is ~90x faster than emulated bf16 (docs/speed.md). ``volume`` is what the
+    network reads as it is (normalised, on the model's grid: see
+    :func:`~mrisr_cli.pipeline.upsample_array`); non-finite, constant or non-3D arrays are an
+    InputError, and the device is checked (:func:`resolve_device`).
     """
+    volume = checked_array(volume, "super_resolve")
     options, _ = resolve_options(options or InferenceOptions())
     grid = TileGrid(tuple(volume.shape), options.patch, options.margin, options.overlap)  # type: ignore[arg-type]
     padded = pad_for_grid(volume.astype(np.float32, copy=False), grid)

@@ -97,6 +97,18 @@ def _check_pair(ref: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor | None
         raise InputError(f"mask shape {tuple(mask.shape)} differs from image {tuple(ref.shape)}")
 
 
+def _check_finite(ref: torch.Tensor, pred: torch.Tensor) -> None:
+    """Refuse NaN or infinite voxels, which would make a score NaN or infinite without a word.
+
+    Only the public single metrics check: :func:`image_metrics` passes them on as NaN scores,
+    as evaluation and training's validation (a diverged model) record them.
+    """
+    for name, volume in (("reference", ref), ("prediction", pred)):
+        if not bool(torch.isfinite(volume).all()):
+            bad = int((~torch.isfinite(volume)).sum())
+            raise InputError(f"the {name} holds {bad} NaN or infinite voxels")
+
+
 def normalise_pair(
     ref: ArrayLike, pred: ArrayLike, *, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +130,23 @@ def psnr(
     data_range: float = DATA_RANGE,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Peak signal-to-noise ratio in dB; ``inf`` for identical volumes."""
+    """Peak signal-to-noise ratio in dB; ``inf`` for identical volumes.
+
+    The volumes are compared as given, with a peak of ``data_range`` (1): the caller must
+    bring both to that range first, with :func:`normalise_pair` (the reference's min-max, as
+    evaluate does; :func:`image_metrics` does it and gives all six metrics). Raw intensities
+    give meaningless numbers (about -23 dB for a uint8 scan against its degraded copy).
+    NaN or infinite voxels are an InputError.
+    """
     r, p = _tensor(ref, device), _tensor(pred, device)
     m = _mask_tensor(mask, device)
     _check_pair(r, p, m)
+    _check_finite(r, p)
+    return _psnr(r, p, m, data_range)
+
+
+def _psnr(r: torch.Tensor, p: torch.Tensor, m: torch.Tensor | None, data_range: float) -> float:
+    """:func:`psnr` of checked tensors (non-finite voxels give a NaN or infinite score)."""
     diff = (r - p).double()
     if m is not None:
         diff = diff[m]
@@ -140,10 +165,21 @@ def nrmse(
     mask: ArrayLike | None = None,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Root-mean-square error divided by the reference's root mean square (euclidean rule)."""
+    """Root-mean-square error divided by the reference's root mean square (euclidean rule).
+
+    The volumes are compared as given: an offset changes it, so the paper's numbers need
+    :func:`normalise_pair` first (:func:`image_metrics` does it). NaN or infinite voxels are an
+    InputError.
+    """
     r, p = _tensor(ref, device), _tensor(pred, device)
     m = _mask_tensor(mask, device)
     _check_pair(r, p, m)
+    _check_finite(r, p)
+    return _nrmse(r, p, m)
+
+
+def _nrmse(r: torch.Tensor, p: torch.Tensor, m: torch.Tensor | None) -> float:
+    """:func:`nrmse` of checked tensors."""
     r64, p64 = r.double(), p.double()
     if m is not None:
         r64, p64 = r64[m], p64[m]
@@ -188,9 +224,18 @@ def ssim_map(
     data_range: float = DATA_RANGE,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Local SSIM on the interior of the volume (shape reduced by 2 x 5 voxels per axis)."""
+    """Local SSIM on the interior of the volume (shape reduced by 2 x 5 voxels per axis).
+
+    Its constants assume volumes in [0, ``data_range``]: see :func:`ssim`.
+    """
     r, p = _tensor(ref, device), _tensor(pred, device)
     _check_pair(r, p, None)
+    _check_finite(r, p)
+    return _ssim_map(r, p, data_range)
+
+
+def _ssim_map(r: torch.Tensor, p: torch.Tensor, data_range: float) -> torch.Tensor:
+    """:func:`ssim_map` of tensors of one shape (non-finite voxels give NaN)."""
     width = 2 * SSIM_RADIUS + 1
     if min(r.shape) < width:
         raise InputError(
@@ -220,7 +265,13 @@ def ssim(
     data_range: float = DATA_RANGE,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Mean 3D SSIM over the interior, or over the interior voxels inside ``mask``."""
+    """Mean 3D SSIM over the interior, or over the interior voxels inside ``mask``.
+
+    Its stabilising constants are ``(0.01 data_range)^2`` and ``(0.03 data_range)^2``, with
+    ``data_range`` 1: the caller must scale both volumes to [0, 1] first, with
+    :func:`normalise_pair` (as evaluate does; :func:`image_metrics` does it and gives all six
+    metrics); raw intensities give wrong values. NaN or infinite voxels are an InputError.
+    """
     local = ssim_map(ref, pred, data_range=data_range, device=device)
     m = _mask_tensor(mask, device)
     if m is None:
@@ -268,20 +319,24 @@ def image_metrics(
     *,
     device: str | torch.device = "cpu",
 ) -> ImageMetrics:
-    """All six numbers for one subject, after the shared min-max normalisation."""
+    """All six numbers for one subject, after the shared min-max normalisation.
+
+    Raw intensities in any units are fine here. Unlike the single metrics, NaN or infinite
+    voxels are not refused: they give NaN scores, as evaluation and validation record them.
+    """
     r, p = normalise_pair(ref, pred, device=device)
     m = _mask_tensor(mask, device)
     _check_pair(r, p, m)
-    local = ssim_map(r, p, device=device)
+    local = _ssim_map(r, p, DATA_RANGE)
     inner = m[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
     ssim_whole = float(local.double().mean())
     ssim_inside = float(local[inner].double().mean()) if bool(inner.any()) else math.nan
     del local
     return ImageMetrics(
         ssim=ssim_whole,
-        psnr=psnr(r, p, device=device),
-        nrmse=nrmse(r, p, device=device),
+        psnr=_psnr(r, p, None, DATA_RANGE),
+        nrmse=_nrmse(r, p, None),
         ssim_mask=ssim_inside,
-        psnr_mask=psnr(r, p, mask=m, device=device),
-        nrmse_mask=nrmse(r, p, mask=m, device=device),
+        psnr_mask=_psnr(r, p, m, DATA_RANGE),
+        nrmse_mask=_nrmse(r, p, m),
     )

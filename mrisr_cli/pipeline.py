@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from mrisr_cli.grid import GridPlan, plan_grid
 from mrisr_cli.inference import (
     InferenceOptions,
     ProgressCallback,
+    resolve_device,
     resolve_options,
     super_resolve,
 )
@@ -36,10 +38,14 @@ from mrisr_cli.intensity import flat_background, foreground_mask, foreground_sta
 from mrisr_cli.n4 import BiasField, n4_fit
 from mrisr_cli.volumes import (
     Volume,
+    _forget_slice_timing,
     atomic_path,
+    carry_transforms,
     check_not_label_map,
     check_output_path,
     check_t1_name,
+    checked_array,
+    image_volume,
     load_volume,
     os_reason,
     strip_suffix,
@@ -49,6 +55,8 @@ from mrisr_cli.weights import WeightsFile, load_weights, sha256_of
 
 DEFAULT_PSNR_NAME = "rrdg_psnr.safetensors"
 DEFAULT_GAN_NAME = "rrdg_gan.safetensors"
+#: What error messages call an image given in memory, without a file name.
+IN_MEMORY_NAME = "image"
 
 
 def default_weights_dir() -> Path:
@@ -132,7 +140,9 @@ class GeneratorFiles:
         return alpha
 
     def generator(self, alpha: float, device: str) -> Generator:
-        """The blended generator for one alpha, on ``device``."""
+        """The blended generator for one alpha, on ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
+        checked first, as the CLI checks ``--device``)."""
+        device = resolve_device(device)
         alpha = self.check(alpha)
         if self.psnr is not None and self.gan is not None:
             weights = blend_weights(self.psnr, self.gan, alpha)
@@ -213,8 +223,9 @@ class UpsampleResult:
     background_kept: int = 0  # voxels that kept the input's flat background value
 
 
-def sidecar_path(output: Path) -> Path:
+def sidecar_path(output: Path | str) -> Path:
     """``out.nii.gz`` -> ``out.json`` (BIDS-style sidecar)."""
+    output = Path(output)
     return output.with_name(strip_suffix(output.name) + ".json")
 
 
@@ -228,10 +239,22 @@ def upsample_array(
 ) -> np.ndarray:
     """Normalise with the array's own foreground, run the network, map back to its units.
 
+    The network step alone, on an array that is already on the model's grid: 3D, in canonical
+    RAS+ voxel order, with voxels of the weights' spacing (``degradation.spacing_mm``, 1 mm)
+    and the coarse (through-plane) axes in the model's degraded axes (``degradation.axes``,
+    axes 0 and 2 for the shipped models). Its intensities may be in any units: the z-score is
+    computed here from the array's own foreground and undone on the output, so a scan in its
+    own units and the same scan already z-scored give the same result, each in its units.
+    Nothing else is done: no reorientation, resampling or axis permutation, no N4, no kept flat
+    background. Any other array gives a wrong result without an error; for a scan as it comes
+    use :func:`upsample_image` (a nibabel image) or :func:`upsample_file`. Non-finite,
+    constant or non-3D arrays are an InputError (:func:`~mrisr_cli.volumes.checked_array`).
+
     ``nonnegative`` clips the output at 0; by default it does when ``data`` has no negative
     value. :func:`upsample_file` passes False and clips by the original image once N4's field is
     back: ``data`` there is bias-corrected, and N4 moves an exact-zero background below 0.
     """
+    data = checked_array(data, "upsample_array")
     stats = foreground_stats(data, foreground_mask(data))  # the mask crops to boxes itself
     out = super_resolve(stats.normalise(data), generator.model, options, progress)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
@@ -265,7 +288,7 @@ class PreparedInput:
 
 
 def prepare_input(
-    input_path: Path,
+    input_path: Path | str,
     degradation: DegradationConfig,
     options: UpsampleOptions,
     *,
@@ -274,9 +297,29 @@ def prepare_input(
     """Read and check an input, plan its grid and fit N4 as the weights' ``degradation`` says
     (unless ``options.n4`` decides); ``sha256``: the file's, where the caller has it already."""
     started = time.perf_counter()
-    check_t1_name(Path(input_path))
+    input_path = Path(input_path)
+    check_t1_name(input_path)
     volume = load_volume(input_path)
-    check_not_label_map(volume.data, str(input_path))
+    prepared = prepare_volume(volume, degradation, options, started=started)
+    prepared.sha256 = sha256 or _input_sha256(input_path)
+    return prepared
+
+
+def prepare_volume(
+    volume: Volume,
+    degradation: DegradationConfig,
+    options: UpsampleOptions,
+    *,
+    started: float | None = None,
+) -> PreparedInput:
+    """:func:`prepare_input` for a volume already read and checked (:func:`upsample_image`'s
+    in-memory image): the same checks, grid and N4, so both give the same voxels.
+
+    ``started``: when reading began, so that the "read" time counts it (default: now).
+    """
+    started = time.perf_counter() if started is None else started
+    name = _volume_name(volume)
+    check_not_label_map(volume.data, name)
     plan = plan_grid(volume.affine, volume.data.shape, degradation)  # type: ignore[arg-type]
     data = plan.to_model(volume.data)
     loaded = time.perf_counter()
@@ -290,7 +333,7 @@ def prepare_input(
         data = bias.remove(data)
     corrected = time.perf_counter()
     return PreparedInput(
-        path=Path(input_path),
+        path=volume.path if volume.path is not None else Path(name),
         volume=volume,
         plan=plan,
         data=data,
@@ -299,8 +342,12 @@ def prepare_input(
         background=background,
         background_value=background_value,
         seconds={"read": loaded - started, "n4": corrected - loaded},
-        sha256=sha256 or _input_sha256(Path(input_path)),
     )
+
+
+def _volume_name(volume: Volume) -> str:
+    """What error messages call a volume: its file, or "image" for one made in memory."""
+    return str(volume.path) if volume.path is not None else IN_MEMORY_NAME
 
 
 def _input_sha256(path: Path) -> str:
@@ -312,8 +359,8 @@ def _input_sha256(path: Path) -> str:
 
 
 def upsample_file(
-    input_path: Path,
-    output_path: Path,
+    input_path: Path | str,
+    output_path: Path | str,
     generator: Generator,
     options: UpsampleOptions,
     progress: ProgressCallback | None = None,
@@ -323,6 +370,7 @@ def upsample_file(
     ``half`` where it would only be emulated runs fp32 (:func:`~mrisr_cli.inference.super_resolve`
     decides); the result's warnings then say so.
     """
+    output_path = Path(output_path)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
@@ -330,9 +378,34 @@ def upsample_file(
     return upsample_prepared(prepared, output_path, generator, options, progress)
 
 
+def upsample_image(
+    image: nib.spatialimages.SpatialImage,
+    generator: Generator,
+    options: UpsampleOptions | None = None,
+    progress: ProgressCallback | None = None,
+) -> nib.Nifti1Image:
+    """:func:`upsample_file` in memory: a nibabel image in (any orientation, 1 mm or coarser
+    voxels, the input's own units), the image that ``upsample_file`` would write out.
+
+    The whole job, as for a file: the input's checks, its grid (canonical axes, 1 mm, coarse
+    axes in the model's degraded slots), N4 as the weights say, the flat background kept, and
+    back to the input's axes and geometry. Only the file's name is not checked (a T2w name),
+    and ``options``' file settings (overwrite, sidecar) do not apply; the grid's warnings,
+    which ``upsample_file`` returns, are not reported.
+    """
+    options = options or UpsampleOptions()
+    name = image.get_filename() if isinstance(image, nib.spatialimages.SpatialImage) else None
+    volume = image_volume(image, name or IN_MEMORY_NAME)
+    volume.path = Path(name) if name else None
+    prepared = prepare_volume(volume, generator.weights.degradation, options)
+    inference, _ = _run_options(options)
+    out = _output_data(prepared, generator, options, inference, progress)
+    return output_image(out, prepared.plan.output_affine(), volume.header)
+
+
 def upsample_prepared(
     prepared: PreparedInput,
-    output_path: Path,
+    output_path: Path | str,
     generator: Generator,
     options: UpsampleOptions,
     progress: ProgressCallback | None = None,
@@ -340,30 +413,13 @@ def upsample_prepared(
     """Run one generator on a prepared input and write the output (atomically) with a sidecar;
     the input is left as it was, for the next alpha."""
     started = time.perf_counter()
-    inference, half_warning = resolve_options(options.inference)
-    if not options.skips_air_tiles():
-        inference = replace(inference, skip_background=False)
+    output_path = Path(output_path)
+    inference, half_warning = _run_options(options)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
     plan = prepared.plan
-    out = upsample_array(
-        plan.permute(prepared.data),
-        generator,
-        options=inference,
-        progress=progress,
-        nonnegative=False,
-    )
-    out = plan.unpermute(out)
-    if prepared.bias is not None and not options.bias_corrected:
-        out = prepared.bias.restore(out)
-    # a magnitude image stays non-negative: clipped here, after the field is back, because N4
-    # moves an exact-zero background below 0 and putting the field back can too
-    if prepared.volume.data.min() >= 0:
-        np.maximum(out, 0.0, out=out)
-    if prepared.background is not None:
-        out[prepared.background] = prepared.background_value
-    out = plan.to_output(out)
+    out = _output_data(prepared, generator, options, inference, progress)
     inferred = time.perf_counter()
     output_path, sidecar = Path(output_path), sidecar_path(Path(output_path))
     # should an --overwrite fail half-way, the earlier sidecar goes back beside the earlier image
@@ -408,6 +464,63 @@ def upsample_prepared(
             earlier.unlink(missing_ok=True)
     prepared.charged = True
     return result
+
+
+def _run_options(options: UpsampleOptions) -> tuple[InferenceOptions, str | None]:
+    """The inference options as they run (:func:`resolve_options`; tiles of only air run too
+    without ``keep_background``), and the warning of a ``half`` that runs fp32."""
+    inference, half_warning = resolve_options(options.inference)
+    if not options.skips_air_tiles():
+        inference = replace(inference, skip_background=False)
+    return inference, half_warning
+
+
+def _output_data(
+    prepared: PreparedInput,
+    generator: Generator,
+    options: UpsampleOptions,
+    inference: InferenceOptions,
+    progress: ProgressCallback | None,
+) -> np.ndarray:
+    """The output's voxels, in the input's axis order on the model grid: the network's result
+    with N4's field put back, clipped, and the input's flat background kept."""
+    plan = prepared.plan
+    out = upsample_array(
+        plan.permute(prepared.data),
+        generator,
+        options=inference,
+        progress=progress,
+        nonnegative=False,
+    )
+    out = plan.unpermute(out)
+    if prepared.bias is not None and not options.bias_corrected:
+        out = prepared.bias.restore(out)
+    # a magnitude image stays non-negative: clipped here, after the field is back, because N4
+    # moves an exact-zero background below 0 and putting the field back can too
+    if prepared.volume.data.min() >= 0:
+        np.maximum(out, 0.0, out=out)
+    if prepared.background is not None:
+        out[prepared.background] = prepared.background_value
+    return plan.to_output(out)
+
+
+def output_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
+    """The float32 NIfTI image that :func:`~mrisr_cli.volumes.write_volume` writes, in memory:
+    the input's header with its transforms carried onto the output grid (keep the two alike)."""
+    header = header.copy()
+    array = np.asarray(data, dtype=np.float32)
+    if tuple(header.get_data_shape()[:3]) != array.shape[:3]:
+        _forget_slice_timing(header)
+    carry_transforms(header, affine, array.shape)
+    header.set_data_shape(array.shape)
+    header.set_data_dtype(array.dtype)
+    spatial, temporal = header.get_xyzt_units()
+    header.set_xyzt_units(
+        "mm" if spatial == "unknown" else spatial, "sec" if temporal == "unknown" else temporal
+    )
+    image = nib.Nifti1Image(array, header.get_best_affine(), header)
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
 
 
 def _link_aside(path: Path) -> Path | None:

@@ -213,6 +213,41 @@ def check_finite_and_nonempty(data: np.ndarray, what: str) -> None:
         raise InputError(f"{what}: volume is empty (every voxel is {float(data.min()):g})")
 
 
+def checked_array(data: object, what: str) -> np.ndarray:
+    """An array given to a library function, as the pipeline can use it: 3D (a singleton 4th
+    axis dropped) and float32 (float64 kept: the degradation computes in it), checked as
+    :func:`load_volume` checks a file's voxels; else one InputError line naming ``what``.
+
+    numpy gives odd errors or silently wrong results for the rest: NaN breaks the histograms,
+    float16 overflows in the statistics, a 2D or 4D array fails deep inside the tiling.
+    """
+    array = np.asarray(data)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"{what}: expected a 3D volume, got an array of shape {array.shape}")
+    kind = array.dtype.kind
+    if kind == "b":
+        raise InputError(f"{what}: a boolean array (a mask), not the grey values of a T1")
+    if kind == "c":
+        raise InputError(f"{what}: complex-valued voxels ({array.dtype}); give the magnitude image")
+    if kind not in "iuf":
+        raise InputError(f"{what}: voxels of type {array.dtype}, not the grey values of a T1")
+    if array.dtype != np.float64:
+        with np.errstate(over="ignore"):  # a longdouble beyond float32: infinite, refused below
+            array = array.astype(np.float32, copy=False)
+    check_finite_and_nonempty(array, what)
+    return array
+
+
+def image_volume(image: object, what: str) -> Volume:
+    """An in-memory nibabel image as a checked :class:`Volume`, as :func:`load_volume` reads a
+    file (``what`` names it in errors)."""
+    volume = _checked_volume(image, Path(what), [])
+    check_finite_and_nonempty(volume.data, what)
+    return volume
+
+
 #: Fewer distinct values (on every second voxel) than this: a label map or mask, not an image.
 MIN_DISTINCT_VALUES = 16
 

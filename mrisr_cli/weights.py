@@ -45,7 +45,9 @@ class WeightsFile:
 
         The network is first built on the meta device (shapes, no memory) and compared with the
         file's tensors, so metadata that ask for a huge network cannot allocate it before the
-        mismatch is found.
+        mismatch is found. The random initialisation that loading overwrites draws from a fork
+        of torch's CPU generator: the caller's random stream is as it was (a seeded run after
+        loading a model draws what it would have drawn without).
         """
         try:
             with torch.device("meta"):
@@ -54,7 +56,8 @@ class WeightsFile:
             raise WeightsError(f"{self.path}: {exc}") from exc
         problem = _mismatch(skeleton.state_dict(), self.state)
         if not problem:
-            model = build_network(self.network)
+            with torch.random.fork_rng(devices=[]):
+                model = build_network(self.network)
             try:
                 model.load_state_dict(self.state, strict=True)
                 return model.eval()
