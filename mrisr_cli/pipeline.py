@@ -38,9 +38,7 @@ from mrisr_cli.intensity import flat_background, foreground_mask, foreground_sta
 from mrisr_cli.n4 import BiasField, n4_fit
 from mrisr_cli.volumes import (
     Volume,
-    _forget_slice_timing,
     atomic_path,
-    carry_transforms,
     check_not_label_map,
     check_output_path,
     check_t1_name,
@@ -49,6 +47,7 @@ from mrisr_cli.volumes import (
     load_volume,
     os_reason,
     strip_suffix,
+    volume_image,
     write_volume,
 )
 from mrisr_cli.weights import WeightsFile, load_weights, sha256_of
@@ -400,7 +399,7 @@ def upsample_image(
     prepared = prepare_volume(volume, generator.weights.degradation, options)
     inference, _ = _run_options(options)
     out = _output_data(prepared, generator, options, inference, progress)
-    return output_image(out, prepared.plan.output_affine(), volume.header)
+    return volume_image(out, prepared.plan.output_affine(), volume.header)  # as written
 
 
 def upsample_prepared(
@@ -502,25 +501,6 @@ def _output_data(
     if prepared.background is not None:
         out[prepared.background] = prepared.background_value
     return plan.to_output(out)
-
-
-def output_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
-    """The float32 NIfTI image that :func:`~mrisr_cli.volumes.write_volume` writes, in memory:
-    the input's header with its transforms carried onto the output grid (keep the two alike)."""
-    header = header.copy()
-    array = np.asarray(data, dtype=np.float32)
-    if tuple(header.get_data_shape()[:3]) != array.shape[:3]:
-        _forget_slice_timing(header)
-    carry_transforms(header, affine, array.shape)
-    header.set_data_shape(array.shape)
-    header.set_data_dtype(array.dtype)
-    spatial, temporal = header.get_xyzt_units()
-    header.set_xyzt_units(
-        "mm" if spatial == "unknown" else spatial, "sec" if temporal == "unknown" else temporal
-    )
-    image = nib.Nifti1Image(array, header.get_best_affine(), header)
-    image.header.set_slope_inter(1.0, 0.0)
-    return image
 
 
 def _link_aside(path: Path) -> Path | None:

@@ -567,6 +567,23 @@ def write_volume(
 ) -> None:
     """:func:`save_volume`'s writing, into ``tmp``, a temporary path of :func:`atomic_path`, for
     callers that rename several files together; a failure names ``name``, the final file."""
+    image = volume_image(data, affine, header, dtype=dtype)
+    try:
+        nib.save(image, str(tmp))
+    except OSError as exc:
+        raise OutputError(f"{name}: could not write ({os_reason(exc)})") from exc
+
+
+def volume_image(
+    data: np.ndarray,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+    *,
+    dtype: np.dtype | type = np.float32,
+) -> nib.Nifti1Image:
+    """The NIfTI image mrisr writes for ``data`` on ``affine``, in memory: a copy of the
+    input's ``header`` with its transforms carried onto the output grid (:func:`carry_transforms`),
+    millimetre units and no scaling."""
     header = header.copy() if header is not None else nib.Nifti1Header()
     array = np.asarray(data, dtype=dtype)
     if tuple(header.get_data_shape()[:3]) != array.shape[:3]:
@@ -580,10 +597,7 @@ def write_volume(
     )
     image = nib.Nifti1Image(array, header.get_best_affine(), header)
     image.header.set_slope_inter(1.0, 0.0)
-    try:
-        nib.save(image, str(tmp))
-    except OSError as exc:
-        raise OutputError(f"{name}: could not write ({os_reason(exc)})") from exc
+    return image
 
 
 def _forget_slice_timing(header: nib.Nifti1Header) -> None:
