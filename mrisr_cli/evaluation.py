@@ -85,6 +85,8 @@ def _reordered(ref: Any, other: Any) -> bool:
     """Whether ``other`` holds the reference's voxel grid stored in another axis order or
     direction (flipped or permuted axes, the affine saying so): each of its voxel axes is one
     of the reference's, same length and voxel size, and the corners sit on the same points."""
+    if len(ref.data.shape) != 3 or len(other.data.shape) != 3:
+        return False
     a, b = np.asarray(ref.affine)[:3, :3], np.asarray(other.affine)[:3, :3]
     free = [0, 1, 2]
     for j in range(3):
@@ -145,6 +147,10 @@ def _load_mask(path: Path | None, ref: Any) -> np.ndarray:
         raise InputError(f"mask {path.name}: not a readable image ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(
+            f"mask {path.name}: shape {data.shape} differs from the reference's {ref.data.shape}"
+        )
     # the prediction's checks, so that a mask stored flipped is named as such, not as misplaced
     _check_same_grid(ref, SimpleNamespace(data=data, affine=image.affine), f"mask {path.name}")
     mask = np.nan_to_num(data.astype(np.float32)) > 0

@@ -124,16 +124,50 @@ def match_files(
     return Pairing(matches, unmatched_refs, unmatched, tuple(ambiguous), tuple(ambiguous[twins:]))
 
 
-#: BIDS entities and the suffix that say what a mask is, not whose scan it belongs to: left out
-#: when a mask's name is matched, so that ``sub-01_desc-brain_mask`` pairs with ``sub-01_T1w``.
-_MASK_ONLY = re.compile(r"(?:desc|space|label|res|den)-[A-Za-z0-9]+|mask", re.IGNORECASE)
+_ENTITY = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")
 
 
-def mask_stem(name: str) -> str:
-    """The stem a mask file is matched by: its name without :data:`_MASK_ONLY` parts."""
-    stem = strip_suffix(name)
-    kept = [part for part in stem.split("_") if not _MASK_ONLY.fullmatch(part)]
-    return "_".join(kept) or stem
+def bids_entities(name: str) -> frozenset[str]:
+    """A BIDS name's entities (``sub-01``, ``ses-2``, ``space-MNI152``...) but ``desc-``, which
+    says what a derivative is (``desc-preproc``, ``desc-brain``), not which scan or grid."""
+    parts = strip_suffix(name).casefold().split("_")
+    return frozenset(p for p in parts if _ENTITY.fullmatch(p) and not p.startswith("desc-"))
+
+
+def match_masks(refs: Sequence[Path], masks: Sequence[Path]) -> Pairing:
+    """:func:`match_files`, then, for the references still without a mask, BIDS derivative
+    names: ``sub-01_desc-brain_mask`` (fMRIPrep's) has none of ``sub-01_T1w``'s name after
+    ``sub-01``, yet it is that scan's mask. There a mask pairs with the one reference whose
+    :func:`bids_entities` (``sub``, ``ses``, ``space``... all but ``desc``) are its own, and only
+    where that is one mask for one reference; a name in another ``space-`` never pairs."""
+    first = match_files(refs, masks)
+    stems = [strip_suffix(r.name) for r in refs]
+    unique = {s: r for s, r in zip(stems, refs, strict=True) if stems.count(s) == 1}
+    paired = set(first.matches.values())
+    refs_by_key: dict[frozenset[str], list[str]] = {}
+    for stem, ref in unique.items():
+        if stem not in first.matches and any(e.startswith("sub-") for e in bids_entities(ref.name)):
+            refs_by_key.setdefault(bids_entities(ref.name), []).append(stem)
+    masks_by_key: dict[frozenset[str], list[Path]] = {}
+    for mask in masks:
+        if mask not in paired:
+            masks_by_key.setdefault(bids_entities(mask.name), []).append(mask)
+    matches, notes = dict(first.matches), []
+    for key, key_refs in refs_by_key.items():
+        found = masks_by_key.get(key, [])
+        if len(key_refs) == 1 and len(found) == 1:
+            matches[key_refs[0]] = found[0]
+        elif found:
+            names = ", ".join(unique[s].name for s in key_refs)
+            notes.append(f"{_names(found)} fit {names} alike (BIDS entities): left out")
+    now = set(matches.values())
+    return Pairing(
+        matches,
+        tuple(r.name for s, r in unique.items() if s not in matches),
+        tuple(m.name for m in masks if m.name in first.unmatched and m not in now),
+        (*first.ambiguous, *notes),
+        (*first.ties, *notes),
+    )
 
 
 def _names(paths: Sequence[Path], limit: int = 5) -> str:
@@ -253,5 +287,5 @@ def plan(ref_dir: Path, preds: Sequence[Path], mask_dir: Path | None) -> Plan:
                 methods[name], alphas[name] = folder, alpha
     mask_pairing = None
     if mask_dir is not None:
-        mask_pairing = match_files(refs, list_volumes(mask_dir, "mask"), stem=mask_stem)
+        mask_pairing = match_masks(refs, list_volumes(mask_dir, "mask"))
     return Plan(refs, methods, pairings, labels, alphas, mask_pairing)

@@ -34,7 +34,7 @@ def read_inputs(
     each other and against the run folder before anything is written."""
     out = Path(config.out)
     manifest = _load_data(Path(config.data))
-    _refuse_out_in_data(out, Path(config.data), resume)
+    _refuse_out_in_data(out, Path(config.data), resume, warn)
     payload: dict[str, Any] = {}
     if resume:
         payload = _read_run_checkpoint(out)
@@ -63,22 +63,27 @@ def _load_data(path: Path) -> Manifest:
     return load_manifest(path)
 
 
-def _refuse_out_in_data(out: Path, data: Path, resume: bool) -> None:
+def _refuse_out_in_data(out: Path, data: Path, resume: bool, warn: Callable[[str], None]) -> None:
     """A run folder inside the prepared dataset (or the dataset itself) mixes checkpoints and
     weights into a folder that is copied, shared and prepared again as data. Compared with
-    symlinks resolved: a link to the dataset is the dataset."""
+    symlinks resolved: a link to the dataset is the dataset. A run started there by an earlier
+    version is warned about on --resume, not stopped (a SLURM chain of resumes goes on)."""
     real_out, real_data = out.resolve(), data.resolve()
     if real_out != real_data and not real_out.is_relative_to(real_data):
         return
     where = "is the same folder as" if real_out == real_data else "is inside"
     name = "run1" if real_out == real_data else real_out.relative_to(real_data).parts[0]
     beside = real_data.parent / "runs" / name
-    todo = f"move it to a folder beside the data, such as {beside}, and resume there"
-    if not resume:
-        todo = f"choose a folder beside the data, such as --out {beside}"
+    if resume:
+        warn(
+            f"--out {out} {where} --data {data}: training files are mixed into the prepared "
+            f"dataset; move the run to a folder beside the data, such as {beside}, and resume "
+            "there"
+        )
+        return
     raise OutputError(
         f"--out {out} {where} --data {data}: training files would be mixed into the prepared "
-        f"dataset; {todo}"
+        f"dataset; choose a folder beside the data, such as --out {beside}"
     )
 
 

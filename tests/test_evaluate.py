@@ -325,8 +325,9 @@ def test_parallel_jobs_give_the_same_numbers_in_several_processes(
 def test_evaluate_from_python_leaves_the_callers_threads_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In-process (one job), evaluate() set its thread count on the caller's torch, ITK and
-    environment and left them so; only worker processes get a share now."""
+    """A guard, not a regression test (before, only an explicit EvaluationOptions(threads=N)
+    changed them): in-process (one job), evaluate() leaves the caller's torch, ITK and
+    environment thread settings as they were; only worker processes get a share."""
     from mrisr_cli.evaluation import EvaluationOptions, evaluate
 
     hr, sharp, _ = dataset(tmp_path, subjects=2)
@@ -436,25 +437,49 @@ def test_name_matching_rules() -> None:
 
 
 def test_bids_mask_names_pair_with_their_scan() -> None:
-    """fMRIPrep's ``sub-01_desc-brain_mask`` never paired with ``sub-01_T1w`` (its ``desc`` and
-    ``mask`` parts are not the scan's); they name what the mask is, so matching leaves them out.
-    Two masks of one scan still tie."""
-    from mrisr_cli.pairing import mask_stem
+    """fMRIPrep's ``sub-01_desc-brain_mask`` never paired with ``sub-01_desc-preproc_T1w`` (or
+    ``sub-01_T1w``): their names share only ``sub-01``. A mask left unpaired by name now pairs
+    with the one reference of the same BIDS entities (all but desc); another space never pairs,
+    two masks of one scan pair with neither, and names that paired before pair as before."""
+    from mrisr_cli.pairing import match_masks
 
-    refs = [Path(n) for n in ("sub-01_T1w.nii.gz", "sub-02_ses-1_T1w.nii.gz", "sub-03_T1w.nii")]
+    refs = [
+        Path(n)
+        for n in (
+            "sub-01_desc-preproc_T1w.nii.gz",
+            "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz",
+            "sub-02_ses-1_T1w.nii.gz",
+            "sub-03_T1w.nii",
+            "sub-04_desc-raw_T1w.nii",
+            "sub-04_desc-preproc_T1w.nii",
+            "sub-05_T1w.nii",
+        )
+    ]
     masks = [
         Path(n)
         for n in (
             "sub-01_desc-brain_mask.nii.gz",
-            "sub-02_ses-1_space-T1w_desc-brain_mask.nii.gz",
+            "sub-01_space-MNI152NLin2009cAsym_desc-brain_mask.nii.gz",
+            "sub-02_ses-1_desc-brain_mask.nii.gz",
             "sub-03_desc-brain_mask.nii",
             "sub-03_desc-head_mask.nii",
+            "sub-04_desc-raw_T1w_mask.nii",  # paired by name, as before
+            "sub-04_desc-preproc_T1w_mask.nii",
+            "sub-05_space-MNI_desc-brain_mask.nii",  # another grid than the native scan's
         )
     ]
-    pairing = match_files(refs, masks, stem=mask_stem)
-    assert pairing.matches == {"sub-01_T1w": masks[0], "sub-02_ses-1_T1w": masks[1]}
-    assert pairing.ambiguous and "sub-03_T1w.nii" in pairing.ambiguous[0]
-    assert mask_stem("sub-00_T1w_mask.nii.gz") == "sub-00_T1w"  # the older naming still pairs
+    pairing = match_masks(refs, masks)
+    assert pairing.matches == {
+        "sub-01_desc-preproc_T1w": masks[0],
+        "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w": masks[1],
+        "sub-02_ses-1_T1w": masks[2],
+        "sub-04_desc-raw_T1w": masks[5],
+        "sub-04_desc-preproc_T1w": masks[6],
+    }
+    assert set(pairing.unmatched_refs) == {"sub-03_T1w.nii", "sub-05_T1w.nii"}
+    assert any(
+        "sub-03_desc-brain_mask.nii, sub-03_desc-head_mask.nii" in a for a in pairing.ambiguous
+    )
 
 
 def test_automatic_mask_keeps_dark_csf_and_drops_noisy_air() -> None:
@@ -759,7 +784,7 @@ def test_a_flipped_mask_is_named_as_another_orientation(tmp_path: Path) -> None:
     flip[0, 3] = SHAPE[0] - 1
     for k in range(3):
         save(masks / f"sub-0{k}_T1w_mask.nii.gz", (head(k) > 50).astype(np.float32))
-    # fMRIPrep's name pairs too (evaluate's plan matches masks by mask_stem)
+    # fMRIPrep's name pairs too (evaluate's plan pairs masks by pairing.match_masks)
     (masks / "sub-01_T1w_mask.nii.gz").rename(masks / "sub-01_desc-brain_mask.nii.gz")
     save(masks / "sub-00_T1w_mask.nii.gz", (head(0) > 50)[::-1].astype(np.float32), AFFINE @ flip)
     out = tmp_path / "report"
@@ -772,6 +797,17 @@ def test_a_flipped_mask_is_named_as_another_orientation(tmp_path: Path) -> None:
     )
     assert " mm)" not in rows["sub-00_T1w"]["error"]
     assert rows["sub-01_T1w"]["error"] == "" and rows["sub-02_T1w"]["error"] == ""
+    # a 2D or a 4D mask is a wrong shape for that pair, not an internal error for the run
+    save(masks / "sub-00_T1w_mask.nii.gz", (head(0) > 50)[:, :, 10].astype(np.float32))
+    stacked = np.stack([head(2) > 50] * 2, axis=-1).astype(np.float32)
+    save(masks / "sub-02_T1w_mask.nii.gz", stacked)
+    result = invoke(
+        "--ref", hr, "--pred", sharp, "--mask", masks, "--out", out, "--overwrite", *FAST
+    )
+    assert result.exit_code == 0, result.output
+    rows = {r["subject"]: r for r in read_rows(out / "subjects.csv")}
+    assert "shape (22, 24) differs from the reference's" in rows["sub-00_T1w"]["error"]
+    assert "shape (22, 24, 20, 2) differs from the reference's" in rows["sub-02_T1w"]["error"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
