@@ -8,6 +8,10 @@
 #   sbatch --nodes=2 examples/slurm_train.sh /data/prepared /scratch/runs/psnr-01    # two nodes
 #
 # DATA is a folder made by `mrisr prepare`; RUN is the output folder (checkpoints, logs, weights).
+# Once RUN holds checkpoint.pt, the script continues that run (`mrisr train --resume`): submit
+# the same command again after a time limit, or let SLURM requeue the job after a preemption
+# (`#SBATCH --requeue`, where the site allows it). `--signal=TERM@120` (below) warns the job two
+# minutes before its time limit: training finishes its step and writes a checkpoint there.
 # Settings from the environment: STAGE (default: psnr), MRISR_ARGS (extra options for
 # `mrisr train`), SIF (default: mrisr.sif), SINGULARITY (default: singularity; apptainer works
 # too). For NCCL settings (e.g. NCCL_SOCKET_IFNAME on some networks), add them to node_cmd's --env
@@ -20,6 +24,7 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=128G
 #SBATCH --time=2-00:00:00
+#SBATCH --signal=TERM@120
 #SBATCH --output=logs/%x_%j.out
 
 set -euo pipefail
@@ -52,6 +57,13 @@ run=$(cd "$run" && pwd -P)
 
 read -r -a extra <<< "${MRISR_ARGS:-}"
 
+# A resubmitted or requeued job continues the run it started (a new run would be refused there).
+resume=()
+if [[ -e "$run/checkpoint.pt" && " ${extra[*]} " != *" --resume "* ]]; then
+    resume=(--resume)
+    echo "$run/checkpoint.pt exists: continuing that run (--resume)"
+fi
+
 # Run by srun on every node, so that CUDA_VISIBLE_DEVICES is read on that node: --cleanenv drops
 # it, and an unset value must stay unset (an empty one would hide every GPU).
 # shellcheck disable=SC2016  # expanded by the per-node bash, not here
@@ -73,4 +85,4 @@ srun --nodes="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-
     --rdzv_backend=c10d \
     --rdzv_endpoint="$head_node:$port" \
     --rdzv_id="$job_id" \
-    -m mrisr_cli train --stage "$stage" --data "$data" --out "$run" "${extra[@]}"
+    -m mrisr_cli train --stage "$stage" --data "$data" --out "$run" "${resume[@]}" "${extra[@]}"

@@ -3,10 +3,12 @@
 #
 #   find /data/study -name '*_T1w.nii.gz' > subjects.txt
 #   mkdir -p logs
-#   sbatch --array=1-"$(wc -l < subjects.txt)"%20 examples/slurm_upsample.sh subjects.txt /data/sr
+#   sbatch --array=1-"$(grep -c '' subjects.txt)"%20 examples/slurm_upsample.sh subjects.txt /data/sr
 #
 # Each line of the list is one input image path (.nii.gz, .nii, .mgz or .mgh; blank lines and
-# lines starting with # are skipped). Task N reads line N and writes
+# lines starting with # are skipped). `grep -c ''` counts the lines, the last one too where the
+# file does not end in a newline (`wc -l` does not); an index past the list, or 0, is an error.
+# Task N reads line N and writes
 # OUTDIR/<input name without its suffix>_sr.nii.gz, or, for several alphas (MRISR_ARGS="--alpha
 # 0,1"), one <name>_sr_alpha-<alpha>.nii.gz per alpha, as mrisr names them. Input file names must
 # be unique (BIDS names are): a task whose output another input made fails, naming that one. Outputs
@@ -19,7 +21,6 @@
 # `mrisr upsample`, e.g. "--alpha 0.5"), SINGULARITY (default: singularity; apptainer works too).
 #
 #SBATCH --job-name=mrisr-upsample
-#SBATCH --array=1-1
 #SBATCH --gpus=1
 #SBATCH --cpus-per-task=8
 #SBATCH --mem=32G
@@ -35,6 +36,22 @@ sif=${SIF:-mrisr.sif}
 singularity=${SINGULARITY:-singularity}
 task=${SLURM_ARRAY_TASK_ID:?not an array task: $usage}
 threads=${SLURM_CPUS_PER_TASK:-1}
+
+if [[ ! -f "$list" || ! -r "$list" ]]; then
+    echo "task $task: cannot read the list $list" >&2
+    exit 1
+fi
+# A task beyond the list would otherwise succeed doing nothing, and hide a wrong --array.
+lines=$(grep -c '' "$list" || true)
+if ((lines == 0)); then
+    echo "task $task: the list $list is empty" >&2
+    exit 1
+fi
+if [[ ! "$task" =~ ^[0-9]+$ ]] || ((10#$task < 1 || 10#$task > lines)); then
+    echo "task $task: no such line in $list (it has $lines; submit with --array=1-$lines)" >&2
+    exit 1
+fi
+task=$((10#$task))
 
 in=$(sed -n "${task}p" "$list")
 in=${in%$'\r'} # a list written on Windows

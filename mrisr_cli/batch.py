@@ -6,6 +6,7 @@ does not surface after an hour of work; a bad input is reported and the others g
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
@@ -90,13 +91,14 @@ def plan_jobs(
     overwrite: bool,
     output_is_folder: bool = False,
     skip_existing: bool = False,
-) -> list[UpsampleJob]:
+) -> Plan:
     """Map inputs x alphas to output paths: a file for one input, else a folder (also when
     ``output_is_folder``, e.g. it was typed with a trailing slash).
 
     Every output and its JSON sidecar is checked before anything is written; a missing output
-    folder is made only once the whole plan holds. With ``skip_existing`` outputs that exist are
-    left to :func:`split_finished`.
+    folder is made only once the whole plan holds (and removed by :meth:`Plan.release` should
+    the run write nothing into it). With ``skip_existing`` outputs that exist are left to
+    :func:`split_finished`.
     """
     files = expand_inputs(inputs)
     alphas = list(dict.fromkeys(alphas))  # "0.5,0.50" asks for one output
@@ -155,14 +157,75 @@ def plan_jobs(
     for target in targets:
         if target.resolve() in resolved_inputs:
             raise OutputError(f"{target}: output would overwrite an input")
-    if into_folder and not output.exists():
-        # nothing can exist in a folder still to be made: check only that it can be made
-        check_output_path(output, overwrite=False)
-        output.mkdir()
-    for target in targets:
-        if not (skip_existing and target.exists()):
-            check_output_path(target, overwrite=overwrite)
-    return jobs
+    made = into_folder and not output.is_dir() and _make_folder(output)
+    folder = OutputFolder(output if into_folder else output.parent, made=made)
+    try:
+        for target in targets:
+            if not (skip_existing and target.exists()):
+                check_output_path(target, overwrite=overwrite)
+    except BaseException:
+        folder.release()
+        raise
+    return Plan(jobs, folder)
+
+
+def _make_folder(folder: Path) -> bool:
+    """Make a missing output folder; False where another process made it first (two tasks of a
+    job array starting together). Anything else in the way is one OutputError line."""
+    if folder.is_symlink():  # and not a folder: a link to nothing
+        raise OutputError(
+            f"{folder}: output folder is a link to a missing folder; make the folder it points "
+            "to, or choose another output folder"
+        )
+    check_output_path(folder, overwrite=True)  # its parent; whether it exists is mkdir's to say
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: not a folder (made while this run started)") from None
+        return False
+    except OSError as exc:
+        raise OutputError(f"{folder}: output folder cannot be made ({os_reason(exc)})") from exc
+    return True
+
+
+class OutputFolder:
+    """The folder a run writes into, held with a shared lock until :meth:`release`, which removes
+    it again where this run made it and left it empty, unless another run holds it: a job of the
+    same array that started meanwhile may be computing its first output for it. Where the file
+    system has no such locks (some network file systems), a folder made here stays."""
+
+    def __init__(self, path: Path, *, made: bool) -> None:
+        self.path, self.made = path, made
+        self._fd: int | None = None
+        with suppress(OSError):
+            self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        """Let the folder go; never in the way of an error being reported."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self.made:
+                with suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other run holds it
+                    self.path.rmdir()  # only if empty
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class Plan:
+    """The jobs :func:`plan_jobs` decided on, and their output folder, held until
+    :meth:`release` (to be called however the run ends)."""
+
+    jobs: list[UpsampleJob]
+    folder: OutputFolder
+
+    def release(self) -> None:
+        self.folder.release()
 
 
 @dataclass
@@ -178,7 +241,11 @@ class Resume:
 
 
 def split_finished(
-    jobs: list[UpsampleJob], files: GeneratorFiles, options: UpsampleOptions
+    jobs: list[UpsampleJob],
+    files: GeneratorFiles,
+    options: UpsampleOptions,
+    *,
+    input_sha256: dict[Path, str] | None = None,
 ) -> Resume:
     """Sort the jobs for ``mrisr upsample --skip-existing``, so that a resubmitted batch job
     redoes only what is missing.
@@ -189,11 +256,12 @@ def split_finished(
     sha256 (a truncated or edited image is not finished). Any other existing
     output is refused, with the reason: skipping it would pass off another result as this one's,
     and replacing it is for ``--overwrite``. A sidecar of this output whose image is gone
-    (deleted to redo it) is removed, and the job runs.
+    (deleted to redo it) is removed, and the job runs. ``input_sha256``: hashes known already,
+    which the result's ``input_sha256`` is (and extends).
     """
     weights = _weights_of(files.sources())
     settings = output_settings(options, options.uses_n4(files.degradation))
-    resume = Resume([], [], [])
+    resume = Resume([], [], [], {} if input_sha256 is None else input_sha256)
     hashes = resume.input_sha256
     stale: list[tuple[Path, Path, os.stat_result]] = []  # sidecar, its image, as it was read
     for job in jobs:
@@ -336,6 +404,7 @@ def run_upsample_jobs(
     warn: Callable[[str], None],
     error: Callable[[str], None],
     input_sha256: dict[Path, str] | None = None,
+    skipped: Callable[[str], None] | None = None,
 ) -> int:
     """Run every job; return how many failed.
 
@@ -344,7 +413,13 @@ def run_upsample_jobs(
     its alphas (a whole head's N4 takes minutes on a few cores). Where the console is not a
     terminal (a batch job's log) there is no bar, so each job's start gets a line; each "wrote"
     line names the device. ``input_sha256``: hashes already computed (by :func:`split_finished`).
+
+    ``skipped`` (``--skip-existing``): each input's jobs are sorted by :func:`split_finished`
+    again just before they run, and an output another run (the same batch submitted twice)
+    finished meanwhile, before or while this one computed it, is reported through it, not run or
+    counted as failed.
     """
+    hashes = dict(input_sha256 or {})
     device = options.inference.device
     generators = {
         alpha: files.generator(alpha, device) for alpha in dict.fromkeys(j.alpha for j in jobs)
@@ -361,16 +436,27 @@ def run_upsample_jobs(
     failures = started = 0
     with progress_bar(console) as progress:
         subjects = progress.add_task("subjects", total=len(jobs))
-        for path, its_jobs in by_input.items():
+        for path, all_its_jobs in by_input.items():
+            its_jobs = all_its_jobs
+            if skipped is not None:
+                resume = split_finished(all_its_jobs, files, options, input_sha256=hashes)
+                for job in resume.finished:
+                    skipped(f"{job.output}: finished meanwhile by another run of {job.input}")
+                for _job, reason in resume.refused:
+                    error(reason)
+                failures += len(resume.refused)
+                its_jobs = resume.to_run
+                progress.advance(subjects, len(all_its_jobs) - len(its_jobs))
+                started += len(all_its_jobs) - len(its_jobs)
+                if not its_jobs:
+                    continue
             task = progress.add_task(f"{path.name} ({reading})", total=None)
             try:
                 generator = generators[its_jobs[0].alpha]
                 prepared = prepare_input(
-                    path,
-                    generator.weights.degradation,
-                    options,
-                    sha256=(input_sha256 or {}).get(path),
+                    path, generator.weights.degradation, options, sha256=hashes.get(path)
                 )
+                hashes.setdefault(path, prepared.sha256)
             except MrisrError as exc:
                 failures += len(its_jobs)
                 error(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
@@ -394,8 +480,11 @@ def run_upsample_jobs(
                         prepared, job.output, generators[job.alpha], options, advance
                     )
                 except MrisrError as exc:
-                    failures += 1
-                    error(str(exc) if str(job.input) in str(exc) else f"{job.input}: {exc}")
+                    if skipped is not None and _finished_meanwhile(job, files, options, hashes):
+                        skipped(f"{job.output}: finished meanwhile by another run of {job.input}")
+                    else:
+                        failures += 1
+                        error(str(exc) if str(job.input) in str(exc) else f"{job.input}: {exc}")
                 else:
                     for message in result.warnings:  # an input's own warnings: once, not per alpha
                         if message not in shown:
@@ -407,3 +496,15 @@ def run_upsample_jobs(
                 progress.advance(subjects)
             progress.remove_task(task)
     return failures
+
+
+def _finished_meanwhile(
+    job: UpsampleJob, files: GeneratorFiles, options: UpsampleOptions, hashes: dict[Path, str]
+) -> bool:
+    """Whether another run put ``job``'s output in place, with the same input, alpha, weights and
+    settings (as :func:`split_finished` judges), while this one made it: why its write failed.
+    Only with the image there: a sidecar still without it may be the other run's, being put in
+    place, which :func:`split_finished` would remove as stale."""
+    if not job.output.exists():
+        return False
+    return split_finished([job], files, options, input_sha256=hashes).finished == [job]

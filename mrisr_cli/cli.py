@@ -10,9 +10,9 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -45,6 +45,9 @@ from mrisr_cli.console import (
     warn,
 )
 from mrisr_cli.errors import MrisrError
+
+if TYPE_CHECKING:  # imports torch: only inside the command
+    from mrisr_cli.batch import Plan
 
 app = typer.Typer(
     name="mrisr",
@@ -213,24 +216,25 @@ def upsample(
         raise fail("--skip-existing keeps finished outputs and --overwrite replaces them: give one")
     if bias_corrected and n4 is False:
         raise fail("--bias-corrected writes N4's corrected output: it cannot go with --no-n4")
-    output = Path(paths[-1])
-    output_existed = os.path.lexists(output)
+    plan: Plan | None = None
     try:
         with user_errors():
             from mrisr_cli.batch import plan_jobs, run_upsample_jobs, split_finished
             from mrisr_cli.inference import InferenceOptions, resolve_device, resolve_half
+            from mrisr_cli.n4 import n4_in_child_process
             from mrisr_cli.pipeline import UpsampleOptions, load_generator_files
             from mrisr_cli.threads import configure_threads
 
             configure_threads(threads)
-            jobs = plan_jobs(
+            plan = plan_jobs(
                 [Path(p) for p in paths[:-1]],
-                output,
+                Path(paths[-1]),
                 alphas,
                 overwrite=overwrite,
                 output_is_folder=paths[-1].endswith(("/", os.sep)),
                 skip_existing=skip_existing,
             )
+            jobs = plan.jobs
             resolved = resolve_device(device)
             half, half_warning = resolve_half(resolved, half)
             if half_warning:
@@ -270,19 +274,25 @@ def upsample(
                 # one console for the progress bar and the lines printed while it runs, so that
                 # on a terminal rich prints them above the bar instead of through it
                 console = stderr_console()
-                failures += run_upsample_jobs(
-                    jobs,
-                    files,
-                    options,
-                    console=console,
-                    warn=lambda message: report_line("warning", message, console),
-                    error=lambda message: report_line("error", message, console),
-                    input_sha256=known_sha256,
-                )
-    finally:  # an error, or nothing written: a folder made for this run is removed again
-        with suppress(OSError):  # never in the way of the error being reported
-            if not output_existed and output.is_dir() and not any(output.iterdir()):
-                output.rmdir()
+                # N4 (minutes of C++, deaf to signals) in a child: a stop is acted on at once
+                with n4_in_child_process():
+                    failures += run_upsample_jobs(
+                        jobs,
+                        files,
+                        options,
+                        console=console,
+                        warn=lambda message: report_line("warning", message, console),
+                        error=lambda message: report_line("error", message, console),
+                        input_sha256=known_sha256,
+                        skipped=(
+                            (lambda message: report_line("skipped", message, console))
+                            if skip_existing
+                            else None
+                        ),
+                    )
+    finally:  # an error, or nothing written: a folder made by this run is removed again
+        if plan is not None:
+            plan.release()
     if failures:
         raise typer.Exit(EXIT_USER_ERROR)
 

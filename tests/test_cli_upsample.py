@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -454,6 +456,61 @@ def test_skip_existing_goes_by_the_input_file_and_its_own_sidecar(
     assert (out / "a.json").read_text() == record
 
 
+@pytest.mark.parametrize("when", ["before its turn", "while it computes"])
+def test_skip_existing_takes_an_output_another_run_finished_meanwhile(
+    tmp_path: Path, fast_weights: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The same batch submitted twice: an output that the other run puts in place after this
+    one's first check, before this one comes to it or while it computes it, is skipped (not
+    redone where it can be seen in time), and no error: it was "already exists (use
+    --overwrite to replace it)", exit 1, for outputs that were all fine."""
+    import shutil
+
+    from mrisr_cli import batch
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, seed in (("a", 0), ("b", 1)):
+        write_nifti(folder / f"{name}.nii.gz", head_phantom((30, 20, 30), seed=seed))
+    options = ["--psnr-weights", fast_weights, *SMALL_PATCH, "--skip-existing"]
+    other, out = tmp_path / "other", tmp_path / "out"
+    assert upsample(folder, other, *options).exit_code == 0  # what the other run writes
+
+    def the_other_run_puts_b_in_place() -> None:
+        for name in ("b.json", "b.nii.gz"):  # its sidecar first, as a run does
+            shutil.copy2(other / name, out / name)
+
+    real_prepare, real_upsample = batch.prepare_input, batch.upsample_prepared
+    prepared: list[str] = []
+
+    def prepare(path: Path, *args: object, **kwargs: object) -> object:
+        prepared.append(path.name)
+        if when == "before its turn" and path.name == "a.nii.gz":
+            the_other_run_puts_b_in_place()
+        return real_prepare(path, *args, **kwargs)
+
+    def upsample_prepared(
+        data: object, output: Path, generator: object, opts: object, progress: object = None
+    ) -> object:
+        def advance(done: int, total: int) -> None:
+            if when == "while it computes" and output.name == "b.nii.gz" and done == total:
+                the_other_run_puts_b_in_place()
+            progress(done, total)  # type: ignore[operator]
+
+        return real_upsample(data, output, generator, opts, advance)
+
+    monkeypatch.setattr(batch, "prepare_input", prepare)
+    monkeypatch.setattr(batch, "upsample_prepared", upsample_prepared)
+    result = upsample(folder, out, *options)
+    assert result.exit_code == 0, result.stderr
+    assert error_lines(result) == []
+    skipped = f"mrisr: skipped: {out / 'b.nii.gz'}: finished meanwhile by another run of"
+    assert skipped in result.stderr
+    assert prepared == (["a.nii.gz"] if when == "before its turn" else ["a.nii.gz", "b.nii.gz"])
+    assert (out / "b.nii.gz").read_bytes() == (other / "b.nii.gz").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.nii.gz", "b.json", "b.nii.gz"]
+
+
 def test_skip_existing_checks_the_image_and_a_killed_write_leaves_no_image_alone(
     tmp_path: Path,
     psnr_weights: Path,
@@ -606,6 +663,91 @@ def test_a_folder_made_for_a_run_that_fails_before_any_input_is_removed(
     result = upsample(phantom_file, tmp_path / "b.nii.gz", f"{out}/", "--psnr-weights", missing)
     assert_one_line_error(result, "no such weights file")
     assert not out.exists()
+
+
+def test_a_failing_run_leaves_a_folder_another_run_made_meanwhile(
+    tmp_path: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs given one new output folder: the other one makes it while this one starts (its
+    torch import takes seconds), then this one fails. The folder was removed, and the other job
+    then failed every output ("output folder does not exist")."""
+    from mrisr_cli import threads
+
+    out = tmp_path / "out"
+    real = threads.configure_threads
+
+    def the_other_job_makes_the_folder(count: int | None = None) -> int:
+        out.mkdir()
+        return real(count)
+
+    monkeypatch.setattr(threads, "configure_threads", the_other_job_makes_the_folder)
+    missing = tmp_path / "nope.safetensors"
+    assert_one_line_error(upsample(phantom_file, f"{out}/", "--psnr-weights", missing), "nope")
+    assert out.is_dir()
+
+
+def test_a_failing_run_keeps_the_folder_it_made_while_another_run_holds_it(
+    tmp_path: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This job makes the new folder; another one, started just after, plans into it (holding it
+    with a shared lock, as every run holds its output folder) and computes; this one fails. The
+    folder stays for the other job, which has not written anything yet."""
+    import fcntl
+
+    from mrisr_cli import pipeline
+
+    out = tmp_path / "out"
+    real = pipeline.load_generator_files
+    held: list[int] = []
+
+    def the_other_job_plans(psnr: Path | None, gan: Path | None) -> object:
+        held.append(os.open(out, os.O_RDONLY | os.O_DIRECTORY))
+        fcntl.flock(held[0], fcntl.LOCK_SH)
+        return real(psnr, gan)
+
+    monkeypatch.setattr(pipeline, "load_generator_files", the_other_job_plans)
+    missing = tmp_path / "nope.safetensors"
+    try:
+        result = upsample(phantom_file, f"{out}/", "--psnr-weights", missing)
+        assert_one_line_error(result, "nope")
+        assert out.is_dir()
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def test_an_output_folder_made_by_another_run_just_before_this_one_is_used(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two jobs of an array make the same new folder at once: the one that loses the race was
+    stopped by FileExistsError ("internal error", exit 3); it writes into the folder."""
+    from mrisr_cli import batch
+
+    out = tmp_path / "out"
+    real = batch.check_output_path
+
+    def the_other_job_makes_it_just_after_the_check(path: Path, *, overwrite: bool) -> None:
+        real(path, overwrite=overwrite)
+        if path == out and not out.exists():
+            out.mkdir()
+
+    monkeypatch.setattr(batch, "check_output_path", the_other_job_makes_it_just_after_the_check)
+    result = upsample(phantom_file, f"{out}/", "--psnr-weights", fast_weights, *SMALL_PATCH)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["phantom.json", "phantom.nii.gz"]
+
+
+def test_a_link_to_a_missing_folder_as_output_folder_is_one_line(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """It was "internal error: FileExistsError"; nothing is made, the link stays as it was."""
+    link = tmp_path / "sr"
+    link.symlink_to(tmp_path / "gone")
+    other = write_nifti(tmp_path / "b.nii.gz", head_phantom((30, 20, 30)))
+    for given in (f"{link}/", str(link)):  # a folder for several inputs, also without the /
+        result = upsample(phantom_file, other, given, "--psnr-weights", fast_weights)
+        assert_one_line_error(result, f"{link}: output folder is a link to a missing folder")
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
 
 
 def test_hand_made_records_are_refused_or_ignored_without_a_traceback(
@@ -1015,6 +1157,54 @@ def test_sigterm_while_writing_leaves_nothing_and_says_so(
     assert run.stderr.strip().splitlines() == [
         "mrisr: error: stopped by SIGTERM; unfinished outputs were removed"
     ]
+    assert list(out.iterdir()) == []
+
+
+_STOP_DURING_N4 = """
+import pathlib, sys
+from mrisr_cli import n4, pipeline
+n4.N4_CONVERGENCE = {"iters": [10_000], "tol": 0.0}  # about a minute of N4 on one core
+real, started = pipeline.n4_fit, pathlib.Path(sys.argv[1])
+
+def n4_fit(*args, **kwargs):
+    started.touch()
+    return real(*args, **kwargs)
+
+pipeline.n4_fit = n4_fit
+from mrisr_cli.cli import main
+sys.argv = ["mrisr", *sys.argv[2:]]
+main()
+"""
+
+
+def test_sigterm_during_n4_stops_at_once_and_leaves_nothing(
+    tmp_path: Path, fast_weights: Path, phantom_file: Path
+) -> None:
+    """ANTs's N4 ran in the main process, deaf to signals (and holding the GIL) for its minutes
+    on a whole head: a SIGTERM was acted on 104 s late, after SLURM's SIGKILL (30 s) or docker
+    stop's (10 s)."""
+    out, started = tmp_path / "out", tmp_path / "started"
+    out.mkdir()
+    command = [
+        *(sys.executable, "-c", _STOP_DURING_N4, str(started), "upsample"),
+        *(str(phantom_file), str(out / "o.nii.gz"), "--n4", "--threads", "1"),
+        *("--psnr-weights", str(fast_weights), *SMALL_PATCH),
+    ]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 300
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), process.communicate(timeout=300)
+        time.sleep(4.0)  # a SLURM time limit, once N4 runs (its process started, ANTs imported)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=600)
+        late = time.monotonic() - sent
+    assert process.returncode == 128 + 15, stderr
+    assert stderr.strip().splitlines() == [
+        "mrisr: error: stopped by SIGTERM; unfinished outputs were removed"
+    ]
+    assert late < 5.0, f"exited {late:.1f} s after SIGTERM"
     assert list(out.iterdir()) == []
 
 

@@ -393,6 +393,8 @@ def test_def_runscript_and_test(deffile: DefFile) -> None:
     test = deffile.sections["test"]
     assert "mrisr --version" in test
     assert "mrisr selftest --device cpu" in test
+    # `apptainer build` and `apptainer test` run on login nodes, shared: not every core
+    assert "mrisr selftest --device cpu --threads 1" in test
 
 
 def test_def_labels(deffile: DefFile) -> None:
@@ -584,6 +586,42 @@ def test_slurm_upsample_other_lines(subjects: Path, tmp_path: Path) -> None:
     assert "not found" in missing.stderr
 
 
+def test_slurm_upsample_refuses_an_index_outside_the_list(tmp_path: Path) -> None:
+    """An index past the list "succeeded" doing nothing (a wrong --array unnoticed), 0 gave a
+    sed error, and `wc -l`, as documented, left out a last line without a newline."""
+    _fake_bin(tmp_path)
+    inputs = [tmp_path / "sub-01_T1w.nii.gz", tmp_path / "sub-02_T1w.nii.gz"]
+    for path in inputs:
+        path.write_bytes(b"")
+    listing = tmp_path / "subjects.txt"
+    listing.write_text(f"{inputs[0]}\n{inputs[1]}")  # no newline at the end
+    out = tmp_path / "sr"
+
+    def task(index: str) -> subprocess.CompletedProcess[str]:
+        env = {"SLURM_ARRAY_TASK_ID": index}
+        return _run_example("slurm_upsample.sh", [str(listing), str(out)], env, tmp_path)
+
+    for index in ("0", "3"):
+        refused = task(index)
+        assert refused.returncode != 0, refused.stdout
+        assert refused.stderr.strip() == (
+            f"task {index}: no such line in {listing} (it has 2; submit with --array=1-2)"
+        )
+    assert _calls(tmp_path) == []
+    last = task("2")
+    assert last.returncode == 0, last.stderr
+    (call,) = _calls(tmp_path)
+    assert str(inputs[1]) in call
+
+
+def test_the_array_is_sized_with_a_count_of_every_line() -> None:
+    """`wc -l` counts newlines: a list without a final one lost its last subject."""
+    submit = "sbatch --array=1-\"$(grep -c '' subjects.txt)\"%20 examples/slurm_upsample.sh"
+    for path in (REPO / "examples" / "slurm_upsample.sh", REPO / "docs" / "cluster.md"):
+        text = path.read_text()
+        assert submit in text and "wc -l <" not in text, path
+
+
 def _one_line_list(tmp_path: Path, line: str) -> Path:
     listing = tmp_path / "subjects.txt"
     listing.write_text(line + "\n")
@@ -714,6 +752,31 @@ def test_slurm_train_starts_torchrun_per_node(tmp_path: Path, cuda: str | None) 
         "-m", "mrisr_cli", "train", "--stage", "psnr",
         "--data", str(data.resolve()), "--out", str(run.resolve()),
     ]  # fmt: skip
+
+
+def test_slurm_train_continues_a_run_that_has_a_checkpoint(tmp_path: Path) -> None:
+    """A job resubmitted after its time limit, or requeued after a preemption, ran a new
+    `mrisr train --out RUN`, which a run folder with a checkpoint refuses."""
+    _fake_bin(tmp_path)
+    data, run = tmp_path / "prepared", tmp_path / "run"
+    data.mkdir()
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu-a17", "SLURM_GPUS_ON_NODE": "1"}
+
+    def train_args(extra: str = "") -> list[str]:
+        (tmp_path / "calls.log").unlink(missing_ok=True)
+        done = _run_example(
+            "slurm_train.sh", [str(data), str(run)], {**env, "MRISR_ARGS": extra}, tmp_path
+        )
+        assert done.returncode == 0, done.stderr
+        (call,) = _calls(tmp_path)
+        return call[call.index("train") :]
+
+    assert "--resume" not in train_args()
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert train_args()[-1] == "--resume"
+    assert train_args("--resume --epochs 40").count("--resume") == 1
+    script = (REPO / "examples" / "slurm_train.sh").read_text()
+    assert "#SBATCH --signal=TERM@120" in script, "a checkpoint before the time limit"
 
 
 # --------------------------------------------------------------------------------------------------

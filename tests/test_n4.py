@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
-from mrisr_cli.n4 import N4_RANGE, n4_correct, n4_fit
+from mrisr_cli import n4
+from mrisr_cli.errors import MrisrError
+from mrisr_cli.n4 import N4_RANGE, n4_correct, n4_fit, n4_in_child_process
 from tests.test_prepare import SHAPE, head
 
 SPACING = (1.0, 1.0, 1.0)
@@ -103,3 +114,112 @@ def test_n4_correct_is_the_image_ants_corrects(unit_correction: np.ndarray) -> N
     corrected *= shifted.mean(dtype=np.float64) / corrected.mean()
     expected = (corrected - 1.0) / scale + floor
     np.testing.assert_allclose(unit_correction, expected, atol=1e-5 * span)
+
+
+#: an N4 that runs for long: 10^4 iterations, about 5 ms each on one core for these heads
+LONG_N4 = {"iters": [10_000], "tol": 0.0}
+
+
+_BOTH_WAYS = """
+import numpy as np
+from mrisr_cli.n4 import n4_fit, n4_in_child_process
+from mrisr_cli.threads import configure_threads
+from tests.test_prepare import head
+configure_threads(1)  # before ANTs starts, on both sides: N4's field depends on ITK's threads
+small = head(0, (24, 22, 26))
+here = n4_fit(small, (1.0, 1.0, 1.0))
+with n4_in_child_process():
+    there = n4_fit(small, (1.0, 1.0, 1.0))
+same = (there.floor, there.scale) == (here.floor, here.scale)
+print(float(np.abs(there.gain - here.gain).max()), same)
+"""
+
+
+def test_n4_in_a_child_process_gives_the_same_field() -> None:
+    """`mrisr upsample` fits N4 in a child process: the field it fits in this process, bit for
+    bit, with the same thread count (in a fresh interpreter: here ANTs may have started with
+    another)."""
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-c", _BOTH_WAYS], cwd=repo, capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0.0", "True"]
+
+
+def test_n4_in_a_child_process_is_reused_and_passes_errors_on() -> None:
+    """One child for every input, killed when the block ends; ANTs's errors come back as they
+    were raised."""
+    small = head(0, (24, 22, 26))
+    with n4_in_child_process():
+        n4_fit(small, SPACING)
+        assert n4._child is not None
+        child = n4._child._process
+        with pytest.raises(RuntimeError, match="outside the largest possible region"):
+            n4_fit(small, SPACING, mask=np.ones((8, 8, 8)))
+        again = n4_fit(small[::-1], SPACING)
+        assert n4._child._process is child is not None, "one child for every input"
+    assert again.gain.shape == small.shape
+    assert n4._child is None and child.exitcode is not None, "the child is gone"
+
+
+class _Stopped(Exception):
+    """What the test's signal handler raises, as the CLI's raises KeyboardInterrupt."""
+
+
+def _signal_once_n4_runs(signum: int, *, to_child: bool) -> dict[str, Any]:
+    """Send ``signum`` to this process or to the N4 child 3 s after the child started (its ANTs
+    import done, N4 running); the child and the time go into the returned dict."""
+    seen: dict[str, Any] = {}
+
+    def run() -> None:
+        deadline = time.monotonic() + 120.0  # never a stray signal into a later test
+        while n4._child is None or n4._child._process is None:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        seen["child"] = child = n4._child._process
+        time.sleep(3.0)
+        seen["sent"] = time.monotonic()
+        os.kill(child.pid if to_child else os.getpid(), signum)  # type: ignore[arg-type]
+
+    threading.Thread(target=run, daemon=True).start()
+    return seen
+
+
+def test_a_stop_during_n4_is_acted_on_at_once_and_kills_the_child() -> None:
+    """ANTs's N4 runs minutes of C++ during which Python runs no signal handler: in the main
+    process, a SIGTERM waited for it (minutes on a whole head), past SLURM's and Docker's
+    SIGKILL. In the child, the handler runs at once and the child is killed."""
+    from mrisr_cli.threads import configure_threads
+
+    configure_threads(1)
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        seen = _signal_once_n4_runs(signal.SIGUSR1, to_child=False)
+        with pytest.raises(_Stopped), n4_in_child_process():
+            n4_fit(head(0), SPACING, convergence=LONG_N4)
+        stopped = time.monotonic()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    late = stopped - seen["sent"]
+    assert late < 2.0, f"stopped {late:.1f} s after the signal"
+    assert seen["child"].exitcode == -signal.SIGKILL, "killed, not left to finish N4"
+
+
+def test_a_child_killed_during_n4_is_one_error() -> None:
+    """The kernel's OOM killer ends the child: an error, not a hang or a traceback."""
+    from mrisr_cli.threads import configure_threads
+
+    configure_threads(1)
+    _signal_once_n4_runs(signal.SIGKILL, to_child=True)
+    with (
+        pytest.raises(MrisrError, match=r"N4's process ended .*killed by SIGKILL"),
+        n4_in_child_process(),
+    ):
+        n4_fit(head(0), SPACING, convergence=LONG_N4)
+    assert n4._child is None
