@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
+from multiprocessing.connection import wait as connection_wait
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
@@ -25,6 +26,8 @@ T = TypeVar("T")
 
 #: how long stopped workers may take to unwind before they are killed
 STOP_GRACE_SECONDS = 5.0
+#: how long the executor's thread may take to reap the ended (or killed) workers
+REAP_SECONDS = 10.0
 
 _in_task = False  # in a worker: whether it is running a task (else it waits for one)
 
@@ -98,18 +101,30 @@ class WorkerPool:
         # the executor keeps its processes in a private mapping (public from Python 3.14 on, as
         # terminate_workers()); without it, cancelling the queue is all that can be done
         processes = list((getattr(self._executor, "_processes", None) or {}).values())
+        manager = getattr(self._executor, "_executor_manager_thread", None)
         self._executor.shutdown(wait=False, cancel_futures=True)
         for process in processes:
-            if process.is_alive():
-                process.terminate()
+            process.terminate()  # one that has ended already is left alone
+        # waited for by their sentinels, never joined here: the executor's own thread reaps
+        # them, and two threads reaping one process race (the loser takes it for alive)
+        sentinels = {process.sentinel: process for process in processes}
         try:
-            deadline = time.monotonic() + STOP_GRACE_SECONDS
-            for process in processes:
-                process.join(max(0.0, deadline - time.monotonic()))
+            _wait_ended(list(sentinels), STOP_GRACE_SECONDS)
         except KeyboardInterrupt:  # a second Ctrl-C: no more waiting (the first one goes on)
             pass
         finally:
-            for process in processes:
-                if process.is_alive():
+            ended = set(connection_wait(list(sentinels), 0))
+            for sentinel, process in sentinels.items():
+                if sentinel not in ended:
                     process.kill()
-                    process.join()
+            if manager is not None:  # it reaps every worker (exit codes set) and ends
+                manager.join(REAP_SECONDS)
+
+
+def _wait_ended(sentinels: list[Any], seconds: float) -> None:
+    """Wait up to ``seconds`` until every process of these sentinels has ended."""
+    deadline = time.monotonic() + seconds
+    pending = sentinels
+    while pending and (left := deadline - time.monotonic()) > 0:
+        done = connection_wait(pending, left)
+        pending = [s for s in pending if s not in done]
