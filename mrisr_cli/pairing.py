@@ -146,8 +146,9 @@ def match_masks(refs: Sequence[Path], masks: Sequence[Path]) -> Pairing:
     paired = set(first.matches.values())
     refs_by_key: dict[frozenset[str], list[str]] = {}
     for stem, ref in unique.items():
-        if stem not in first.matches and any(e.startswith("sub-") for e in bids_entities(ref.name)):
-            refs_by_key.setdefault(bids_entities(ref.name), []).append(stem)
+        key = bids_entities(ref.name)
+        if stem not in first.matches and any(e.startswith("sub-") for e in key):
+            refs_by_key.setdefault(key, []).append(stem)
     masks_by_key: dict[frozenset[str], list[Path]] = {}
     for mask in masks:
         if mask not in paired:
