@@ -143,15 +143,7 @@ def _checked_volume(image: object, path: Path, fixes: list[str]) -> Volume:
     ):
         raise InputError(f"{path}: the header gives a voxel size of 0 mm (pixdim)")
     check_affine(image.affine, str(path))
-    stored = np.dtype(image.get_data_dtype())
-    if stored.kind == "c":
-        raise InputError(
-            f"{path}: complex-valued voxels ({stored}, e.g. raw or phase data); give the "
-            "magnitude image"
-        )
-    if stored.kind not in "biuf":  # structured (RGB), strings, objects
-        what = "colour (RGB) voxels" if stored.names else f"voxels of type {stored}"
-        raise InputError(f"{path}: {what}, not the grey values of a T1")
+    check_voxel_type(np.dtype(image.get_data_dtype()), str(path))
     try:
         # a damaged stream can decode to huge values; numpy's cast warning would be printed
         # above the error line that _check_gzip_stream gives for it
@@ -213,6 +205,19 @@ def check_finite_and_nonempty(data: np.ndarray, what: str) -> None:
         raise InputError(f"{what}: volume is empty (every voxel is {float(data.min()):g})")
 
 
+def check_voxel_type(dtype: np.dtype, what: str) -> None:
+    """Refuse voxels that are no grey values (a file's stored type, or an array's): complex
+    (raw or phase data), colour (RGB, a structured type), text or objects."""
+    if dtype.kind == "c":
+        raise InputError(
+            f"{what}: complex-valued voxels ({dtype}, e.g. raw or phase data); give the "
+            "magnitude image"
+        )
+    if dtype.kind not in "biuf":
+        kind = "colour (RGB) voxels" if dtype.names else f"voxels of type {dtype}"
+        raise InputError(f"{what}: {kind}, not the grey values of a T1")
+
+
 def checked_array(data: object, what: str) -> np.ndarray:
     """An array given to a library function, as the pipeline can use it: 3D (a singleton 4th
     axis dropped) and float32 (float64 kept: the degradation computes in it), checked as
@@ -226,13 +231,9 @@ def checked_array(data: object, what: str) -> np.ndarray:
         array = array[..., 0]
     if array.ndim != 3:
         raise InputError(f"{what}: expected a 3D volume, got an array of shape {array.shape}")
-    kind = array.dtype.kind
-    if kind == "b":
+    if array.dtype.kind == "b":
         raise InputError(f"{what}: a boolean array (a mask), not the grey values of a T1")
-    if kind == "c":
-        raise InputError(f"{what}: complex-valued voxels ({array.dtype}); give the magnitude image")
-    if kind not in "iuf":
-        raise InputError(f"{what}: voxels of type {array.dtype}, not the grey values of a T1")
+    check_voxel_type(array.dtype, what)
     if array.dtype != np.float64:
         with np.errstate(over="ignore"):  # a longdouble beyond float32: infinite, refused below
             array = array.astype(np.float32, copy=False)
