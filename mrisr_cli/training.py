@@ -798,6 +798,8 @@ class _TrainingRun:
         path = self.out / name
         epoch = math.ceil(at / self.config.steps_per_epoch)  # as the log counts it
         info = dict(self.provenance, step=at, epoch=epoch, validation=metrics)
+        init = self.provenance.get("init") or {}
+        info["stage_steps"] = at + int(init.get("stage_steps") or 0)
         state = self.trainer.generator.state_dict()
         try:
             save_weights(
@@ -979,6 +981,13 @@ def _resume_entry(step: int, dist: DistInfo, device: str) -> dict[str, Any]:
     }
 
 
+def stage_steps_of(weights: WeightsFile) -> int:
+    """Steps of its stage behind a weights file: its run's, plus those of the same-stage file that
+    run started from (``--init``), and so on back; so a schedule split over sessions adds up."""
+    provenance = weights.provenance
+    return int(provenance.get("stage_steps", provenance.get("step") or 0))
+
+
 def _provenance_base(
     config: TrainConfig,
     manifest: Manifest,
@@ -988,7 +997,14 @@ def _provenance_base(
 ) -> dict[str, Any]:
     init_info = None
     if init is not None:
-        init_info = {"path": str(init.path), "sha256": init.sha256}
+        init_info = {
+            "path": str(init.path),
+            "sha256": init.sha256,
+            "step": init.provenance.get("step"),
+            "stage_steps": stage_steps_of(init)
+            if init.provenance.get("stage") == config.stage
+            else 0,
+        }
     elif payload.get("init_sha256"):  # resumed without the file: the path it started from
         started = json.loads(payload["config"]).get("init")
         init_info = {"path": started, "sha256": payload["init_sha256"]}

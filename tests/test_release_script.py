@@ -3,7 +3,8 @@
 Tiny networks, a synthetic four-subject dataset and second-long budgets: every stage runs (PSNR,
 GAN, the three baselines with RRDG's step count, upsampling of the test split, evaluation, figure)
 and leaves what the model card is built from; then a second call continues the PSNR-stage
-networks from the first one's files (training only: ``--skip-eval``).
+networks from the first one's files, or trains them from scratch where there is none, up to
+RRDG's total steps (training only: ``--skip-eval``).
 """
 
 from __future__ import annotations
@@ -73,14 +74,19 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     assert "comparison.png" in names and "rrdg_psnr/log.jsonl" in names
     assert len(list(out.iterdir())) <= 7  # fits the 8 files a lent GPU sends back, with the log
 
-    # a later GPU session continues every PSNR-stage network from the files the first one left;
-    # only the PSNR stages matter here (the GAN stage, under 5 s, and the evaluation are skipped)
+    # a later GPU session continues every PSNR-stage network from the files the first one left,
+    # and trains a network without one (the shipped weights/ holds RRDG's alone) from scratch up
+    # to RRDG's total steps; only the PSNR stages matter here (GAN stage and evaluation skipped)
+    previous = tmp_path / "previous"
+    (previous / "baselines").mkdir(parents=True)  # the repository's weights/ layout
+    for name, folder in (("rrdg_psnr", previous), ("fsrcnn", previous / "baselines")):
+        (folder / f"{name}.safetensors").write_bytes((out / f"{name}.safetensors").read_bytes())
     again = tmp_path / "out2"
     command[command.index(out)] = again
     command[command.index("--work") + 1] = tmp_path / "work2"
     command[command.index("--gan-seconds") + 1] = "0"
     run = subprocess.run(
-        [*map(str, command), "--continue-from", str(out), "--skip-eval"],
+        [*map(str, command), "--continue-from", str(previous), "--skip-eval"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -89,9 +95,24 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     results = json.loads((again / "results.json").read_text())
     assert "errors" not in results and "eval_error" not in results, results
     assert set(results["training"]) == {"rrdg_psnr", "fsrcnn", "srresnet", "mdcsrn"}
-    for name in ("rrdg_psnr", "fsrcnn", "srresnet", "mdcsrn"):
-        first = load_weights(out / f"{name}.safetensors")
-        assert results["continued_from"][name]["sha256"] == first.sha256
-        continued = load_weights(again / f"{name}.safetensors")
-        assert continued.provenance["init"]["sha256"] == first.sha256
-        assert continued.sha256 != first.sha256  # it trained on
+    continued = results["continued_from"]
+    rrdg_before = load_weights(out / "rrdg_psnr.safetensors").provenance["step"]
+    assert continued["rrdg_psnr"]["steps_before"] == rrdg_before >= 1
+    assert continued["fsrcnn"]["steps_before"] == steps  # the first call's baseline schedule
+    rrdg = load_weights(again / "rrdg_psnr.safetensors")
+    assert rrdg.provenance["init"]["sha256"] == continued["rrdg_psnr"]["sha256"]
+    assert rrdg.provenance["stage_steps"] == rrdg_before + rrdg.provenance["step"]
+    total = rrdg_before + results["training"]["rrdg_psnr"]["steps"]
+    for name in ("srresnet", "mdcsrn"):  # no file: from scratch, RRDG's whole schedule
+        assert continued[name] == {"path": None, "steps_before": 0}
+        assert results["training"][name]["steps"] == total
+        trained = load_weights(again / f"{name}.safetensors")
+        assert trained.provenance["init"] is None and trained.provenance["stage_steps"] == total
+    fsrcnn = load_weights(again / "fsrcnn.safetensors")
+    if total > steps:  # it trains on to RRDG's total
+        assert results["training"]["fsrcnn"]["steps"] == total - steps
+        assert fsrcnn.provenance["init"]["sha256"] == continued["fsrcnn"]["sha256"]
+        assert fsrcnn.provenance["stage_steps"] == total
+    else:  # already there: the earlier file is kept as it is
+        assert results["training"]["fsrcnn"] == {"status": "skipped (schedule done)"}
+        assert fsrcnn.sha256 == continued["fsrcnn"]["sha256"]

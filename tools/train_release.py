@@ -5,11 +5,12 @@ SLURM slot), each result written to --out as soon as it exists:
 
 1. unpack a dataset pack (:mod:`mrisr_cli.compact`) into a `mrisr train` data folder;
 2. RRDG, PSNR stage, for --psnr-seconds (validation every --val-every steps, best kept);
-3. RRDG, GAN stage from the best PSNR weights, for --gan-seconds;
-4. 3D FSRCNN, 3D SRResNet and mDCSRN, PSNR stage, with RRDG's schedule: the same data, batch,
-   learning rate and number of steps (each also capped in time: 1.5x RRDG's wall time, and the
+3. 3D FSRCNN, 3D SRResNet and mDCSRN, PSNR stage, with RRDG's schedule: the same data, batch,
+   learning rate and number of steps (with --continue-from, up to RRDG's total steps across
+   calls; each also capped in time: 1.5x RRDG's time for as many steps, and the
    deadline; with --tiny by the deadline only, so the dry run on a loaded CPU, where a tiny
    baseline's start-up can outlast RRDG's few seconds, still runs the whole schedule);
+4. RRDG, GAN stage from the best PSNR weights, for --gan-seconds or what the deadline leaves;
 5. the test split: LR input, cubic B-spline of the true LR volume, every network, the GAN model
    and the alpha=0.5 blend, through `mrisr upsample`'s code path (seconds per volume measured),
    scored by `mrisr evaluate`'s code (PSNR, SSIM, NRMSE, M_h and Dice with HighRes3DNet);
@@ -45,7 +46,7 @@ from mrisr_cli.intensity import IntensityStats
 from mrisr_cli.manifest import load_manifest
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
 from mrisr_cli.run_files import read_log
-from mrisr_cli.training import train
+from mrisr_cli.training import stage_steps_of, train
 from mrisr_cli.training_config import CRITIC_LR_PER_LR, TrainConfig
 
 TINY = {
@@ -131,6 +132,14 @@ def _train_stage(
         f"{result.best_psnr}, peak GPU {entry['peak_gpu_gib']} GiB"
     )
     return entry
+
+
+def weights_in(folder: Path, name: str) -> Path:
+    """``name``'s file in a folder of earlier weights: ``folder/NAME.safetensors``, else
+    ``folder/baselines/NAME.safetensors`` (the repository's weights/ keeps the baselines there)."""
+    path = folder / f"{name}.safetensors"
+    nested = folder / "baselines" / f"{name}.safetensors"
+    return nested if not path.is_file() and nested.is_file() else path
 
 
 def write_test_volumes(data_dir: Path, work: Path, split: str) -> list[str]:
@@ -256,7 +265,12 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=560.0, help="seconds for everything")
     parser.add_argument("--psnr-seconds", type=float, default=140.0)
     parser.add_argument("--gan-seconds", type=float, default=60.0)
-    parser.add_argument("--eval-seconds", type=float, default=110.0, help="kept for step 5-6")
+    parser.add_argument(
+        "--eval-seconds",
+        type=float,
+        default=200.0,
+        help="kept for steps 5-6 (on an H200 with --half-eval and --parcellation: 177 s)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--gan-lr", type=float, default=5e-5)
@@ -364,26 +378,32 @@ def main() -> int:
             shutil.copy(Path(gan["last"]), out / "rrdg_gan.safetensors")
 
     def earlier(name: str) -> str | None:
-        """``--continue-from``'s file for ``name``, recorded in the results (None: from scratch)."""
+        """``--continue-from``'s file for ``name``, recorded in the results (None: from scratch,
+        also where the folder has no file for it: the shipped weights/ holds RRDG's alone)."""
         if args.continue_from is None:
             return None
-        path = args.continue_from / f"{name}.safetensors"
+        path = weights_in(args.continue_from, name)
+        continued = results.setdefault("continued_from", {})
         if not path.is_file():
-            raise FileNotFoundError(f"--continue-from: no {path}")
+            continued[name] = {"path": None, "steps_before": 0}
+            return None
         from mrisr_cli.weights import load_weights
 
         previous = load_weights(path)
-        results.setdefault("continued_from", {})[name] = {
+        continued[name] = {
             "path": str(path),
             "sha256": previous.sha256,
-            "steps_before": previous.provenance.get("step"),
+            "steps_before": stage_steps_of(previous),
         }
         return str(path)
 
+    def steps_before(name: str) -> int:
+        return int(results.get("continued_from", {}).get(name, {}).get("steps_before", 0))
+
     if args.trained is not None:
         for name in ("rrdg_psnr", *BASELINES, "rrdg_gan"):
-            if (args.trained / f"{name}.safetensors").is_file():
-                shutil.copy(args.trained / f"{name}.safetensors", out / f"{name}.safetensors")
+            if weights_in(args.trained, name).is_file():
+                shutil.copy(weights_in(args.trained, name), out / f"{name}.safetensors")
         if args.gan_seconds > 0:  # else the folder's GAN model, if any, is evaluated as it is
             train_gan(base, out / "rrdg_psnr.safetensors", args.gan_seconds)
         entry = None
@@ -400,35 +420,51 @@ def main() -> int:
             ),
         )
     if entry is not None:
-        steps = entry["steps"]
+        # RRDG's schedule so far, this call's steps and those behind its --continue-from file;
+        # each baseline trains up to the same total
+        steps = entry["steps"] + steps_before("rrdg_psnr")
+        per_step = entry["seconds"] / max(entry["steps"], 1)
+
+        def baseline_cap(net: str, steps: int) -> float:
+            """1.5x RRDG's time for the same steps: each baseline is cheaper per step."""
+            return 1.5 * per_step * (steps - steps_before(net))
+
         best = Path(entry["best"] or entry["last"])
         shutil.copy(best, out / "rrdg_psnr.safetensors")
         base = replace(base, amp=entry["config"]["amp"])  # the fp32 fallback holds for all
-        gan_seconds = min(args.gan_seconds, args.deadline - args.eval_seconds - elapsed() - 20)
-        if gan_seconds >= 5:
-            train_gan(base, best, gan_seconds)
         for net in BASELINES:
             left = args.deadline - args.eval_seconds - elapsed()
+            init = earlier(net)
+            if steps - steps_before(net) < 1:
+                log(f"{net}: already at {steps_before(net)} steps, RRDG's {steps}")
+                results["training"][net] = {"status": "skipped (schedule done)"}
+                shutil.copy(Path(str(init)), out / f"{net}.safetensors")
+                continue
             if left < 15:
                 log(f"{net}: skipped, {left:.0f} s left before the evaluation")
                 results["training"][net] = {"status": "skipped (deadline)"}
                 continue
             trained = guarded(
                 net,
-                lambda net=net, left=left: train_stage(
+                lambda net=net, left=left, init=init: train_stage(
                     net,
                     base,
                     runs,
                     results,
                     network=NetworkConfig(net, params(net)),
-                    init=earlier(net),
+                    init=init,
                     epochs=1,
-                    steps_per_epoch=steps,
-                    time_limit=left if args.tiny else min(left, 1.5 * entry["seconds"]),
+                    steps_per_epoch=steps - steps_before(net),
+                    time_limit=left if args.tiny else min(left, baseline_cap(net, steps)),
                 ),
             )
             if trained is not None:
                 shutil.copy(Path(trained["last"]), out / f"{net}.safetensors")
+        # the GAN stage last, with what the deadline leaves of --gan-seconds: the comparison
+        # needs the baselines' whole schedule first
+        gan_seconds = min(args.gan_seconds, args.deadline - args.eval_seconds - elapsed() - 20)
+        if gan_seconds >= 5:
+            train_gan(base, best, gan_seconds)
 
     # --- the test split -----------------------------------------------------------------------
     if args.skip_eval:
