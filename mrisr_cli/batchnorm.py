@@ -3,8 +3,8 @@
 During training a BatchNorm layer keeps running averages of its batch statistics (momentum 0.1):
 they mix statistics of weights from the last ~10 steps. When the weights still move fast (short
 schedules, high learning rates) those averages lag behind, and the network in eval mode, which is
-how `upsample` runs it, shifts its outputs: the released RRDG trained for 224 steps added a bias
-of about 0.13 standard deviations to every background voxel. Recomputing each layer's mean and
+how `upsample` runs it, shifts its outputs: the first released RRDG (224 steps, 2026-11-27) added a
+bias of about 0.13 standard deviations to every background voxel. Recomputing each layer's mean and
 variance over a fixed set of training patches with the weights as they are (Wu & Johnson,
 "Rethinking 'Batch' in BatchNorm", 2021) removes the lag. It changes only BatchNorm buffers,
 never a learned weight. Training does it before each validation (``TrainConfig.precise_bn``);

@@ -157,7 +157,7 @@ def upsample(
         int, typer.Option(min=1, metavar="N", help="Patches per network call.")
     ] = 4,
     patch: Annotated[
-        str, typer.Option(metavar="X,Y,Z", help="Patch size (canonical axes).")
+        str, typer.Option(metavar="X,Y,Z", help="Patch size, model's axes (README).")
     ] = "64,40,64",
     threads: ThreadsOption = None,
     margin: Annotated[

@@ -77,16 +77,16 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     # a later GPU session continues every PSNR-stage network from the files the first one left,
     # and trains a network without one (the shipped weights/ holds RRDG's alone) from scratch up
     # to RRDG's total steps; only the PSNR stages matter here (GAN stage and evaluation skipped)
-    previous = tmp_path / "previous"
-    (previous / "baselines").mkdir(parents=True)  # the repository's weights/ layout
-    for name, folder in (("rrdg_psnr", previous), ("fsrcnn", previous / "baselines")):
+    previous, baselines = tmp_path / "previous", tmp_path / "baselines"  # as weights/ and
+    for name, folder in (("rrdg_psnr", previous), ("fsrcnn", baselines)):  # tools/baseline_weights/
+        folder.mkdir()
         (folder / f"{name}.safetensors").write_bytes((out / f"{name}.safetensors").read_bytes())
     again = tmp_path / "out2"
     command[command.index(out)] = again
     command[command.index("--work") + 1] = tmp_path / "work2"
     command[command.index("--gan-seconds") + 1] = "0"
     run = subprocess.run(
-        [*map(str, command), "--continue-from", str(previous), "--skip-eval"],
+        [*map(str, command), "--continue-from", str(previous), str(baselines), "--skip-eval"],
         capture_output=True,
         text=True,
         timeout=900,

@@ -134,12 +134,12 @@ def _train_stage(
     return entry
 
 
-def weights_in(folder: Path, name: str) -> Path:
-    """``name``'s file in a folder of earlier weights: ``folder/NAME.safetensors``, else
-    ``folder/baselines/NAME.safetensors`` (the repository's weights/ keeps the baselines there)."""
-    path = folder / f"{name}.safetensors"
-    nested = folder / "baselines" / f"{name}.safetensors"
-    return nested if not path.is_file() and nested.is_file() else path
+def weights_in(folders: list[Path], name: str) -> Path:
+    """``name``'s file in folders of earlier weights: the first ``FOLDER/NAME.safetensors`` that
+    exists (the repository keeps RRDG's in weights/, the baselines' in tools/baseline_weights/),
+    else the first folder's, missing."""
+    paths = [folder / f"{name}.safetensors" for folder in folders]
+    return next((path for path in paths if path.is_file()), paths[0])
 
 
 def write_test_volumes(data_dir: Path, work: Path, split: str) -> list[str]:
@@ -287,15 +287,19 @@ def main() -> int:
     parser.add_argument(
         "--trained",
         type=Path,
-        help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: the "
-        "PSNR stage and the baselines are not trained again (GAN stage and evaluation only; "
-        "with --gan-seconds 0 the folder's rrdg_gan.safetensors is evaluated, nothing trains)",
+        nargs="+",
+        help="folders with rrdg_psnr.safetensors and baseline weights from an earlier call (each "
+        "file from the first folder that has it): the PSNR stage and the baselines are not "
+        "trained again (GAN stage and evaluation only; with --gan-seconds 0 the "
+        "rrdg_gan.safetensors found is evaluated, nothing trains)",
     )
     parser.add_argument(
         "--continue-from",
         type=Path,
-        help="folder with rrdg_psnr.safetensors and baseline weights from an earlier call: every "
-        "PSNR-stage network starts from its file there (the schedule adds up across GPU sessions)",
+        nargs="+",
+        help="folders with rrdg_psnr.safetensors and baseline weights from an earlier call (each "
+        "file from the first folder that has it; e.g. weights tools/baseline_weights): every "
+        "PSNR-stage network starts from its file (the schedule adds up across GPU sessions)",
     )
     args = parser.parse_args()
 
@@ -379,7 +383,7 @@ def main() -> int:
 
     def earlier(name: str) -> str | None:
         """``--continue-from``'s file for ``name``, recorded in the results (None: from scratch,
-        also where the folder has no file for it: the shipped weights/ holds RRDG's alone)."""
+        also where no folder has a file for it: a network new to the comparison)."""
         if args.continue_from is None:
             return None
         path = weights_in(args.continue_from, name)
