@@ -277,19 +277,38 @@ class _Compiled(nn.Module):
             ) from None
 
 
-@contextlib.contextmanager
-def _cuda_settings(options: InferenceOptions) -> Iterator[None]:
-    """cuDNN autotuning on and TF32 off (fp32 stays fp32) for the run; restored afterwards."""
-    if not options.device.startswith("cuda"):
-        yield
-        return
-    backends = torch.backends.cudnn
-    saved = (backends.benchmark, backends.allow_tf32)
-    backends.benchmark, backends.allow_tf32 = True, False
-    try:
-        yield
-    finally:
-        backends.benchmark, backends.allow_tf32 = saved
+class _CudaSettings:
+    """cuDNN's flags are process-wide: the first run to start sets them, the last to end puts
+    back what they were, so runs in several threads neither undo each other's settings nor
+    leave them changed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.saved: tuple[bool, bool] = (False, False)
+
+    @contextlib.contextmanager
+    def __call__(self, options: InferenceOptions) -> Iterator[None]:
+        """cuDNN autotuning on and TF32 off (fp32 stays fp32) for the run; restored afterwards."""
+        if not options.device.startswith("cuda"):
+            yield
+            return
+        backends = torch.backends.cudnn
+        with self.lock:
+            if self.active == 0:
+                self.saved = (backends.benchmark, backends.allow_tf32)
+            self.active += 1
+            backends.benchmark, backends.allow_tf32 = True, False
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                if self.active == 0:
+                    backends.benchmark, backends.allow_tf32 = self.saved
+
+
+_cuda_settings = _CudaSettings()
 
 
 def _batches(items: list[Start], size: int) -> Iterator[list[Start]]:

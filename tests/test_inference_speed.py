@@ -551,6 +551,27 @@ def test_cuda_settings_are_restored_after_inference() -> None:
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) == saved
 
 
+def test_cuda_settings_hold_while_any_thread_runs_and_are_restored_after_the_last() -> None:
+    """cuDNN's flags are process-wide: a run ending in one thread must not turn autotuning off
+    (or TF32 on) under a run still going in another, and the last one out restores them. No GPU
+    is needed: the flags can be set without one."""
+    backends = torch.backends.cudnn
+    saved = (backends.benchmark, backends.allow_tf32)
+    cuda = InferenceOptions(device="cuda")
+    try:
+        backends.benchmark, backends.allow_tf32 = False, True  # the caller's own settings
+        first, second = inference._cuda_settings(cuda), inference._cuda_settings(cuda)
+        first.__enter__()
+        second.__enter__()
+        assert (backends.benchmark, backends.allow_tf32) == (True, False)
+        first.__exit__(None, None, None)  # one thread's run ends; the other's is still going
+        assert (backends.benchmark, backends.allow_tf32) == (True, False)
+        second.__exit__(None, None, None)
+        assert (backends.benchmark, backends.allow_tf32) == (False, True)
+    finally:
+        backends.benchmark, backends.allow_tf32 = saved
+
+
 @pytest.mark.slow
 def test_compiled_network_gives_the_same_output() -> None:
     volume = _whole_head_like()
