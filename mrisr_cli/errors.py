@@ -24,3 +24,9 @@ class OutputError(MrisrError):
 
 class DeviceError(MrisrError):
     """A compute device that is unavailable or ran out of memory."""
+
+
+class MrisrWarning(UserWarning):
+    """Something a library caller should know about a result that was still produced (what the
+    CLI prints as a warning line), issued through Python's :mod:`warnings` where the function
+    has no other channel for it."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import nn
 from mrisr_cli import __version__
 from mrisr_cli.blending import blend_weights, check_alpha
 from mrisr_cli.degradation import DegradationConfig
-from mrisr_cli.errors import InputError, MrisrError, OutputError, WeightsError
+from mrisr_cli.errors import InputError, MrisrError, MrisrWarning, OutputError, WeightsError
 from mrisr_cli.grid import GridPlan, plan_grid
 from mrisr_cli.inference import (
     InferenceOptions,
@@ -382,6 +384,7 @@ def upsample_image(
     generator: Generator,
     options: UpsampleOptions | None = None,
     progress: ProgressCallback | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> nib.Nifti1Image:
     """:func:`upsample_file` in memory: a nibabel image in (any orientation, 1 mm or coarser
     voxels, the input's own units), the image that ``upsample_file`` would write out.
@@ -389,15 +392,22 @@ def upsample_image(
     The whole job, as for a file: the input's checks, its grid (canonical axes, 1 mm, coarse
     axes in the model's degraded slots), N4 as the weights say, the flat background kept, and
     back to the input's axes and geometry. Only the file's name is not checked (a T2w name),
-    and ``options``' file settings (overwrite, sidecar) do not apply; the grid's warnings,
-    which ``upsample_file`` returns, are not reported.
+    and ``options``' file settings (overwrite, sidecar) do not apply. The warnings that
+    ``upsample_file`` returns in its result (an oblique or too-fine grid, ``half`` falling back
+    to fp32...) go to ``warn``, one line each; without it they are issued as
+    :class:`~mrisr_cli.errors.MrisrWarning` through Python's :mod:`warnings`.
     """
     options = options or UpsampleOptions()
     name = image.get_filename() if isinstance(image, nib.spatialimages.SpatialImage) else None
     volume = image_volume(image, name or IN_MEMORY_NAME)
     volume.path = Path(name) if name else None
     prepared = prepare_volume(volume, generator.weights.degradation, options)
-    inference, _ = _run_options(options)
+    inference, half_warning = _run_options(options)
+    for message in _run_warnings(prepared, options, half_warning):
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, MrisrWarning, stacklevel=2)
     out = _output_data(prepared, generator, options, inference, progress)
     return volume_image(out, prepared.plan.output_affine(), volume.header)  # as written
 
@@ -533,6 +543,22 @@ def _take_back(path: Path, placed: os.stat_result, earlier: Path | None) -> None
             path.unlink()
 
 
+def _run_warnings(
+    prepared: PreparedInput, options: UpsampleOptions, half_warning: str | None
+) -> list[str]:
+    """What a user should know about one input's run: its grid's warnings, ``half`` falling
+    back, ``bias_corrected`` without N4."""
+    return (
+        list(prepared.plan.warnings)
+        + ([half_warning] if half_warning else [])
+        + (
+            ["--bias-corrected: these weights run without N4, so there is no field to leave out"]
+            if options.bias_corrected and not prepared.use_n4
+            else []
+        )
+    )
+
+
 def _result(
     prepared: PreparedInput,
     output_path: Path,
@@ -548,13 +574,7 @@ def _result(
         output_shape=tuple(shape),
         resampled=prepared.plan.resampled,
         seconds=dict(prepared.seconds),
-        warnings=list(prepared.plan.warnings)
-        + ([half_warning] if half_warning else [])
-        + (
-            ["--bias-corrected: these weights run without N4, so there is no field to leave out"]
-            if options.bias_corrected and not prepared.use_n4
-            else []
-        ),
+        warnings=_run_warnings(prepared, options, half_warning),
         background_kept=int(prepared.background.sum()) if prepared.background is not None else 0,
     )
 

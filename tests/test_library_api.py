@@ -18,7 +18,7 @@ from torch import nn
 from mrisr_cli import fusion, metrics
 from mrisr_cli.degradation import degrade_volume, lowres_volume
 from mrisr_cli.degrade_file import degrade_file
-from mrisr_cli.errors import DeviceError, InputError, MrisrError
+from mrisr_cli.errors import DeviceError, InputError, MrisrError, MrisrWarning
 from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.pipeline import (
@@ -163,6 +163,25 @@ def test_upsample_image_is_what_upsample_file_writes(tmp_path: Path, fast_weight
     np.testing.assert_array_equal(image.affine, written.affine)
     for key in ("qform_code", "sform_code", "pixdim", "xyzt_units", "datatype", "dim_info"):
         np.testing.assert_array_equal(image.header[key], written.header[key], err_msg=key)
+
+
+def test_upsample_image_reports_what_upsample_file_warns_about(
+    tmp_path: Path, fast_weights: Path
+) -> None:
+    """The result's warnings of upsample_file (here voxels finer than the model's 1 mm) reach a
+    library caller: through ``warn`` where given, else as a MrisrWarning."""
+    fine = np.diag([0.7, 0.7, 0.7, 1.0])
+    src = write_nifti(tmp_path / "in.nii.gz", head_phantom(SHAPE), fine, np.int16)
+    generator = load_generator_files(fast_weights, None).generator(1.0, "cpu")
+    options = UpsampleOptions(inference=OPTIONS)
+    expected = upsample_file(src, tmp_path / "out.nii.gz", generator, options).warnings
+    assert any("finer than the 1 mm" in w for w in expected), expected
+    seen: list[str] = []
+    upsample_image(nib.load(src), generator, options, warn=seen.append)
+    assert seen == expected
+    with pytest.warns(MrisrWarning) as caught:
+        upsample_image(nib.load(src), generator, options)
+    assert [str(w.message) for w in caught] == expected
 
 
 def test_upsample_image_checks_an_image_made_in_memory(fast_weights: Path) -> None:
