@@ -147,6 +147,7 @@ def _run(
     from mrisr_cli.evaluation_report import check_report_target, write_report
     from mrisr_cli.fidelity import read_label_names
     from mrisr_cli.inference import resolve_device
+    from mrisr_cli.n4 import n4_in_child_process
 
     if out is not None:
         check_report_target(out, overwrite=overwrite)
@@ -162,9 +163,17 @@ def _run(
         def progress(subject: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=f"evaluated {subject}")
 
-        evaluation = evaluate(
-            ref, pred, mask_dir=mask, options=options, jobs=jobs, progress=progress, planned=planned
-        )
+        # N4 fitted here (one job) runs in a child process, so that a stop is acted on at once
+        with n4_in_child_process():
+            evaluation = evaluate(
+                ref,
+                pred,
+                mask_dir=mask,
+                options=options,
+                jobs=jobs,
+                progress=progress,
+                planned=planned,
+            )
     pair_notes = {note for result in evaluation.results for note in result.notes}
     for note in evaluation.notes:  # a pair's notes (scale, HighRes3DNet) question its scores
         report_line("warning" if note in pair_notes else "note", note)

@@ -113,6 +113,7 @@ def prepare_command(
         from mrisr_cli.degradation import DegradationConfig
         from mrisr_cli.errors import InputError
         from mrisr_cli.manifest import MANIFEST_NAME
+        from mrisr_cli.n4 import n4_in_child_process
         from mrisr_cli.prepare import (
             PrepareOptions,
             SubjectOutcome,
@@ -156,16 +157,18 @@ def prepare_command(
                 if outcome.status == "failed":
                     warn(f"skipped {outcome.message}")
 
-            manifest = prepare_dataset(
-                src_dir,
-                out_dir,
-                options,
-                jobs=jobs or default_jobs(count),
-                threads=count,
-                on_outcome=on_outcome,
-                on_start=on_start,
-                scans=scans,
-            )
+            # with --jobs 1, N4 runs in a child process, so that a stop is acted on at once
+            with n4_in_child_process():
+                manifest = prepare_dataset(
+                    src_dir,
+                    out_dir,
+                    options,
+                    jobs=jobs or default_jobs(count),
+                    threads=count,
+                    on_outcome=on_outcome,
+                    on_start=on_start,
+                    scans=scans,
+                )
     run = manifest.get("run", {})
     for message in run.get("warnings", []):
         warn(message)
