@@ -116,3 +116,21 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     else:  # already there: the earlier file is kept as it is
         assert results["training"]["fsrcnn"] == {"status": "skipped (schedule done)"}
         assert fsrcnn.sha256 == continued["fsrcnn"]["sha256"]
+
+    # scoring files from two folders (tools/device_score.sh: weights/ and tools/baseline_weights/)
+    # trains nothing and takes each file from the first folder that has it
+    scored = tmp_path / "out3"
+    command[command.index(again)] = scored
+    command[command.index("--work") + 1] = tmp_path / "work3"
+    run = subprocess.run(
+        [*map(str, command), "--trained", str(previous), str(baselines), "--skip-eval"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((scored / "results.json").read_text())["training"] == {}
+    for name, folder in (("rrdg_psnr", previous), ("fsrcnn", baselines)):
+        copied = (scored / f"{name}.safetensors").read_bytes()
+        assert copied == (folder / f"{name}.safetensors").read_bytes(), name
+    assert not (scored / "srresnet.safetensors").exists()  # in neither folder

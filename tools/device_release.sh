@@ -14,10 +14,7 @@
 #   SKIP_BENCH=1 bash tools/device_release.sh 640 --psnr-seconds 150 --gan-seconds 200 \
 #     --continue-from weights tools/baseline_weights --skip-eval --eval-seconds 0
 #   python tools/pack_dataset.py pack data/prepared carry/testpack --splits test
-#   (then, with PYTHONPATH=/tmp/site:$PWD as above) python3 tools/train_release.py --pack
-#     carry/testpack --out "$OUT" --work /tmp/ev --parcellation carry/highres3dnet.pth
-#     --device cuda --trained weights tools/baseline_weights --gan-seconds 0 --half-eval
-#     --deadline 200
+#   bash tools/device_score.sh 230   # carrying .whl, carry/testpack, carry/highres3dnet.pth
 # The test split's evaluation (fp16, with --parcellation) took 179 s on an H200.
 set -uo pipefail
 budget=${1:-560}
