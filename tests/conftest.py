@@ -7,6 +7,9 @@ tests that need them skip cleanly when they are absent, as on a user's fresh clo
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -118,3 +121,40 @@ def phantom_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def fast_weights(tmp_path: Path) -> Path:
     return tiny_weights(tmp_path / "fast.safetensors", seed=4, config=TINY_FAST)
+
+
+def n4_stop_script(module: str, name: str) -> str:
+    """``python -c`` source of mrisr's CLI with N4 made long and ``mrisr_cli.<module>.<name>`` (the
+    command's N4 call) touching the file named by the first argument as it starts; the CLI's own
+    arguments follow. For :func:`sigterm_once_started`."""
+    return f"""
+import pathlib, sys
+from mrisr_cli import n4, {module}
+n4.N4_CONVERGENCE = {{"iters": [10_000], "tol": 0.0}}  # minutes: a stop lands inside N4
+real, started = {module}.{name}, pathlib.Path(sys.argv[1])
+
+def marked(*args, **kwargs):
+    started.touch()
+    return real(*args, **kwargs)
+
+{module}.{name} = marked
+from mrisr_cli.cli import main
+sys.argv = ["mrisr", *sys.argv[2:]]
+main()
+"""
+
+
+def sigterm_once_started(command: list[str], started: Path) -> tuple[int, str, float]:
+    """Run ``command``; 4 s after it creates ``started`` (its N4 process started, ANTs imported),
+    send SIGTERM, as a SLURM time limit does. Return its exit code, its stderr and how many
+    seconds after the signal it exited."""
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 300
+        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists(), process.communicate(timeout=300)
+        time.sleep(4.0)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=600)
+        return process.returncode, stderr, time.monotonic() - sent

@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import NO_N4, TINY_FAST, head_phantom, real_volume, write_nifti
+from conftest import (
+    NO_N4,
+    TINY_FAST,
+    head_phantom,
+    n4_stop_script,
+    real_volume,
+    sigterm_once_started,
+    write_nifti,
+)
 from typer.testing import CliRunner
 
 from mrisr_cli.cli import app
@@ -1160,23 +1166,6 @@ def test_sigterm_while_writing_leaves_nothing_and_says_so(
     assert list(out.iterdir()) == []
 
 
-_STOP_DURING_N4 = """
-import pathlib, sys
-from mrisr_cli import n4, pipeline
-n4.N4_CONVERGENCE = {"iters": [10_000], "tol": 0.0}  # about a minute of N4 on one core
-real, started = pipeline.n4_fit, pathlib.Path(sys.argv[1])
-
-def n4_fit(*args, **kwargs):
-    started.touch()
-    return real(*args, **kwargs)
-
-pipeline.n4_fit = n4_fit
-from mrisr_cli.cli import main
-sys.argv = ["mrisr", *sys.argv[2:]]
-main()
-"""
-
-
 def test_sigterm_during_n4_stops_at_once_and_leaves_nothing(
     tmp_path: Path, fast_weights: Path, phantom_file: Path
 ) -> None:
@@ -1186,21 +1175,12 @@ def test_sigterm_during_n4_stops_at_once_and_leaves_nothing(
     out, started = tmp_path / "out", tmp_path / "started"
     out.mkdir()
     command = [
-        *(sys.executable, "-c", _STOP_DURING_N4, str(started), "upsample"),
+        *(sys.executable, "-c", n4_stop_script("pipeline", "n4_fit"), str(started), "upsample"),
         *(str(phantom_file), str(out / "o.nii.gz"), "--n4", "--threads", "1"),
         *("--psnr-weights", str(fast_weights), *SMALL_PATCH),
     ]
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
-        deadline = time.monotonic() + 300
-        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert started.exists(), process.communicate(timeout=300)
-        time.sleep(4.0)  # a SLURM time limit, once N4 runs (its process started, ANTs imported)
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=600)
-        late = time.monotonic() - sent
-    assert process.returncode == 128 + 15, stderr
+    returncode, stderr, late = sigterm_once_started(command, started)
+    assert returncode == 128 + 15, stderr
     assert stderr.strip().splitlines() == [
         "mrisr: error: stopped by SIGTERM; unfinished outputs were removed"
     ]

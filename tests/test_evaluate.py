@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import n4_stop_script, sigterm_once_started
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
@@ -910,29 +911,10 @@ def test_ties_that_leave_nothing_paired_name_the_reference_and_the_candidates(
     )
 
 
-_STOP_DURING_N4 = """
-import pathlib, sys
-from mrisr_cli import fidelity, n4
-n4.N4_CONVERGENCE = {"iters": [10_000], "tol": 0.0}  # long enough for a stop to land in N4
-real, started = fidelity.n4_correct, pathlib.Path(sys.argv[1])
-
-def n4_correct(*args, **kwargs):
-    started.touch()
-    return real(*args, **kwargs)
-
-fidelity.n4_correct = n4_correct
-from mrisr_cli.cli import main
-sys.argv = ["mrisr", *sys.argv[2:]]
-main()
-"""
-
-
 @pytest.mark.slow
 def test_sigterm_during_n4_with_one_job_stops_at_once(tmp_path: Path) -> None:
     """With one job, N4 ran in evaluate's own process, deaf to signals until it returned: a
     SLURM time limit's SIGTERM waited for it. It now runs in a child process."""
-    import signal
-    import subprocess
     import sys
 
     grid = np.indices((68, 66, 70)).astype(np.float32)  # big enough for N4 to take minutes
@@ -943,21 +925,12 @@ def test_sigterm_during_n4_with_one_job_stops_at_once(tmp_path: Path) -> None:
     sharp = save(tmp_path / "sr" / "sub-01_T1w.nii.gz", ndi.gaussian_filter(ref, 0.6)).parent
     out, started = tmp_path / "report", tmp_path / "started"
     command = [
-        *(sys.executable, "-c", _STOP_DURING_N4, str(started), "evaluate"),
-        *("--ref", str(hr), "--pred", str(sharp), "--out", str(out)),
+        *(sys.executable, "-c", n4_stop_script("fidelity", "n4_correct"), str(started)),
+        *("evaluate", "--ref", str(hr), "--pred", str(sharp), "--out", str(out)),
         *("--jobs", "1", "--threads", "1"),
     ]
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
-        deadline = time.monotonic() + 300
-        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert started.exists(), process.communicate(timeout=300)
-        time.sleep(4.0)  # N4 runs: its process started, ANTs imported
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=600)
-        late = time.monotonic() - sent
-    assert process.returncode == 128 + 15, stderr
+    returncode, stderr, late = sigterm_once_started(command, started)
+    assert returncode == 128 + 15, stderr
     assert len(stderr.strip().splitlines()) == 1 and "SIGTERM" in stderr, stderr
     assert late < 5.0, f"exited {late:.1f} s after SIGTERM"
     assert not out.exists(), "no report written"

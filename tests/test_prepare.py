@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import n4_stop_script, sigterm_once_started
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
@@ -798,49 +799,20 @@ def test_a_moved_source_folder_is_named_where_it_is_now(tmp_path: Path) -> None:
         assert own["source"] == record["source"]
 
 
-_STOP_DURING_N4 = """
-import pathlib, sys
-from mrisr_cli import n4
-n4.N4_CONVERGENCE = {"iters": [10_000], "tol": 0.0}  # long enough for a stop to land in N4
-real, started = n4.n4_correct, pathlib.Path(sys.argv[1])
-
-def n4_correct(*args, **kwargs):
-    started.touch()
-    return real(*args, **kwargs)
-
-n4.n4_correct = n4_correct
-from mrisr_cli.cli import main
-sys.argv = ["mrisr", *sys.argv[2:]]
-main()
-"""
-
-
 @pytest.mark.slow
 def test_sigterm_during_n4_with_one_job_stops_at_once(tmp_path: Path) -> None:
     """With --jobs 1, N4 ran in prepare's own process, deaf to signals for its minutes on a whole
     head: a SLURM time limit's SIGTERM waited for it. It now runs in a child process."""
-    import signal
-    import subprocess
     import sys
-    import time
 
     save(tmp_path / "src" / "sub-01_T1w.nii.gz", head(0))
     out, started = tmp_path / "out", tmp_path / "started"
     command = [
-        *(sys.executable, "-c", _STOP_DURING_N4, str(started), "prepare"),
+        *(sys.executable, "-c", n4_stop_script("n4", "n4_correct"), str(started), "prepare"),
         *(str(tmp_path / "src"), str(out), "--jobs", "1", "--threads", "1"),
     ]
-    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
-        deadline = time.monotonic() + 300
-        while not started.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert started.exists(), process.communicate(timeout=300)
-        time.sleep(4.0)  # N4 runs: its process started, ANTs imported
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=600)
-        late = time.monotonic() - sent
-    assert process.returncode == 128 + 15, stderr
+    returncode, stderr, late = sigterm_once_started(command, started)
+    assert returncode == 128 + 15, stderr
     assert len(stderr.strip().splitlines()) == 1 and "SIGTERM" in stderr, stderr
     assert late < 5.0, f"exited {late:.1f} s after SIGTERM"
     assert not list(out.rglob("*.npy")), "no subject half-written"
