@@ -24,6 +24,12 @@ from tests.test_prepare import prepared_heads
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_script(command: list[object]) -> None:
+    """One call of the script, which must succeed (its output's end shows otherwise)."""
+    run = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     pack_dataset(prepared_heads(tmp_path, 4, (0.5, 0.25, 0.0, 0.25)), tmp_path / "pack")
@@ -36,8 +42,7 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
         *("--eval-seconds", "30", "--deadline", "600", "--batch-size", "2"),
         *("--val-every", "2", "--workers", "1", "--jobs", "1"),
     ]
-    run = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_script(command)
     results = json.loads((out / "results.json").read_text())
     assert "errors" not in results and "eval_error" not in results, results
     stages = results["training"]
@@ -85,13 +90,7 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     command[command.index(out)] = again
     command[command.index("--work") + 1] = tmp_path / "work2"
     command[command.index("--gan-seconds") + 1] = "0"
-    run = subprocess.run(
-        [*map(str, command), "--continue-from", str(previous), str(baselines), "--skip-eval"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_script([*command, "--continue-from", previous, baselines, "--skip-eval"])
     results = json.loads((again / "results.json").read_text())
     assert "errors" not in results and "eval_error" not in results, results
     assert set(results["training"]) == {"rrdg_psnr", "fsrcnn", "srresnet", "mdcsrn"}
@@ -122,13 +121,7 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     scored = tmp_path / "out3"
     command[command.index(again)] = scored
     command[command.index("--work") + 1] = tmp_path / "work3"
-    run = subprocess.run(
-        [*map(str, command), "--trained", str(previous), str(baselines), "--skip-eval"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_script([*command, "--trained", previous, baselines, "--skip-eval"])
     assert json.loads((scored / "results.json").read_text())["training"] == {}
     for name, folder in (("rrdg_psnr", previous), ("fsrcnn", baselines)):
         copied = (scored / f"{name}.safetensors").read_bytes()
