@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import n4_stop_script, sigterm_once_started
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
@@ -804,6 +803,9 @@ def test_sigterm_during_n4_with_one_job_stops_at_once(tmp_path: Path) -> None:
     """With --jobs 1, N4 ran in prepare's own process, deaf to signals for its minutes on a whole
     head: a SLURM time limit's SIGTERM waited for it. It now runs in a child process."""
     import sys
+
+    # here, not at the top: tests/test_n4.py imports this module in a fresh interpreter
+    from conftest import n4_stop_script, sigterm_once_started
 
     save(tmp_path / "src" / "sub-01_T1w.nii.gz", head(0))
     out, started = tmp_path / "out", tmp_path / "started"
