@@ -127,3 +127,18 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
         copied = (scored / f"{name}.safetensors").read_bytes()
         assert copied == (folder / f"{name}.safetensors").read_bytes(), name
     assert not (scored / "srresnet.safetensors").exists()  # in neither folder
+
+    # a GAN-only session (tools/device_release.sh's header): --trained with --gan-seconds trains
+    # the GAN stage alone, from the folder's PSNR file, and brings the new GAN file back
+    gan_only = tmp_path / "out4"
+    command[command.index(scored)] = gan_only
+    command[command.index("--work") + 1] = tmp_path / "work4"
+    command[command.index("--gan-seconds") + 1] = "2"
+    run_script([*command, "--trained", previous, baselines, "--skip-eval", "--critic-steps", "3"])
+    results = json.loads((gan_only / "results.json").read_text())
+    assert "errors" not in results, results
+    assert set(results["training"]) == {"rrdg_gan"}
+    gan = load_weights(gan_only / "rrdg_gan.safetensors")
+    psnr_sha = load_weights(previous / "rrdg_psnr.safetensors").sha256
+    assert gan.provenance["stage"] == "gan" and gan.provenance["init"]["sha256"] == psnr_sha
+    assert gan.provenance["config"]["critic_steps"] == 3

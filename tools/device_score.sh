@@ -8,7 +8,7 @@
 # under $OUT. Usage: bash tools/device_score.sh [BUDGET_SECONDS, default 230]
 set -uo pipefail
 budget=${1:-230}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 timeout "$budget" python3 tools/train_release.py --pack carry/testpack --out "$OUT" \
   --work /tmp/score --parcellation carry/highres3dnet.pth --device cuda --half-eval \
