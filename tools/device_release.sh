@@ -6,12 +6,13 @@
 # the baselines') instead of starting again. The tree with them is 34 MB; with the 31.5 MB pack of
 # all splits, the wheel and the HighRes3DNet weights it is over the 64 MiB a call may carry, so
 # train on a pack without the test split, then score in a second call at once (the machine stays
-# warm 30 s) after copying the files that came back over weights/ and tools/baseline_weights/. BUDGET may exceed the device's 600 s per call: the
-# training gets BUDGET - 75 s and SKIP_BENCH drops the benchmark after it. On an H200 RRDG took
-# 0.50 s a step and the three baselines 0.58 s together (2026-11-28, second session), so
-# PSNR-stage seconds P and GAN seconds G fit when about 2.2 P + G < BUDGET - 110; the GAN stage
-# gets what the deadline leaves of G (that session asked for 80 s and got 62). That session (about
-# 770 s of its 900 s of device time, the start included):
+# warm 30 s) after copying the files that came back over weights/ and tools/baseline_weights/.
+# BUDGET may exceed the device's 600 s per call: the training gets BUDGET - 75 s and SKIP_BENCH
+# drops the benchmark after it. On an H200 RRDG took 0.50 s a step and the three baselines 0.58 s
+# together (2026-11-28, second session), so PSNR-stage seconds P and GAN seconds G fit when about
+# 2.2 P + G < BUDGET - 110; the GAN stage gets what the deadline leaves of G (that session asked
+# for 80 s and got 62). That session (about 770 s of its 900 s of device time, the start
+# included):
 #   python tools/pack_dataset.py pack data/prepared carry/pack --splits train,val
 #   SKIP_BENCH=1 bash tools/device_release.sh 640 --psnr-seconds 210 --gan-seconds 80 \
 #     --continue-from weights tools/baseline_weights --skip-eval --eval-seconds 0 --val-every 150
