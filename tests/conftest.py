@@ -144,10 +144,10 @@ main()
 """
 
 
-def sigterm_once_started(command: list[str], started: Path) -> tuple[int, str, float]:
+def sigterm_once_started(command: list[str], started: Path) -> list[str]:
     """Run ``command``; 4 s after it creates ``started`` (its N4 process started, ANTs imported),
-    send SIGTERM, as a SLURM time limit does. Return its exit code, its stderr and how many
-    seconds after the signal it exited."""
+    send SIGTERM, as a SLURM time limit does. It must exit 128 + 15 within 5 s of the signal with
+    one stderr line naming SIGTERM; that line is returned (as a list, for exact checks)."""
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
         deadline = time.monotonic() + 300
         while not started.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -157,4 +157,8 @@ def sigterm_once_started(command: list[str], started: Path) -> tuple[int, str, f
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=600)
-        return process.returncode, stderr, time.monotonic() - sent
+        late = time.monotonic() - sent
+    assert process.returncode == 128 + 15, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "SIGTERM" in stderr, stderr
+    assert late < 5.0, f"exited {late:.1f} s after SIGTERM"
+    return stderr.strip().splitlines()

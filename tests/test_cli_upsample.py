@@ -1179,12 +1179,9 @@ def test_sigterm_during_n4_stops_at_once_and_leaves_nothing(
         *(str(phantom_file), str(out / "o.nii.gz"), "--n4", "--threads", "1"),
         *("--psnr-weights", str(fast_weights), *SMALL_PATCH),
     ]
-    returncode, stderr, late = sigterm_once_started(command, started)
-    assert returncode == 128 + 15, stderr
-    assert stderr.strip().splitlines() == [
+    assert sigterm_once_started(command, started) == [
         "mrisr: error: stopped by SIGTERM; unfinished outputs were removed"
     ]
-    assert late < 5.0, f"exited {late:.1f} s after SIGTERM"
     assert list(out.iterdir()) == []
 
 
