@@ -20,6 +20,7 @@ from rich.console import Console
 
 from mrisr_cli.console import progress_bar
 from mrisr_cli.errors import InputError, MrisrError, OutputError
+from mrisr_cli.inference import resolve_device
 from mrisr_cli.pipeline import (
     GeneratorFiles,
     UpsampleOptions,
@@ -420,7 +421,7 @@ def run_upsample_jobs(
     counted as failed.
     """
     hashes = dict(input_sha256 or {})
-    device = options.inference.device
+    device = resolve_device(options.inference.device)  # the line names the real one
     generators = {
         alpha: files.generator(alpha, device) for alpha in dict.fromkeys(j.alpha for j in jobs)
     }

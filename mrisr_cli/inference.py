@@ -69,7 +69,8 @@ class InferenceOptions:
     patch: tuple[int, int, int] = PAPER_PATCH
     margin: int = PAPER_MARGIN
     batch_size: int = 4
-    device: str = "cpu"
+    #: as the CLI's --device: a GPU where torch sees one (a model on a GPU stays there)
+    device: str = "auto"
     half: bool = False
     skip_constant: bool = True
     skip_background: bool = True
@@ -228,6 +229,7 @@ def prepare_network(model: nn.Module, options: InferenceOptions) -> nn.Module:
     threads that start on one model together share one copy, and a network that is not one of
     mrisr's generators is traced by torch.fx, which is process-global (:mod:`mrisr_cli.fusion`).
     """
+    options, _ = resolve_options(options)  # "auto" named; callers may pass options as given
     with _PREPARE_LOCK:
         key = _fingerprint(model, options)
         cached = _PREPARED.get(model)

@@ -3,9 +3,11 @@ metrics' inputs, and the caller's global state (matplotlib's backend, torch's ra
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +21,12 @@ from mrisr_cli import fusion, metrics
 from mrisr_cli.degradation import degrade_volume, lowres_volume
 from mrisr_cli.degrade_file import degrade_file
 from mrisr_cli.errors import DeviceError, InputError, MrisrError, MrisrWarning
-from mrisr_cli.inference import InferenceOptions, resolve_device, super_resolve
+from mrisr_cli.inference import (
+    InferenceOptions,
+    prepare_network,
+    resolve_device,
+    super_resolve,
+)
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.pipeline import (
     Generator,
@@ -318,6 +325,24 @@ def test_auto_device_runs(fast_generator: Generator) -> None:
     out = upsample_array(data, fast_generator, options=auto)
     if resolve_device("auto") == "cpu":
         np.testing.assert_array_equal(out, upsample_array(data, fast_generator, options=OPTIONS))
+
+
+def test_default_options_run_where_the_cli_runs(fast_generator: Generator) -> None:
+    """InferenceOptions() takes the CLI's --device default, auto: on a GPU machine a library call
+    runs on the GPU as `mrisr upsample` does, instead of copying the model to the CPU."""
+    assert InferenceOptions().device == "auto"
+    net = prepare_network(fast_generator.model, InferenceOptions(patch=PATCH))
+    assert next(net.parameters()).device == torch.device(resolve_device("auto"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_on_the_gpu_runs_there_by_default(fast_generator: Generator) -> None:
+    model = copy.deepcopy(fast_generator.model).cuda()
+    assert next(prepare_network(model, InferenceOptions()).parameters()).is_cuda
+    out = super_resolve(_volume(), model, InferenceOptions(patch=PATCH))
+    cpu = super_resolve(_volume(), fast_generator.model, replace(OPTIONS, device="cpu"))
+    assert float(np.abs(out - cpu).max()) < 1e-3 * float(np.ptp(cpu))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
