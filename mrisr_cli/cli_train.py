@@ -226,6 +226,14 @@ def train_command(
             metavar="FILE", help="Starting weights (.safetensors); required by --stage gan."
         ),
     ] = None,
+    init_critic: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="gan: the critic to start from, a GAN run's critic.safetensors (continues that "
+            "stage with its --init RUN/last.safetensors; default: a new critic).",
+        ),
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(min=1, metavar="N", help="Epochs (default: 100 psnr, 10 gan).")
     ] = None,
@@ -355,15 +363,19 @@ def train_command(
         if params is None and init is not None and not (resume and not init.exists()):
             found = load_init_weights(init)
             params = found.network.params if found.network.name == net else {}
-        critic = _parse_json_object(critic_params, "--critic-params") or {}
+        critic = _parse_json_object(critic_params, "--critic-params")
+        if critic is None and init_critic is not None and not (resume and not init_critic.exists()):
+            found = load_init_weights(init_critic)
+            critic = found.network.params if found.network.name == "patch_discriminator" else {}
         rate = lr if lr is not None else float(defaults["lr"])
         config = TrainConfig(
             stage=stage.value,
             data=str(data),
             out=str(out),
             network=NetworkConfig(net, params or {}),
-            critic=NetworkConfig("patch_discriminator", critic),
+            critic=NetworkConfig("patch_discriminator", critic or {}),
             init=str(init) if init is not None else None,
+            critic_init=str(init_critic) if init_critic is not None else None,
             epochs=epochs or int(defaults["epochs"]),
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,

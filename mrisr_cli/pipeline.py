@@ -116,8 +116,11 @@ class GeneratorFiles:
                     f"--{role}-weights"
                 )
         if self.psnr is not None and self.gan is not None:
-            init = provenance(self.gan).get("init")
+            recorded = provenance(self.gan)
+            init = recorded.get("init")
             start = init.get("sha256") if isinstance(init, dict) else None
+            origin = recorded.get("psnr_origin")  # through GAN runs continued from GAN files
+            start = origin if isinstance(origin, str) else start
             if isinstance(start, str) and start != self.psnr.sha256:
                 found.append(
                     f"{self.gan.path}: fine-tuned from another model (sha256 {start[:12]}) than "

@@ -28,6 +28,8 @@ LOG_NAME = "log.jsonl"
 RUN_NAME = "run.json"
 BEST_NAME = "best.safetensors"
 LAST_NAME = "last.safetensors"
+#: the GAN stage's critic at the last export: --init-critic continues the stage from it
+CRITIC_NAME = "critic.safetensors"
 CHECKPOINT_FORMAT = "mrisr-checkpoint"
 CHECKPOINT_VERSION = 1
 

@@ -64,13 +64,14 @@ from mrisr_cli.errors import DeviceError, InputError, MrisrError, OutputError
 from mrisr_cli.inference import InferenceOptions, super_resolve
 from mrisr_cli.losses import critic_loss, interpolation_weights, l1_loss
 from mrisr_cli.manifest import Manifest
-from mrisr_cli.networks import build_network
+from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, open_split
 from mrisr_cli.run_files import (
     BEST_NAME,
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     CHECKPOINT_VERSION,
+    CRITIC_NAME,
     LAST_NAME,
     LOG_NAME,
     RUN_NAME,
@@ -83,7 +84,7 @@ from mrisr_cli.run_files import (
     write_checkpoint,
     write_failure,
 )
-from mrisr_cli.training_checks import read_inputs
+from mrisr_cli.training_checks import RunInputs, read_inputs
 from mrisr_cli.training_config import TrainConfig
 from mrisr_cli.volumes import atomic_path
 from mrisr_cli.weights import WeightsFile, save_weights
@@ -158,6 +159,7 @@ class Trainer:
         device: str = "cpu",
         dist: DistInfo | None = None,
         init: WeightsFile | None = None,
+        critic_init: WeightsFile | None = None,
     ) -> None:
         self.config = config
         self.device = device
@@ -175,6 +177,8 @@ class Trainer:
         self.critic: nn.Module | None = None
         if config.stage == "gan":
             self.critic = build_network(config.critic)
+            if critic_init is not None:
+                self.critic.load_state_dict(critic_init.state, strict=True)
         if self.dist.enabled and cuda:
             self.generator = nn.SyncBatchNorm.convert_sync_batchnorm(self.generator)
         self.generator.to(device).train()
@@ -511,12 +515,15 @@ class _TrainingRun:
         self.config = config = _resolved_config(config, device)
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT_NAME
-        manifest, payload, init = read_inputs(
+        inputs = read_inputs(
             config, dist, resume=resume, warn=lambda m: self.emit("warning", message=m)
         )
+        manifest, payload, init = inputs.manifest, inputs.payload, inputs.init
         self.manifest = manifest
         self.init_sha = init.sha256 if init else str(payload.get("init_sha256", ""))
-        self.trainer = Trainer(config, device=device, dist=dist, init=init)
+        self.trainer = Trainer(
+            config, device=device, dist=dist, init=init, critic_init=inputs.critic_init
+        )
         # (step, best PSNR, log records kept): a fresh run starts at 0 with a fresh log
         self.step, self.best, log_keep = (
             _restore(self.trainer, payload, dist) if resume else (0, None, 0)
@@ -544,7 +551,7 @@ class _TrainingRun:
             device=device,
             warn=lambda m: self.emit("warning", message=m),
         )
-        self.provenance = _provenance_base(config, manifest, dist, init, payload)
+        self.provenance = _provenance_base(config, manifest, dist, inputs)
         self.val_options = InferenceOptions(
             patch=tuple(config.val_patch),  # type: ignore[arg-type]
             batch_size=config.val_batch_size,
@@ -693,6 +700,8 @@ class _TrainingRun:
         with errors_shared(self.dist):  # a failed export stops every rank, not rank 0 alone
             if self.dist.is_main:
                 self.result.last_weights = self.export(LAST_NAME, step, metrics)
+                if self.trainer.critic is not None:
+                    self.export_critic(step)
                 if improved:
                     self.result.best_weights = self.export(BEST_NAME, step, metrics)
         if self.dist.is_main and self.log is not None:
@@ -783,6 +792,8 @@ class _TrainingRun:
                         "log_window": {"sums": dict(self.window), "steps": self.window_steps},
                         "data_fingerprint": self.manifest.fingerprint,
                         "init_sha256": self.init_sha,
+                        "critic_init": self.provenance.get("critic_init"),
+                        "psnr_origin": self.provenance.get("psnr_origin"),
                         "world_size": self.dist.world,
                         "state": self.trainer.state_dict(),
                         "rng": states,
@@ -800,20 +811,28 @@ class _TrainingRun:
         info = dict(self.provenance, step=at, epoch=epoch, validation=metrics)
         init = self.provenance.get("init") or {}
         info["stage_steps"] = at + int(init.get("stage_steps") or 0)
-        state = self.trainer.generator.state_dict()
+        self._save(path, self.trainer.generator.state_dict(), self.config.network, info)
+        return path
+
+    def export_critic(self, at: int) -> Path:
+        """The critic of step ``at``, so that a later run continues the GAN stage with what it
+        learnt (``--init-critic``) instead of a new critic that must first catch up."""
+        assert self.trainer.critic is not None
+        path = self.out / CRITIC_NAME
+        info = dict(self.provenance, step=at, role="critic")
+        self._save(path, self.trainer.critic.state_dict(), self.config.critic, info)
+        return path
+
+    def _save(
+        self, path: Path, state: dict[str, Any], network: NetworkConfig, info: dict[str, Any]
+    ) -> None:
         try:
             save_weights(
-                path,
-                state,
-                self.config.network,
-                self.manifest.degradation,
-                provenance=info,
-                overwrite=True,
+                path, state, network, self.manifest.degradation, provenance=info, overwrite=True
             )
         except (OSError, RuntimeError, SafetensorError) as exc:
             reason = write_failure(exc, self.out, tensor_bytes(state))
             raise OutputError(f"{path}: could not write the weights ({reason})") from exc
-        return path
 
     def finish(self) -> TrainResult:
         """Log the end of a finished run and say where the weights are."""
@@ -988,13 +1007,36 @@ def stage_steps_of(weights: WeightsFile) -> int:
     return int(provenance.get("stage_steps", provenance.get("step") or 0))
 
 
+def _psnr_origin(config: TrainConfig, init: WeightsFile | None, payload: dict[str, Any]) -> Any:
+    """GAN stage: the sha256 of the PSNR model it is tuned from, also through GAN runs continued
+    from another's file (``upsample`` warns when a blend's GAN model names another)."""
+    if config.stage != "gan":
+        return None
+    if init is None:  # a resumed call whose --init file moved: what the checkpoint recorded
+        return payload.get("psnr_origin")
+    recorded = init.provenance if isinstance(init.provenance, dict) else {}
+    if recorded.get("stage") != "gan":
+        return init.sha256
+    if isinstance(recorded.get("psnr_origin"), str):
+        return recorded["psnr_origin"]
+    started = recorded.get("init")  # a GAN file from before psnr_origin: its own --init
+    return started.get("sha256") if isinstance(started, dict) else None
+
+
+def _critic_init_info(critic: WeightsFile | None, payload: dict[str, Any]) -> Any:
+    if critic is not None:
+        return {
+            "path": str(critic.path),
+            "sha256": critic.sha256,
+            "step": critic.provenance.get("step"),
+        }
+    return payload.get("critic_init")  # a resumed call: what the run started from
+
+
 def _provenance_base(
-    config: TrainConfig,
-    manifest: Manifest,
-    dist: DistInfo,
-    init: WeightsFile | None,
-    payload: dict[str, Any],
+    config: TrainConfig, manifest: Manifest, dist: DistInfo, inputs: RunInputs
 ) -> dict[str, Any]:
+    init, payload = inputs.init, inputs.payload
     init_info = None
     if init is not None:
         init_info = {
@@ -1015,6 +1057,9 @@ def _provenance_base(
         "data_fingerprint": manifest.fingerprint,
         "git_commit": git_commit(),
         "init": init_info,
+        # the critic's starting file (a resumed call reads it from the checkpoint, not the file)
+        "critic_init": _critic_init_info(inputs.critic_init, payload),
+        "psnr_origin": _psnr_origin(config, init, payload),
         "world_size": dist.world,
         "global_batch": config.batch_size * dist.world,
         "torch_version": torch.__version__,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,20 @@ from mrisr_cli.training_config import (
 from mrisr_cli.weights import WeightsFile, load_weights
 
 
+@dataclass
+class RunInputs:
+    """What a training call reads before it writes anything."""
+
+    manifest: Manifest
+    payload: dict[str, Any]  # the checkpoint; {} for a new run
+    init: WeightsFile | None  # --init
+    critic_init: WeightsFile | None  # --init-critic (never on --resume: the checkpoint holds it)
+
+
 def read_inputs(
     config: TrainConfig, dist: DistInfo, *, resume: bool, warn: Callable[[str], None]
-) -> tuple[Manifest, dict[str, Any], WeightsFile | None]:
-    """The data, the checkpoint (``{}`` for a new run) and the --init weights, checked against
+) -> RunInputs:
+    """The data, the checkpoint and the --init (and --init-critic) weights, checked against
     each other and against the run folder before anything is written."""
     out = Path(config.out)
     manifest = _load_data(Path(config.data))
@@ -49,7 +60,8 @@ def read_inputs(
     if resume:
         _check_resume(payload, config, manifest, init, dist)
         _check_schedule(payload, config)
-    return manifest, payload, init
+    critic_init = None if resume else _load_critic_init(config, manifest)
+    return RunInputs(manifest, payload, init, critic_init)
 
 
 def _load_data(path: Path) -> Manifest:
@@ -160,7 +172,8 @@ def _load_init(
     init = load_init_weights(path, expect_network=config.network.name)
     check_init(init, config, manifest.degradation)
     recorded = init.provenance.get("stage") if isinstance(init.provenance, dict) else None
-    if not resume and recorded == "gan":
+    continuing = config.stage == "gan" and config.critic_init is not None  # with its critic
+    if not resume and recorded == "gan" and not continuing:
         hint = (
             "the GAN stage usually starts from PSNR weights (PSNR_RUN/best.safetensors)"
             if config.stage == "gan"
@@ -170,6 +183,22 @@ def _load_init(
             f"--init {path}: holds GAN-stage weights (their provenance records stage 'gan'); {hint}"
         )
     return init
+
+
+def _load_critic_init(config: TrainConfig, manifest: Manifest) -> WeightsFile | None:
+    """The --init-critic weights: a GAN run's critic file, the same critic (name and
+    --critic-params), trained on data prepared the same way as --data."""
+    if config.critic_init is None:
+        return None
+    path = Path(config.critic_init)
+    critic = load_init_weights(path, expect_network=config.critic.name)
+    if critic.network.params != config.critic.params:
+        raise WeightsError(
+            f"{path}: critic parameters {critic.network.params} differ from --critic-params "
+            f"{config.critic.params}"
+        )
+    _check_degradation(critic, manifest.degradation)
+    return critic
 
 
 def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationConfig) -> None:
@@ -184,6 +213,10 @@ def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationC
             f"{init.path}: network parameters {init.network.params} differ from "
             f"--net-params {config.network.params}"
         )
+    _check_degradation(init, degradation)
+
+
+def _check_degradation(init: WeightsFile, degradation: DegradationConfig) -> None:
     if init.degradation.to_json() != degradation.to_json():
         diff = _differences(
             json.loads(init.degradation.to_json()), json.loads(degradation.to_json()), frozenset()

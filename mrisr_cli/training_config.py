@@ -23,6 +23,7 @@ RESUME_MAY_CHANGE = frozenset(
         "data",
         "out",
         "init",
+        "critic_init",  # the checkpoint holds the critic on --resume
         "epochs",
         "device",
         "workers",
@@ -52,6 +53,7 @@ MAX_LR = 1.0
 OPTION_NAMES = {
     "network": "--net/--net-params",
     "critic": "--critic-params",
+    "critic_init": "--init-critic",
     "flip_axes": "--flips",
 }
 
@@ -66,6 +68,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=lambda: NetworkConfig("rrdg"))
     critic: NetworkConfig = field(default_factory=lambda: NetworkConfig("patch_discriminator"))
     init: str | None = None
+    critic_init: str | None = None  # gan: the critic's starting weights (a run's critic file)
     epochs: int = 100
     steps_per_epoch: int = 1000
     batch_size: int = 4  # per process
@@ -122,6 +125,8 @@ class TrainConfig:
             if not (math.isfinite(value) and value >= 0):
                 option = name.replace("_", "-")
                 raise InputError(f"--{option} must be a number >= 0, got {value}")
+        if self.critic_init is not None and self.stage != "gan":
+            raise InputError("--init-critic is for --stage gan (the PSNR stage has no critic)")
         if self.critic_warmup < 0:
             raise InputError("--critic-warmup cannot be negative")
         if self.time_limit < 0:

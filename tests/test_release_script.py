@@ -142,3 +142,22 @@ def test_release_script_runs_every_stage(tmp_path: Path) -> None:
     psnr_sha = load_weights(previous / "rrdg_psnr.safetensors").sha256
     assert gan.provenance["stage"] == "gan" and gan.provenance["init"]["sha256"] == psnr_sha
     assert gan.provenance["config"]["critic_steps"] == 3
+
+    # the next GAN-only session goes on from that GAN file and its critic, which comes back in
+    # runs.tar.gz (--continue-gan): no new critic, the GAN steps add up, the blend's PSNR model
+    # is still the first one
+    with tarfile.open(gan_only / "runs.tar.gz") as tar:
+        tar.extract("rrdg_gan/critic.safetensors", tmp_path / "back", filter="data")
+    critic = load_weights(tmp_path / "back" / "rrdg_gan" / "critic.safetensors")
+    assert critic.network.name == "patch_discriminator"
+    later = tmp_path / "out5"
+    command[command.index(gan_only)] = later
+    command[command.index("--work") + 1] = tmp_path / "work5"
+    continuing = ["--continue-gan", gan_only / "rrdg_gan.safetensors", critic.path]
+    run_script([*command, "--trained", previous, baselines, "--skip-eval", *continuing])
+    results = json.loads((later / "results.json").read_text())
+    assert "errors" not in results and set(results["training"]) == {"rrdg_gan"}, results
+    more = load_weights(later / "rrdg_gan.safetensors").provenance
+    assert more["init"]["sha256"] == gan.sha256 and more["critic_init"]["sha256"] == critic.sha256
+    assert more["psnr_origin"] == psnr_sha and more["config"]["critic_warmup"] == 0
+    assert more["stage_steps"] == gan.provenance["stage_steps"] + more["step"]

@@ -42,6 +42,7 @@ from mrisr_cli.manifest import load_manifest
 from mrisr_cli.metrics import image_metrics
 from mrisr_cli.networks import NetworkConfig, build_network
 from mrisr_cli.patches import PatchOptions, PatchSampler, Prefetcher, SubjectArrays, open_split
+from mrisr_cli.pipeline import load_generator_files
 from mrisr_cli.run_files import read_checkpoint, read_log
 from mrisr_cli.training import train
 from mrisr_cli.training_config import TrainConfig
@@ -938,6 +939,77 @@ def stop_at_start(warnings: list[str]):
             raise Stop
 
     return on_event
+
+
+def test_a_gan_stage_continues_from_its_critic_file(
+    prepared: Path, tmp_path: Path, psnr_run: Path
+) -> None:
+    """A GAN run leaves its critic next to last.safetensors; --init-critic starts the next run
+    from it (one GPU session's GAN stage goes on in the next without a new critic that must
+    catch up), with --critic-params taken from the file, as --net-params from --init."""
+    data = prepared / "data"
+    first = tmp_path / "gan1"
+    args = ["--stage", "gan", "--epochs", "1", "--steps-per-epoch", "2"]
+    args += ["--critic-steps", "1", "--critic-warmup", "0"]
+    result = invoke(*train_args(data, first, *args, "--init", str(psnr_run / "best.safetensors")))
+    assert result.exit_code == 0, result.output
+    critic = load_weights(first / run_files.CRITIC_NAME, expect_network="patch_discriminator")
+    assert critic.network.params == TINY_CRITIC
+    assert critic.provenance["role"] == "critic" and critic.provenance["step"] == 2
+    assert critic.degradation == load_manifest(data).degradation
+    saved = read_checkpoint(first / run_files.CHECKPOINT_NAME)["state"]["critic"]
+    assert all(torch.equal(saved[k], v) for k, v in critic.state.items())  # the last step's
+
+    # the library: the critic starts as the file holds it
+    config = tiny_config(
+        data, tmp_path / "lib", stage="gan", critic_init=str(first / run_files.CRITIC_NAME)
+    )
+    trainer = training.Trainer(config, critic_init=critic)
+    assert trainer.critic is not None
+    assert all(torch.equal(trainer.critic.state_dict()[k], v) for k, v in critic.state.items())
+
+    # the CLI, without --critic-params: the critic's settings come from its file
+    second = tmp_path / "gan2"
+    more = ["--init", str(first / "last.safetensors")]
+    more += ["--init-critic", str(first / run_files.CRITIC_NAME)]
+    cli = train_args(data, second, *args, *more)
+    at = cli.index("--critic-params")
+    del cli[at : at + 2]
+    result = invoke(*cli)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    provenance = load_weights(second / "last.safetensors").provenance
+    assert provenance["critic_init"]["sha256"] == critic.sha256
+    # blending: the continued GAN model still names the PSNR model the first run was tuned from
+    psnr = load_weights(psnr_run / "best.safetensors")
+    assert provenance["psnr_origin"] == psnr.sha256
+    files = load_generator_files(psnr_run / "best.safetensors", second / "last.safetensors")
+    assert files.warnings() == []
+    assert provenance["config"]["critic"]["params"] == TINY_CRITIC
+    after = load_weights(second / run_files.CRITIC_NAME).state
+    assert any(not torch.equal(after[k], v) for k, v in critic.state.items())  # it trained on
+
+
+def test_bad_init_critic_is_one_line(prepared: Path, tmp_path: Path, psnr_run: Path) -> None:
+    data, init = prepared / "data", str(psnr_run / "best.safetensors")
+    degradation = load_manifest(data).degradation
+    other = tmp_path / "wide.safetensors"
+    wide = NetworkConfig("patch_discriminator", {**TINY_CRITIC, "base_features": 8})
+    save_weights(other, build_network(wide).state_dict(), wide, degradation)
+    gan = ["--stage", "gan", "--init", init, "--epochs", "1", "--steps-per-epoch", "1"]
+    cases = [
+        (["--stage", "psnr", "--init-critic", str(other)], "--init-critic is for --stage gan"),
+        ([*gan, "--init-critic", init], "holds a 'rrdg' network, expected 'patch_discriminator'"),
+        (
+            [*gan, "--init-critic", str(other), "--critic-params", json.dumps(TINY_CRITIC)],
+            "critic parameters",
+        ),
+        ([*gan, "--init-critic", str(tmp_path / "none.safetensors")], "no such weights file"),
+    ]
+    for i, (extra, expected) in enumerate(cases):
+        result = invoke(*train_args(data, tmp_path / f"run{i}", *extra))
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and expected in lines[0], result.output
+        assert not (tmp_path / f"run{i}").exists()
 
 
 @pytest.mark.parametrize("stage", ["psnr", "gan"])

@@ -24,6 +24,11 @@
 #   SKIP_BENCH=1 bash tools/device_release.sh 640 --trained weights tools/baseline_weights \
 #     --gan-seconds 450 --critic-steps 5 --skip-eval --eval-seconds 0
 # then device_score.sh as above. The scoring call (fp16, with --parcellation) took 151 s on an H200.
+# The GAN run's critic comes back in runs.tar.gz (rrdg_gan/critic.safetensors, 5.2 MB): keep it
+# as carry/rrdg_critic.safetensors (ignored) and a later session goes on from both files, with
+# no new critic to warm up, by adding to the command above (carrying it too: 61 MiB in all with
+# the tree, the pack and the wheel)
+#     --continue-gan weights/rrdg_gan.safetensors carry/rrdg_critic.safetensors
 set -uo pipefail
 budget=${1:-560}
 start=$(date +%s)

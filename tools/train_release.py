@@ -45,7 +45,7 @@ from mrisr_cli.compact import degrade_zscores, unpack_dataset
 from mrisr_cli.intensity import IntensityStats
 from mrisr_cli.manifest import load_manifest
 from mrisr_cli.networks import NetworkConfig, build_network, count_parameters
-from mrisr_cli.run_files import read_log
+from mrisr_cli.run_files import CRITIC_NAME, read_log
 from mrisr_cli.training import stage_steps_of, train
 from mrisr_cli.training_config import CRITIC_LR_PER_LR, TrainConfig
 
@@ -294,6 +294,15 @@ def main() -> int:
         "rrdg_gan.safetensors found is evaluated, nothing trains)",
     )
     parser.add_argument(
+        "--continue-gan",
+        type=Path,
+        nargs=2,
+        metavar=("GAN", "CRITIC"),
+        help="with --trained: an earlier call's GAN file and its critic (rrdg_gan/"
+        "critic.safetensors in its runs.tar.gz); the GAN stage goes on from both (no critic "
+        "warm-up) instead of starting from the PSNR file, so its steps add up across sessions",
+    )
+    parser.add_argument(
         "--continue-from",
         type=Path,
         nargs="+",
@@ -302,6 +311,8 @@ def main() -> int:
         "PSNR-stage network starts from its file (the schedule adds up across GPU sessions)",
     )
     args = parser.parse_args()
+    if args.continue_gan is not None and args.trained is None:
+        parser.error("--continue-gan needs --trained (the PSNR file the GAN model was tuned from)")
 
     import torch
 
@@ -361,7 +372,12 @@ def main() -> int:
             save()
 
     def train_gan(base: TrainConfig, init: Path, seconds: float) -> None:
-        """The GAN stage from ``init`` for ``seconds``; its last weights are the shipped ones."""
+        """The GAN stage from ``init`` (or ``--continue-gan``'s files) for ``seconds``; its last
+        weights are the shipped ones, and its critic comes back for the next session."""
+        critic_init, warmup = None, args.critic_warmup
+        if args.continue_gan is not None:
+            init, critic = args.continue_gan
+            critic_init, warmup = str(critic), 0
         gan = guarded(
             "rrdg_gan",
             lambda: train_stage(
@@ -374,7 +390,8 @@ def main() -> int:
                 lr=args.gan_lr,
                 critic_lr=CRITIC_LR_PER_LR * args.gan_lr,
                 critic_steps=args.critic_steps,
-                critic_warmup=args.critic_warmup,
+                critic_warmup=warmup,
+                critic_init=critic_init,
                 time_limit=seconds,
             ),
         )
@@ -528,10 +545,11 @@ def main() -> int:
 
 
 def pack_logs(runs: Path, work: Path, out: Path) -> None:
-    """Logs, the figure and the reports in one file (the transfer back takes few files)."""
+    """Logs, the figure, the reports and the GAN stage's critic (5 MB, for ``--continue-gan``)
+    in one file: a lent GPU sends back 8 files at most."""
     with tarfile.open(out / "runs.tar.gz.part", "w:gz") as tar:
         for run in sorted(runs.glob("*")):
-            for name in ("log.jsonl", "run.json"):
+            for name in ("log.jsonl", "run.json", CRITIC_NAME):
                 if (run / name).is_file():
                     tar.add(run / name, arcname=f"{run.name}/{name}")
         if (work / "comparison.png").is_file():
