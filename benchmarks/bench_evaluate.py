@@ -9,7 +9,8 @@ The pair is a real 1 mm brain ($MRISR_DATA or ../shared/data: t1/S15_antsxnet_br
 same size. It runs the library path of the command (files read, mask, N4, metrics) once per
 configuration:
 
-1. image metrics only (SSIM/PSNR/NRMSE, whole volume and mask): ``--no-tissue``
+1. image metrics only (SSIM/PSNR/NRMSE, whole volume and mask; HF power and correlation in the
+   mask): ``--no-tissue``
 2. + N4 and tissue Dice (the default without weights)
 3. + HighRes3DNet M_h and parcellation Dice (``--parcellation-weights``); with the pretrained
    file when present, else a randomly initialised network of the same size (same cost).

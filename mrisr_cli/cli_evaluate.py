@@ -214,12 +214,13 @@ def results_table(evaluation: Evaluation) -> Table:
             f"better: the method with the better mean where p < {SIGNIFICANCE_LEVEL:g}; "
             "n.s.: no significant difference"
         )
+        if any(m.higher_is_better is None for m in evaluation.metrics):
+            caption += "; differ: significant, no better direction"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("method")
     table.add_column("n", justify="right")
     for metric in evaluation.metrics:
-        arrow = "↑" if metric.higher_is_better else "↓"
-        table.add_column(f"{metric.label} {arrow}", justify="right", overflow="fold")
+        table.add_column(f"{metric.label} {metric.direction}", justify="right", overflow="fold")
     for name in evaluation.methods:
         stats = evaluation.summary[name]
         evaluated = sum(1 for r in evaluation.results if r.method == name and not r.error)
@@ -232,6 +233,8 @@ def results_table(evaluation: Evaluation) -> Table:
             p_cells.append(f"{test.p:.3g}" if math.isfinite(test.p) else "–")
             if test.better:
                 better_cells.append(test.better)
+            elif test.significant:  # a metric without a better direction (HF power)
+                better_cells.append("differ")
             else:  # no test (fewer than 2 subjects, equal means) or not significant
                 better_cells.append("n.s." if math.isfinite(test.p) else "–")
         n = max((t.n for t in evaluation.comparison.values()), default=0)

@@ -458,13 +458,14 @@ def _settings(
     options: EvaluationOptions, mask_dir: Path | None, jobs: int, *, compared: bool
 ) -> dict[str, Any]:
     from mrisr_cli.fidelity import MH_RULE, TISSUE_RULE
-    from mrisr_cli.metrics import NORMALISATION_RULE, SCALE_LIMIT, SSIM_RULE
+    from mrisr_cli.metrics import HF_RULE, NORMALISATION_RULE, SCALE_LIMIT, SSIM_RULE
 
     return {
         "normalisation": NORMALISATION_RULE,
         "ssim": SSIM_RULE,
         "psnr": "10 log10(1 / MSE) on the normalised intensities (inf when identical)",
         "nrmse": "||ref - pred|| / ||ref|| on the normalised intensities",
+        "high_frequency": HF_RULE,
         "mask": str(mask_dir)
         if mask_dir
         else "automatic, from the reference: voxels above "

@@ -71,7 +71,15 @@ def _boxplot_figure(evaluation: Evaluation) -> Any:
         axis.set_xticks(range(1, len(names) + 1), names, fontsize=8)
         for i, values in enumerate(data, start=1):
             axis.scatter(i + rng.uniform(-0.08, 0.08, len(values)), values, s=8, alpha=0.6)
-        title = f"{metric.label} ({'higher' if metric.higher_is_better else 'lower'} is better)"
+        if metric.higher_is_better is not None:
+            better = "higher" if metric.higher_is_better else "lower"
+            title = f"{metric.label} ({better} is better)"
+        elif metric.ideal is not None:
+            title = f"{metric.label} ({metric.ideal:g} is ideal)"
+        else:
+            title = metric.label
+        if metric.ideal is not None:
+            axis.axhline(metric.ideal, color="grey", linestyle="--", linewidth=0.8)
         test = evaluation.comparison.get(metric.key)
         if test and math.isfinite(test.p):
             title += f"\npaired t-test p = {test.p:.3g} (n = {test.n})"

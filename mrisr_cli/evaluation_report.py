@@ -191,7 +191,12 @@ def summary_dict(evaluation: Evaluation) -> dict[str, Any]:
         "mrisr_version": __version__,
         "reference": str(evaluation.ref_dir),
         "metrics": [
-            {"key": m.key, "label": m.label, "higher_is_better": m.higher_is_better}
+            {
+                "key": m.key,
+                "label": m.label,
+                "higher_is_better": m.higher_is_better,  # null: neither, the nearest to ideal is
+                "ideal": m.ideal,
+            }
             for m in evaluation.metrics
         ],
         "settings": evaluation.settings,

@@ -17,11 +17,24 @@ from mrisr_cli.pairing import Pairing
 
 @dataclass(frozen=True)
 class MetricInfo:
-    """A column of the report: key, label in the table, and which direction is better."""
+    """A column of the report: key, label in the table, and which direction is better.
+
+    ``higher_is_better`` None: neither direction is, the value closest to ``ideal`` is (HF
+    power: 1, the reference's own). Such a metric is summarised and tested like the others, but
+    no method is named better, since a difference of means says nothing about which is nearer.
+    """
 
     key: str
     label: str
-    higher_is_better: bool
+    higher_is_better: bool | None
+    ideal: float | None = None
+
+    @property
+    def direction(self) -> str:
+        """How the table's header says which values are better: an arrow, or the ideal."""
+        if self.higher_is_better is None:
+            return f"→{self.ideal:g}" if self.ideal is not None else ""
+        return "↑" if self.higher_is_better else "↓"
 
 
 METRICS: tuple[MetricInfo, ...] = (
@@ -31,6 +44,8 @@ METRICS: tuple[MetricInfo, ...] = (
     MetricInfo("ssim_mask", "SSIM (mask)", True),
     MetricInfo("psnr_mask", "PSNR (mask)", True),
     MetricInfo("nrmse_mask", "NRMSE (mask)", False),
+    MetricInfo("hf_power", "HF power", None, ideal=1.0),
+    MetricInfo("hf_corr", "HF corr", True),
     MetricInfo("tissue_dice", "Tissue Dice", True),
     MetricInfo("mh", "M_h", False),
     MetricInfo("parc_dice", "Dice", True),
@@ -69,8 +84,8 @@ class PairedTest:
     """Paired two-tailed t-test of one metric between the two methods.
 
     ``better`` names the method with the better mean only when the difference is significant
-    (``p`` < :data:`~mrisr_cli.evaluation_stats.SIGNIFICANCE_LEVEL`); otherwise it is None,
-    and ``mean_difference`` still gives the direction.
+    (``p`` < :data:`~mrisr_cli.evaluation_stats.SIGNIFICANCE_LEVEL`) and the metric has a
+    better direction; otherwise it is None, and ``mean_difference`` still gives the direction.
     """
 
     n: int

@@ -41,7 +41,8 @@ def paired_tests(
     results: Sequence[PairResult], first: str, second: str, metrics: Sequence[MetricInfo]
 ) -> dict[str, PairedTest]:
     """ttest_rel per metric over subjects with finite values for both methods; the better
-    method is named only where p < :data:`SIGNIFICANCE_LEVEL`."""
+    method is named only where p < :data:`SIGNIFICANCE_LEVEL`, and never for a metric without
+    a better direction (HF power: the nearer to 1 is; a difference of means cannot say which)."""
     from scipy import stats
 
     by_method = {
@@ -65,7 +66,7 @@ def paired_tests(
         p = float(outcome.pvalue)
         significant = diff != 0 and math.isfinite(p) and p < SIGNIFICANCE_LEVEL
         better = None
-        if significant:
+        if significant and metric.higher_is_better is not None:  # else no better direction
             first_better = (diff > 0) == metric.higher_is_better
             better = first if first_better else second
         tests[metric.key] = PairedTest(

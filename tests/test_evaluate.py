@@ -100,7 +100,21 @@ def test_one_method_table_and_report(tmp_path: Path) -> None:
     for r in rows:
         assert 0.9 < float(r["ssim"]) < 1 and float(r["psnr"]) > 25 and 0 < float(r["nrmse"]) < 0.2
         assert 0.5 < float(r["tissue_dice"]) <= 1
+        # the texture metrics, next to the image metrics: a blurred copy has less fine detail
+        assert 0 < float(r["hf_power"]) < 0.6 and 0.8 < float(r["hf_corr"]) < 1
+    assert list(rows[0])[4:12] == [
+        *("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"),
+        *("hf_power", "hf_corr"),
+    ]
+    assert "HF power →1" in result.stdout and "HF corr ↑" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
+    listed = {m["key"]: m for m in summary["metrics"]}
+    assert listed["hf_power"]["higher_is_better"] is None and listed["hf_power"]["ideal"] == 1.0
+    assert listed["hf_corr"]["higher_is_better"] is True and listed["hf_corr"]["ideal"] is None
+    hf = summary["methods"]["sharp"]["metrics"]["hf_power"]
+    assert hf["n"] == 3
+    assert hf["mean"] == pytest.approx(np.mean([float(r["hf_power"]) for r in rows]))
+    assert "cycles/voxel" in summary["settings"]["high_frequency"]
     assert "min-max of the reference" in summary["settings"]["normalisation"]
     assert "K1=0.01, K2=0.03" in summary["settings"]["ssim"]
     assert any("no --parcellation-weights" in n for n in summary["notes"])  # ... and why
@@ -146,17 +160,22 @@ def test_two_methods_paired_test_prefers_the_sharper(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "p-value" in result.stdout and "better" in result.stdout
     assert "paired two-tailed t-test" in result.stdout and "where p < 0.05" in result.stdout
-    # the label, n, then the six image metrics (tissue Dice follows)
-    assert _table_row(result.stdout, "better")[2:8] == ["sharp"] * 6
+    # the label, n, the six image metrics, the two texture metrics (tissue Dice follows): HF
+    # power has no better direction (1 is ideal), so a significant difference only 'differs'
+    assert _table_row(result.stdout, "better")[2:10] == ["sharp"] * 6 + ["differ", "sharp"]
+    assert "differ: significant, no better direction" in " ".join(result.stdout.split())
     summary = json.loads((out / "summary.json").read_text())
     comparison = summary["comparison"]
     assert comparison["first"] == "sharp" and comparison["second"] == "blurry"
     assert comparison["significance_level"] == 0.05
     assert "p < 0.05" in summary["settings"]["test"]
-    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"):
+    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask", "hf_corr"):
         test = comparison["metrics"][key]
         assert test["n"] == 4 and test["better"] == "sharp", key
         assert 0 <= test["p"] < 0.01 and test["significant"] is True, key
+    power = comparison["metrics"]["hf_power"]
+    assert power["significant"] is True and power["better"] is None
+    assert power["mean_difference"] > 0  # the blurrier copy has less fine detail
     assert len(read_rows(out / "subjects.csv")) == 8
 
 
@@ -183,10 +202,10 @@ def test_two_methods_without_a_significant_difference_name_no_winner(tmp_path: P
     out = tmp_path / "report"
     result = invoke("--ref", hr, "--pred", first, "--pred", second, "--out", out, "--no-tissue")
     assert result.exit_code == 0, result.output
-    assert _table_row(result.stdout, "better")[2:] == ["n.s."] * 6
+    assert _table_row(result.stdout, "better")[2:] == ["n.s."] * 8
     assert "n.s.: no significant difference" in result.stdout
     comparison = json.loads((out / "summary.json").read_text())["comparison"]
-    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask"):
+    for key in ("ssim", "psnr", "nrmse", "ssim_mask", "psnr_mask", "nrmse_mask", "hf_corr"):
         test = comparison["metrics"][key]
         assert test["p"] >= 0.05 and test["mean_difference"] != 0, key
         assert test["better"] is None and test["significant"] is False, key
@@ -516,6 +535,12 @@ def test_paired_statistics_match_scipy() -> None:
     nrmse += [PairResult("b", f"s{i}", "", "", {"nrmse": 0.08 + 0.011 * i}) for i in range(4)]
     test = paired_tests(nrmse, "a", "b", [METRIC_BY_KEY["nrmse"]])["nrmse"]
     assert test.p < 0.05 and test.significant and test.better == "b"
+    # HF power: 1 is ideal, neither direction better; the same significant difference names none
+    power = [
+        PairResult(r.method, r.subject, "", "", {"hf_power": r.values["nrmse"]}) for r in nrmse
+    ]
+    test = paired_tests(power, "a", "b", [METRIC_BY_KEY["hf_power"]])["hf_power"]
+    assert test.p < 0.05 and test.significant and test.better is None
     summary = summarise(results, ["a", "b"], metric)
     assert summary["b"]["ssim"].n == 4
     assert summary["a"]["ssim"].std == pytest.approx(np.std(a, ddof=1))
@@ -862,7 +887,8 @@ def test_a_folder_of_several_alphas_is_one_method_per_alpha(tmp_path: Path) -> N
     two = alpha_folder(tmp_path / "two", hr, {"0": 1.2, "1": 0.4})
     result = invoke("--ref", hr, "--pred", two, "--no-tissue", "--threads", "1", *FAST)
     assert result.exit_code == 0, result.output
-    assert _table_row(result.stdout, "better")[2:] == ["two_alpha-1"] * 6
+    better = _table_row(result.stdout, "better")[2:]
+    assert better == ["two_alpha-1"] * 6 + ["differ", "two_alpha-1"]  # HF power: no direction
 
 
 def test_alpha_groups_keep_untagged_files_and_single_alpha_folders(tmp_path: Path) -> None:

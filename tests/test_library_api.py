@@ -361,7 +361,9 @@ def test_cuda_without_a_gpu_is_the_cli_device_error(
 # --- 6. metrics -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", [metrics.psnr, metrics.ssim, metrics.nrmse])
+@pytest.mark.parametrize(
+    "metric", [metrics.psnr, metrics.ssim, metrics.nrmse, metrics.high_frequency]
+)
 def test_metrics_refuse_non_finite_volumes(metric: object) -> None:
     ref = _volume() / 2
     with pytest.raises(InputError) as exc:

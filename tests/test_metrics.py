@@ -15,6 +15,7 @@ from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, struct
 from torch import nn
 
 from mrisr_cli import metrics
+from mrisr_cli.degradation import DegradationConfig, degrade_volume
 from mrisr_cli.errors import InputError, WeightsError
 from mrisr_cli.fidelity import (
     LI_LANDMARKS,
@@ -100,6 +101,8 @@ def test_identical_volumes_give_the_ideal_values() -> None:
     assert result.ssim == pytest.approx(1.0, abs=1e-6)
     assert result.ssim_mask == pytest.approx(1.0, abs=1e-6)
     assert result.nrmse == 0.0 and result.nrmse_mask == 0.0
+    assert result.hf_power == pytest.approx(1.0, abs=1e-12)
+    assert result.hf_corr == pytest.approx(1.0, abs=1e-12)
 
 
 def test_normalisation_is_the_reference_min_max_applied_to_both() -> None:
@@ -132,6 +135,194 @@ def test_metric_input_errors() -> None:
         metrics.ssim(ref[:10], ref[:10])
     with pytest.raises(InputError, match="constant"):
         metrics.normalise_pair(np.ones((12, 12, 12)), ref)
+
+
+# --- texture metrics: high-frequency power and correlation ---------------------------------
+
+
+def textured(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    """:func:`blob`'s shells with a fine texture inside (no white noise): a spectrum that falls
+    with frequency, as a real scan's does, with power in the band to lose or add."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = (np.array(shape, dtype=np.float32) - 1)[:, None, None, None] / 2
+    radius = np.sqrt(((grid - centre) ** 2).sum(axis=0)) / (min(shape) / 2)
+    shells = np.select([radius < 0.3, radius < 0.6, radius < 0.85], [60.0, 150.0, 100.0], 0.0)
+    texture = ndi.gaussian_filter(rng.normal(0, 1, shape), 0.7) * 40
+    return (ndi.gaussian_filter(shells, 0.7) + np.where(radius < 0.85, texture, 0)).astype(
+        np.float32
+    )
+
+
+def truncated(volume: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``volume`` with the outer half of k-space (|f| > 0.25 cycles/voxel) zeroed on ``axes``."""
+    spectrum = np.fft.fftn(volume.astype(np.float64))
+    for axis in axes:
+        view = [1, 1, 1]
+        view[axis] = -1
+        spectrum *= (np.abs(np.fft.fftfreq(volume.shape[axis])) <= 0.25).reshape(view)
+    return np.fft.ifftn(spectrum).real.astype(np.float32)
+
+
+def numpy_high_frequency(
+    ref: np.ndarray, pred: np.ndarray, mask: np.ndarray | None
+) -> tuple[float, float]:
+    """The definition written out: full complex DFT of both volumes (times the mask, its edge
+    smoothed by scipy's Gaussian, sigma 2), the band as the frequencies with |f| > 0.25 on at
+    least one axis, sums over it."""
+    r, p = ref.astype(np.float64), pred.astype(np.float64)
+    if mask is not None:
+        weights = ndi.gaussian_filter(mask.astype(np.float64), 2.0, mode="constant", truncate=3.5)
+        r, p = r * weights, p * weights
+    big_r, big_p = np.fft.fftn(r), np.fft.fftn(p)
+    high = [np.abs(np.fft.fftfreq(n)) > 0.25 for n in r.shape]
+    band = high[0][:, None, None] | high[1][None, :, None] | high[2][None, None, :]
+    power_r = float((np.abs(big_r[band]) ** 2).sum())
+    power_p = float((np.abs(big_p[band]) ** 2).sum())
+    cross = float((big_p[band] * np.conj(big_r[band])).real.sum())
+    return power_p / power_r, cross / math.sqrt(power_r * power_p)
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 5), (8, 6, 4), (7, 5, 8), (5, 9, 9), (4, 4, 2)])
+def test_high_frequency_half_spectrum_equals_the_full_dft(shape) -> None:
+    """rfftn keeps half the last axis: the other half's bins are weighted in as conjugate pairs
+    (twice), DC and an even axis' Nyquist bin once. Odd and even last axes, against numpy's full
+    fftn written out by hand."""
+    rng = np.random.default_rng(sum(shape))
+    ref = rng.random(shape).astype(np.float32)
+    pred = (ref + rng.normal(0, 0.3, shape)).astype(np.float32)
+    ours = metrics.high_frequency(ref, pred)
+    power, corr = numpy_high_frequency(ref, pred, None)
+    assert ours.power == pytest.approx(power, rel=1e-10)
+    assert ours.corr == pytest.approx(corr, rel=1e-10)
+    # the weights count every band frequency of the full spectrum exactly once
+    high = [np.abs(np.fft.fftfreq(n)) > 0.25 for n in shape]
+    band = high[0][:, None, None] | high[1][None, :, None] | high[2][None, None, :]
+    assert float(metrics._band_weights(shape, "cpu").sum()) == band.sum()
+
+
+def test_high_frequency_of_a_k_space_truncated_copy() -> None:
+    """Zeroing the outer half of k-space on all three axes leaves nothing in the band; on two
+    axes (as the project's degradation does) it keeps the band's share with |f| <= 0.25 on both,
+    unchanged, so the correlation is exactly the square root of the power ratio."""
+    ref = textured((32, 30, 28))
+    gone = metrics.high_frequency(ref, truncated(ref, (0, 1, 2)))
+    assert 0 <= gone.power < 1e-9
+    two = metrics.high_frequency(ref, truncated(ref, (0, 2)))
+    assert 0.05 < two.power < 0.6
+    assert two.corr == pytest.approx(math.sqrt(two.power), rel=1e-5)
+    assert metrics.image_metrics(ref, truncated(ref, (0, 2)), ref > 20).psnr > 30  # 'a good copy'
+    degraded = degrade_volume(ref, DegradationConfig(n4=False))  # + Hann windows, interpolation
+    input_scores = metrics.high_frequency(ref, degraded)
+    assert input_scores.power < 0.8 and input_scores.corr < 0.7
+
+
+def test_high_frequency_power_falls_with_blur() -> None:
+    ref = textured((32, 30, 28))
+    mild = metrics.high_frequency(ref, ndi.gaussian_filter(ref, 0.6))
+    strong = metrics.high_frequency(ref, ndi.gaussian_filter(ref, 1.0))
+    assert strong.power < 0.05 < mild.power < 0.3
+    assert strong.corr < mild.corr < 1  # a positive filter keeps the detail's sign
+
+
+def test_high_frequency_noise_raises_power_and_lowers_correlation() -> None:
+    ref = textured((32, 30, 28))
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 1, ref.shape).astype(np.float32)
+    some = metrics.image_metrics(ref, ref + 5 * noise, ref > 20)
+    more = metrics.image_metrics(ref, ref + 20 * noise, ref > 20)
+    assert 1 < some.hf_power < more.hf_power
+    assert more.hf_corr < some.hf_corr < 0.95
+    unrelated = metrics.high_frequency(ref, 20 * noise)  # detail that is not the reference's
+    assert unrelated.power > 1 and abs(unrelated.corr) < 0.05
+
+
+def test_high_frequency_scaling() -> None:
+    """One change of units for both volumes: the same numbers (the shared normalisation, as for
+    PSNR). Twice the contrast: four times the power, the same correlation."""
+    ref = textured((24, 26, 22), seed=2)
+    pred = ndi.gaussian_filter(ref, 0.6)
+    mask = ref > 50
+    before = metrics.image_metrics(ref, pred, mask)
+    after = metrics.image_metrics(ref * 7.5 + 300, pred * 7.5 + 300, mask)
+    assert after.hf_power == pytest.approx(before.hf_power, rel=1e-5)
+    assert after.hf_corr == pytest.approx(before.hf_corr, rel=1e-5)
+    double = metrics.high_frequency(ref, 2 * pred, mask=mask)
+    single = metrics.high_frequency(ref, pred, mask=mask)
+    assert double.power == pytest.approx(4 * single.power, rel=1e-5)
+    assert double.corr == pytest.approx(single.corr, rel=1e-5)
+
+
+def test_high_frequency_sees_only_the_mask() -> None:
+    """Both volumes are multiplied by the mask, its edge smoothed (sigma 2, so 7 voxels out at
+    most): what the prediction does beyond that is not scored, NaN included, and the numbers
+    are those of the volumes times scipy's smoothed mask."""
+    ref = textured((30, 32, 28), seed=3)
+    mask = np.zeros(ref.shape, dtype=bool)
+    mask[10:20, 11:21, 9:19] = True
+    reach = 7  # int(3.5 sigma + 0.5)
+    near = ndi.binary_dilation(mask, np.ones((3, 3, 3), bool), iterations=reach)
+    rng = np.random.default_rng(0)
+    outside = np.where(near, ref, rng.normal(0, 50, ref.shape)).astype(np.float32)
+    scores = metrics.high_frequency(ref, outside, mask=mask)
+    assert scores.power == pytest.approx(1.0, abs=1e-12)
+    assert scores.corr == pytest.approx(1.0, abs=1e-12)
+    assert metrics.high_frequency(ref, outside).power > 1.5  # without the mask it counts
+    outside[0, 0, 0] = np.nan
+    inside = metrics.image_metrics(ref, outside, mask)  # not refused there: scored as NaN
+    assert inside.hf_power == pytest.approx(1.0, abs=1e-6) and math.isnan(inside.psnr)
+    pred = ndi.gaussian_filter(ref, 0.8)
+    masked = metrics.high_frequency(ref, pred, mask=mask)
+    expected = numpy_high_frequency(ref, pred, mask)
+    assert (masked.power, masked.corr) == pytest.approx(expected, rel=1e-5)
+    full = metrics.image_metrics(ref, pred, mask)  # image_metrics passes its mask on
+    assert (full.hf_power, full.hf_corr) == pytest.approx((masked.power, masked.corr), rel=1e-5)
+
+
+def test_the_tapered_mask_is_scipys_gaussian_and_keeps_a_blurred_copy_low() -> None:
+    """A hard mask's edge adds high frequencies of its own, the same to both volumes, and cuts
+    a blurred prediction's spill into a step: on a skull-stripped-like volume (zero outside the
+    mask) a blurred copy scored as much fine detail as the reference, or more; the smoothed
+    edge keeps it near its whole-volume value."""
+    rng = np.random.default_rng(4)
+    mask = rng.random((12, 14, 10)) > 0.6
+    np.testing.assert_allclose(
+        metrics.tapered_mask(torch.from_numpy(mask)).numpy(),
+        ndi.gaussian_filter(mask.astype(np.float64), 2.0, mode="constant", truncate=3.5),
+        atol=1e-6,
+    )
+    hard = torch.from_numpy(mask)
+    assert torch.equal(metrics.tapered_mask(hard, 0), hard.float())  # sigma 0: the mask itself
+    ref = textured((32, 30, 28))
+    mask = ref > 20  # the 'brain'; zero outside it
+    blurred = ndi.gaussian_filter(ref, 1.0)
+    whole = metrics.high_frequency(ref, blurred)
+    soft = metrics.image_metrics(ref, blurred, mask)
+    r, p = (torch.from_numpy(v) * torch.from_numpy(mask) for v in (ref, blurred))
+    cut = metrics.high_frequency(r, p)
+    assert whole.power < 0.02 and soft.hf_power < 0.05 < 0.3 < cut.power
+
+
+def test_high_frequency_degenerate_inputs() -> None:
+    """No power in the reference's band (an empty mask, a constant volume): NaN, as NRMSE is for
+    a zero reference; none in the prediction's: power 0 and an undefined (NaN) correlation.
+    A constant reference stops image_metrics as it stops PSNR and SSIM (the normalisation)."""
+    ref = textured((16, 18, 14))
+    empty = metrics.image_metrics(ref, ndi.gaussian_filter(ref, 1.0), np.zeros(ref.shape, bool))
+    assert math.isnan(empty.hf_power) and math.isnan(empty.hf_corr)
+    assert math.isnan(empty.psnr_mask)  # the other scores inside the mask agree
+    flat = metrics.high_frequency(np.full(ref.shape, 7.0, np.float32), ref)
+    assert math.isnan(flat.power) and math.isnan(flat.corr)
+    odd = np.full((13, 17, 11), 0.3, np.float32)  # DFT rounding is not exactly 0 at odd sizes
+    assert math.isnan(metrics.high_frequency(odd, odd).power)
+    smooth = metrics.high_frequency(ref, np.full(ref.shape, 50.0, np.float32))
+    assert smooth.power == 0.0 and math.isnan(smooth.corr)
+    with pytest.raises(InputError, match="constant"):
+        metrics.image_metrics(np.ones(ref.shape), ref, ref > 50)
+    with pytest.raises(InputError, match="shapes differ"):
+        metrics.high_frequency(ref, ref[:-1])
+    with pytest.raises(InputError, match="mask shape"):
+        metrics.high_frequency(ref, ref, mask=np.ones((3, 3, 3), bool))
 
 
 # --- HighRes3DNet ---------------------------------------------------------------------------
