@@ -365,8 +365,9 @@ def validate(
     options: InferenceOptions,
     dist: DistInfo,
 ) -> dict[str, float]:
-    """Mean PSNR/SSIM/NRMSE (whole volume and inside the mask) over the validation volumes,
-    each super-resolved whole by the stitching code of `upsample`; ranks share the subjects."""
+    """Mean PSNR/SSIM/NRMSE (whole volume and inside the mask) and HF power/corr (the texture
+    a GAN stage should add) over the validation volumes, each super-resolved whole by the
+    stitching code of `upsample`; ranks share the subjects."""
     scores = _mean_scores(subjects, lambda lr: super_resolve(lr, model, options), options, dist)
     model.train()
     return scores
