@@ -63,6 +63,7 @@ from mrisr_cli.inference import (
     half_dtype,
     plan_tiles,
     prepare_network,
+    resolve_options,
     super_resolve,
 )
 from mrisr_cli.intensity import foreground_mask, foreground_stats
@@ -265,6 +266,7 @@ def reference_throughput(
     warm_up: bool = True,
 ) -> float:
     """Voxels per second of the prepared network on one batch (after one warm-up call)."""
+    options, _ = resolve_options(options, model)  # no device given: the model's
     net = prepare_network(model, options)
     dtype = half_dtype(options.device) if options.half else torch.float32
     x = torch.from_numpy(patches)[:, None].to(options.device, dtype)
@@ -298,6 +300,7 @@ class ForwardTimer:
     """Seconds spent inside the prepared network's forward calls while the block runs."""
 
     def __init__(self, model: nn.Module, options: InferenceOptions) -> None:
+        options, _ = resolve_options(options, model)  # as super_resolve resolves them
         self.net = prepare_network(model, options)  # the cached copy super_resolve will use
         self.device = options.device
         self.seconds = 0.0

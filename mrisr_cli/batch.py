@@ -421,7 +421,8 @@ def run_upsample_jobs(
     counted as failed.
     """
     hashes = dict(input_sha256 or {})
-    device = resolve_device(options.inference.device)  # the line names the real one
+    # no device given: as the CLI (the generators are made here, on it)
+    device = resolve_device(options.inference.device or "auto")
     generators = {
         alpha: files.generator(alpha, device) for alpha in dict.fromkeys(j.alpha for j in jobs)
     }

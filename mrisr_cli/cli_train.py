@@ -189,12 +189,13 @@ def prepare_command(
     )
 
 
-def _run_params(out: Path) -> dict[str, Any] | None:
-    """The network parameters a run in ``out`` was started with (for --resume)."""
+def _run_params(out: Path, role: str = "network") -> dict[str, Any] | None:
+    """The parameters of the generator (``network``) or the ``critic`` a run in ``out`` was
+    started with (for --resume)."""
     import json
 
     try:
-        return dict(json.loads((out / "run.json").read_text())["config"]["network"]["params"])
+        return dict(json.loads((out / "run.json").read_text())["config"][role]["params"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -364,6 +365,8 @@ def train_command(
             found = load_init_weights(init)
             params = found.network.params if found.network.name == net else {}
         critic = _parse_json_object(critic_params, "--critic-params")
+        if critic is None and resume:  # the run's own, as the generator's
+            critic = _run_params(out, "critic")
         if critic is None and init_critic is not None and not (resume and not init_critic.exists()):
             found = load_init_weights(init_critic)
             critic = found.network.params if found.network.name == "patch_discriminator" else {}

@@ -78,8 +78,6 @@ def _boxplot_figure(evaluation: Evaluation) -> Any:
             title = f"{metric.label} ({metric.ideal:g} is ideal)"
         else:
             title = metric.label
-        if metric.ideal is not None:
-            axis.axhline(metric.ideal, color="grey", linestyle="--", linewidth=0.8)
         test = evaluation.comparison.get(metric.key)
         if test and math.isfinite(test.p):
             title += f"\npaired t-test p = {test.p:.3g} (n = {test.n})"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import re
 import threading
 import weakref
@@ -69,8 +70,9 @@ class InferenceOptions:
     patch: tuple[int, int, int] = PAPER_PATCH
     margin: int = PAPER_MARGIN
     batch_size: int = 4
-    #: as the CLI's --device: a GPU where torch sees one (a model on a GPU stays there)
-    device: str = "auto"
+    #: None: where the model's weights are (a model moved to a GPU runs there); "auto" as the
+    #: CLI's --device: a GPU where torch sees one
+    device: str | None = None
     half: bool = False
     skip_constant: bool = True
     skip_background: bool = True
@@ -108,7 +110,9 @@ class InferenceOptions:
                 f"InferenceOptions: overlap {self.overlap} must be below the patch core "
                 f"({core} voxels)"
             )
-        if not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device):
+        if self.device is not None and (
+            not isinstance(self.device, str) or not DEVICE_NAME.fullmatch(self.device)
+        ):
             raise DeviceError(f"unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)")
 
 
@@ -118,6 +122,14 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def model_device(model: nn.Module | None) -> str:
+    """Where a model's weights are ("cpu" for one without any, or no model)."""
+    if model is not None:
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            return str(tensor.device)
+    return "cpu"
 
 
 def resolve_device(name: str) -> str:
@@ -170,13 +182,16 @@ def resolve_half(device: str, half: bool) -> tuple[bool, str | None]:
     return half, None
 
 
-def resolve_options(options: InferenceOptions) -> tuple[InferenceOptions, str | None]:
+def resolve_options(
+    options: InferenceOptions, model: nn.Module | None = None
+) -> tuple[InferenceOptions, str | None]:
     """The options as they run here: ``half`` falls back to fp32 where :func:`resolve_half` says
     so, with its warning. :func:`super_resolve` applies this to every call, so every caller (the
     CLI, :mod:`mrisr_cli.pipeline`, the demo, library code) gets the same rule. The device is
-    resolved too (:func:`resolve_device`: ``auto`` picked, a missing GPU the CLI's DeviceError).
+    resolved too (:func:`resolve_device`: ``auto`` picked, a missing GPU the CLI's DeviceError;
+    no device given: ``model``'s, else the CPU).
     """
-    device = resolve_device(options.device)
+    device = resolve_device(options.device or model_device(model))
     half, warning = resolve_half(device, options.half)
     if (device, half) != (options.device, options.half):
         options = replace(options, device=device, half=half)
@@ -229,7 +244,7 @@ def prepare_network(model: nn.Module, options: InferenceOptions) -> nn.Module:
     threads that start on one model together share one copy, and a network that is not one of
     mrisr's generators is traced by torch.fx, which is process-global (:mod:`mrisr_cli.fusion`).
     """
-    options, _ = resolve_options(options)  # "auto" named; callers may pass options as given
+    options, _ = resolve_options(options, model)  # callers may pass options as given
     with _PREPARE_LOCK:
         key = _fingerprint(model, options)
         cached = _PREPARED.get(model)
@@ -428,7 +443,7 @@ def super_resolve(
     InputError, and the device is checked (:func:`resolve_device`).
     """
     volume = checked_array(volume, "super_resolve")
-    options, _ = resolve_options(options or InferenceOptions())
+    options, _ = resolve_options(options or InferenceOptions(), model)
     grid = TileGrid(tuple(volume.shape), options.patch, options.margin, options.overlap)  # type: ignore[arg-type]
     padded = pad_for_grid(volume.astype(np.float32, copy=False), grid)
     plan = plan_tiles(padded, grid, options)

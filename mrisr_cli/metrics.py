@@ -65,7 +65,9 @@ SSIM_RULE = (
 
 HF_RULE = (
     "both normalised volumes multiplied by the mask, its edge smoothed by a Gaussian of sigma "
-    f"{HF_TAPER_SIGMA:g} voxels (truncated at {SSIM_TRUNCATE} sigma, zero beyond the faces), 3D "
+    f"{HF_TAPER_SIGMA:g} voxels (truncated at {SSIM_TRUNCATE} sigma; the mask first cleared "
+    f"within {int(SSIM_TRUNCATE * HF_TAPER_SIGMA + 0.5) + 1} voxels of each face, so the "
+    "window is 0 where the DFT wraps around), 3D "
     f"DFT in float64; band: every frequency with |f| > {HF_CUTOFF:g} cycles/voxel along at least "
     "one axis (outside the central half of k-space on some axis); hf_power = sum_band "
     "|F_pred|^2 / sum_band |F_ref|^2 (1: the reference's fine-scale energy; neither direction "
@@ -419,20 +421,33 @@ def _high_frequency(r: torch.Tensor, p: torch.Tensor, m: torch.Tensor | None) ->
 
 
 def tapered_mask(mask: torch.Tensor, sigma: float = HF_TAPER_SIGMA) -> torch.Tensor:
-    """``mask`` as float32 weights with a soft edge: Gaussian-smoothed (truncated at 3.5 sigma,
-    zero beyond the volume's faces), 1 deep inside, about 0.5 on its edge, 0 from 3.5 sigma out.
+    """``mask`` as float32 weights with a soft edge: Gaussian-smoothed (truncated at 3.5 sigma),
+    1 deep inside, about 0.5 on its edge, 0 from 3.5 sigma out, and 0 on every face.
 
-    scipy.ndimage.gaussian_filter(mask, sigma, mode="constant", truncate=3.5) in float32. Its
-    spectrum falls as exp(-2 pi^2 sigma^2 f^2): at sigma 2 and the band's 0.25 cycles/voxel, to
-    0.7% of DC, so the band holds the volumes' detail, not the mask's edge. ``sigma`` 0: the
-    hard mask as 0/1 weights.
+    The mask is first cleared within ``radius + 1`` voxels (8 at sigma 2) of each face, then
+    smoothed as scipy.ndimage.gaussian_filter(mask, sigma, mode="constant", truncate=3.5) in
+    float32: the DFT wraps around, so a window still above 0 at a face (a mask that reaches it:
+    a crop, a head cut at the neck) is a step there, high frequencies the same in both volumes
+    (on docs/evaluate.md's 96^3 crop of S02 they lifted the LR input's power from 0.127 to
+    0.163). The smoothing's spectrum falls as exp(-2 pi^2 sigma^2 f^2): at sigma 2 and the
+    band's 0.25 cycles/voxel, to 0.7% of DC, so the band holds the volumes' detail, not the
+    mask's edge. ``sigma`` 0: the hard mask as 0/1 weights, faces included.
     """
     weights = mask.to(torch.float32)
     if sigma <= 0:
         return weights
     radius = int(SSIM_TRUNCATE * sigma + 0.5)
+    weights = clear_faces(weights, radius + 1)
     padded = torch.nn.functional.pad(weights, [radius] * (2 * weights.ndim))
     return _blur_valid(padded, gaussian_taps(sigma, radius))
+
+
+def clear_faces(weights: torch.Tensor, width: int) -> torch.Tensor:
+    """A copy of ``weights`` with the ``width`` voxels next to every face set to 0."""
+    inner = torch.zeros_like(weights)
+    core = tuple(slice(width, max(width, n - width)) for n in weights.shape)
+    inner[core] = weights[core]
+    return inner
 
 
 def _band_floor(volume: torch.Tensor) -> float:

@@ -405,7 +405,7 @@ def upsample_image(
     volume = image_volume(image, name or IN_MEMORY_NAME)
     volume.path = Path(name) if name else None
     prepared = prepare_volume(volume, generator.weights.degradation, options)
-    inference, half_warning = _run_options(options)
+    inference, half_warning = _run_options(options, generator)
     for message in _run_warnings(prepared, options, half_warning):
         if warn is not None:
             warn(message)
@@ -426,7 +426,7 @@ def upsample_prepared(
     the input is left as it was, for the next alpha."""
     started = time.perf_counter()
     output_path = Path(output_path)
-    inference, half_warning = _run_options(options)
+    inference, half_warning = _run_options(options, generator)
     check_output_path(output_path, overwrite=options.overwrite)
     if options.sidecar:
         check_output_path(sidecar_path(output_path), overwrite=options.overwrite)
@@ -478,10 +478,12 @@ def upsample_prepared(
     return result
 
 
-def _run_options(options: UpsampleOptions) -> tuple[InferenceOptions, str | None]:
+def _run_options(
+    options: UpsampleOptions, generator: Generator
+) -> tuple[InferenceOptions, str | None]:
     """The inference options as they run (:func:`resolve_options`; tiles of only air run too
     without ``keep_background``), and the warning of a ``half`` that runs fp32."""
-    inference, half_warning = resolve_options(options.inference)
+    inference, half_warning = resolve_options(options.inference, generator.model)
     if not options.skips_air_tiles():
         inference = replace(inference, skip_background=False)
     return inference, half_warning

@@ -793,6 +793,7 @@ class _TrainingRun:
                         "log_window": {"sums": dict(self.window), "steps": self.window_steps},
                         "data_fingerprint": self.manifest.fingerprint,
                         "init_sha256": self.init_sha,
+                        "init_stage_steps": (self.provenance.get("init") or {}).get("stage_steps"),
                         "critic_init": self.provenance.get("critic_init"),
                         "psnr_origin": self.provenance.get("psnr_origin"),
                         "world_size": self.dist.world,
@@ -1026,11 +1027,8 @@ def _psnr_origin(config: TrainConfig, init: WeightsFile | None, payload: dict[st
 
 def _critic_init_info(critic: WeightsFile | None, payload: dict[str, Any]) -> Any:
     if critic is not None:
-        return {
-            "path": str(critic.path),
-            "sha256": critic.sha256,
-            "step": critic.provenance.get("step"),
-        }
+        recorded = critic.provenance if isinstance(critic.provenance, dict) else {}
+        return {"path": str(critic.path), "sha256": critic.sha256, "step": recorded.get("step")}
     return payload.get("critic_init")  # a resumed call: what the run started from
 
 
@@ -1051,6 +1049,8 @@ def _provenance_base(
     elif payload.get("init_sha256"):  # resumed without the file: the path it started from
         started = json.loads(payload["config"]).get("init")
         init_info = {"path": started, "sha256": payload["init_sha256"]}
+        if payload.get("init_stage_steps"):  # so a resumed continuation's steps still add up
+            init_info["stage_steps"] = payload["init_stage_steps"]
     return {
         "stage": config.stage,
         "data_dir": str(Path(config.data).resolve()),

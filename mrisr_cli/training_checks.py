@@ -17,7 +17,13 @@ from mrisr_cli.degradation import DegradationConfig
 from mrisr_cli.distributed import DistInfo
 from mrisr_cli.errors import InputError, OutputError, WeightsError
 from mrisr_cli.manifest import MANIFEST_NAME, Manifest, load_manifest
-from mrisr_cli.run_files import BEST_NAME, CHECKPOINT_NAME, LAST_NAME, read_checkpoint
+from mrisr_cli.run_files import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    CRITIC_NAME,
+    LAST_NAME,
+    read_checkpoint,
+)
 from mrisr_cli.training_config import (
     CRITIC_LR_PER_LR,
     GAN_ONLY,
@@ -58,9 +64,9 @@ def read_inputs(
         _refuse_trained_weights(out)
     init = _load_init(config, manifest, resume, payload, warn)
     if resume:
-        _check_resume(payload, config, manifest, init, dist)
+        _check_resume(payload, config, manifest, init, dist, _resume_critic(config, warn))
         _check_schedule(payload, config)
-    critic_init = None if resume else _load_critic_init(config, manifest)
+    critic_init = None if resume else _load_critic_init(config, manifest, init, warn)
     return RunInputs(manifest, payload, init, critic_init)
 
 
@@ -185,12 +191,22 @@ def _load_init(
     return init
 
 
-def _load_critic_init(config: TrainConfig, manifest: Manifest) -> WeightsFile | None:
+def _load_critic_init(
+    config: TrainConfig,
+    manifest: Manifest,
+    init: WeightsFile | None,
+    warn: Callable[[str], None],
+) -> WeightsFile | None:
     """The --init-critic weights: a GAN run's critic file, the same critic (name and
-    --critic-params), trained on data prepared the same way as --data."""
+    --critic-params), trained on data prepared the same way as --data; one that seems to come
+    from another run than the --init generator is warned about (it may be deliberate)."""
     if config.critic_init is None:
         return None
     path = Path(config.critic_init)
+    if path.name == CHECKPOINT_NAME and path.is_file():
+        raise WeightsError(
+            f"{path}: is a training checkpoint, not weights; give {path.parent / CRITIC_NAME}"
+        )
     critic = load_init_weights(path, expect_network=config.critic.name)
     if critic.network.params != config.critic.params:
         raise WeightsError(
@@ -198,7 +214,41 @@ def _load_critic_init(config: TrainConfig, manifest: Manifest) -> WeightsFile | 
             f"{config.critic.params}"
         )
     _check_degradation(critic, manifest.degradation)
+    reason = _paired_with(critic, init)
+    if reason:
+        warn(reason)
     return critic
+
+
+def _resume_critic(config: TrainConfig, warn: Callable[[str], None]) -> WeightsFile | None:
+    """--init-critic on --resume: the checkpoint holds the critic, so a file that has moved
+    since is only warned about; one that is there must be the run's own (see _check_resume)."""
+    if config.critic_init is None:
+        return None
+    path = Path(config.critic_init)
+    if not path.exists():
+        warn(
+            f"--init-critic {path}: not found; ignored, since {CHECKPOINT_NAME} holds the "
+            "run's critic"
+        )
+        return None
+    return load_init_weights(path, expect_network=config.critic.name)
+
+
+def _paired_with(critic: WeightsFile, init: WeightsFile | None) -> str:
+    """Why ``critic`` seems not to be the critic of the --init generator ("" when it is, or
+    when the files do not say): both files of one GAN export record the same run and step."""
+    mine = critic.provenance if isinstance(critic.provenance, dict) else {}
+    theirs = init.provenance if init is not None and isinstance(init.provenance, dict) else {}
+    if mine.get("role") != "critic" or theirs.get("stage") != "gan":
+        return ""
+    if (mine.get("step"), mine.get("init")) != (theirs.get("step"), theirs.get("init")):
+        return (
+            f"--init-critic {critic.path} was saved at step {mine.get('step')} of another run "
+            f"than --init {init.path} (step {theirs.get('step')}) came from; each file's "
+            "run folder holds both (last.safetensors and critic.safetensors)"
+        )
+    return ""
 
 
 def check_init(init: WeightsFile, config: TrainConfig, degradation: DegradationConfig) -> None:
@@ -233,6 +283,7 @@ def _check_resume(
     manifest: Manifest,
     init: WeightsFile | None,
     dist: DistInfo,
+    critic: WeightsFile | None = None,
 ) -> None:
     """Refuse to continue a run with settings that would change what it computes."""
     before, now = json.loads(payload["config"]), config.as_dict()
@@ -255,6 +306,17 @@ def _check_resume(
         diffs.append(f"--init {config.init} is given, but the run was started without --init")
     elif init is not None and init.sha256 != payload["init_sha256"]:
         diffs.append(f"--init {config.init} is another file than the run was started from")
+    started = payload.get("critic_init")
+    started_sha = started.get("sha256") if isinstance(started, dict) else None
+    if critic is not None and started_sha is None:
+        diffs.append(
+            f"--init-critic {config.critic_init} is given, but the run was started without "
+            "--init-critic"
+        )
+    elif critic is not None and critic.sha256 != started_sha:
+        diffs.append(
+            f"--init-critic {config.critic_init} is another file than the run was started from"
+        )
     if diffs:
         raise InputError(
             f"{config.out}: cannot resume with different settings: {'; '.join(diffs)} "

@@ -327,12 +327,14 @@ def test_auto_device_runs(fast_generator: Generator) -> None:
         np.testing.assert_array_equal(out, upsample_array(data, fast_generator, options=OPTIONS))
 
 
-def test_default_options_run_where_the_cli_runs(fast_generator: Generator) -> None:
-    """InferenceOptions() takes the CLI's --device default, auto: on a GPU machine a library call
-    runs on the GPU as `mrisr upsample` does, instead of copying the model to the CPU."""
-    assert InferenceOptions().device == "auto"
+def test_default_options_run_where_the_model_is(fast_generator: Generator) -> None:
+    """InferenceOptions() names no device: the network runs where the model's weights are (a
+    model moved to a GPU is not copied back to the CPU); "auto" is the CLI's choice."""
+    assert InferenceOptions().device is None
     net = prepare_network(fast_generator.model, InferenceOptions(patch=PATCH))
-    assert next(net.parameters()).device == torch.device(resolve_device("auto"))
+    assert next(net.parameters()).device == torch.device("cpu")
+    auto = prepare_network(fast_generator.model, InferenceOptions(patch=PATCH, device="auto"))
+    assert next(auto.parameters()).device == torch.device(resolve_device("auto"))
 
 
 @pytest.mark.gpu

@@ -968,17 +968,36 @@ def test_a_gan_stage_continues_from_its_critic_file(
     assert trainer.critic is not None
     assert all(torch.equal(trainer.critic.state_dict()[k], v) for k, v in critic.state.items())
 
-    # the CLI, without --critic-params: the critic's settings come from its file
+    # the CLI, without --critic-params: the critic's settings come from its file; the run is
+    # cut short by the time limit, then resumed with the same command after both starting files
+    # moved (the checkpoint holds the networks, and run.json the critic's settings)
     second = tmp_path / "gan2"
-    more = ["--init", str(first / "last.safetensors")]
-    more += ["--init-critic", str(first / run_files.CRITIC_NAME)]
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    more = ["--init", str(moved / "last.safetensors")]
+    more += ["--init-critic", str(moved / run_files.CRITIC_NAME)]
     cli = train_args(data, second, *args, *more)
     at = cli.index("--critic-params")
     del cli[at : at + 2]
-    result = invoke(*cli)
+    result = invoke(*cli, "--time-limit", "1e-9")
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert "time limit reached: 1 of 2" in result.output
+    other = tmp_path / "other_critic.safetensors"  # the same critic, other values
+    torch.manual_seed(7)
+    save_weights(
+        other, build_network(critic.network).state_dict(), critic.network, critic.degradation
+    )
+    refused = [other if a == str(moved / run_files.CRITIC_NAME) else a for a in cli]
+    result = invoke(*refused, "--resume")
+    assert result.exit_code == 1 and "--init-critic" in result.output, result.output
+    assert "is another file than the run was started from" in " ".join(result.output.split())
+    shutil.rmtree(moved)
+    result = invoke(*cli, "--resume")
+    assert result.exit_code == 0 and "done: 2 of 2 steps" in result.output, result.output
+    assert f"--init-critic {moved / run_files.CRITIC_NAME}: not found; ignored" in result.output
     provenance = load_weights(second / "last.safetensors").provenance
     assert provenance["critic_init"]["sha256"] == critic.sha256
+    assert provenance["stage_steps"] == 4  # the first run's 2 GAN steps, then these 2
     # blending: the continued GAN model still names the PSNR model the first run was tuned from
     psnr = load_weights(psnr_run / "best.safetensors")
     assert provenance["psnr_origin"] == psnr.sha256
@@ -987,6 +1006,13 @@ def test_a_gan_stage_continues_from_its_critic_file(
     assert provenance["config"]["critic"]["params"] == TINY_CRITIC
     after = load_weights(second / run_files.CRITIC_NAME).state
     assert any(not torch.equal(after[k], v) for k, v in critic.state.items())  # it trained on
+
+    # a generator and a critic from two different runs: told, not refused
+    mixed = [*args, "--init", str(first / "last.safetensors")]
+    mixed += ["--init-critic", str(second / run_files.CRITIC_NAME), "--time-limit", "1e-9"]
+    result = invoke(*train_args(data, tmp_path / "gan3", *mixed))
+    assert result.exit_code == 0, result.output
+    assert "was saved at step 2 of another run than --init" in " ".join(result.output.split())
 
 
 def test_bad_init_critic_is_one_line(prepared: Path, tmp_path: Path, psnr_run: Path) -> None:

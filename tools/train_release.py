@@ -299,8 +299,9 @@ def main() -> int:
         nargs=2,
         metavar=("GAN", "CRITIC"),
         help="with --trained: an earlier call's GAN file and its critic (rrdg_gan/"
-        "critic.safetensors in its runs.tar.gz); the GAN stage goes on from both (no critic "
-        "warm-up) instead of starting from the PSNR file, so its steps add up across sessions",
+        "critic.safetensors in its runs.tar.gz, rrdg_gan_fp32/ after an fp32 retry); the GAN "
+        "stage goes on from both (no critic warm-up) instead of starting from the PSNR file, "
+        "so its steps add up across sessions",
     )
     parser.add_argument(
         "--continue-from",
@@ -311,8 +312,20 @@ def main() -> int:
         "PSNR-stage network starts from its file (the schedule adds up across GPU sessions)",
     )
     args = parser.parse_args()
-    if args.continue_gan is not None and args.trained is None:
-        parser.error("--continue-gan needs --trained (the PSNR file the GAN model was tuned from)")
+    if args.continue_gan is not None:
+        if args.trained is None or args.gan_seconds <= 0:
+            parser.error("--continue-gan needs --trained and --gan-seconds above 0")
+        from mrisr_cli.errors import MrisrError
+        from mrisr_cli.pipeline import load_generator_files
+
+        # the GAN file must be tuned from the PSNR file it will be blended with
+        try:
+            psnr_file = weights_in(args.trained, "rrdg_psnr")
+            problems = load_generator_files(psnr_file, args.continue_gan[0]).warnings()
+        except MrisrError as exc:
+            problems = [str(exc)]
+        if problems:
+            parser.error(f"--continue-gan: {problems[0]}")
 
     import torch
 
