@@ -200,6 +200,20 @@ def _run_params(out: Path, role: str = "network") -> dict[str, Any] | None:
         return None
 
 
+def _file_params(
+    path: Path | None, name: str, resume: bool, names: tuple[str, ...] | None = None
+) -> dict[str, Any] | None:
+    """The parameters in a starting file (--init, --init-critic) when it holds a ``name``
+    network ({} otherwise: the checks name the mismatch); None without a file, or on --resume
+    once it has moved. ``names``: the run folder's files a checkpoint given instead points to."""
+    if path is None or (resume and not path.exists()):
+        return None
+    from mrisr_cli.training_checks import load_init_weights
+
+    found = load_init_weights(path, names=names)
+    return found.network.params if found.network.name == name else {}
+
+
 def train_command(
     stage: Annotated[
         Stage,
@@ -349,10 +363,10 @@ def train_command(
     with user_errors():
         from mrisr_cli.distributed import worker_threads
         from mrisr_cli.networks import NetworkConfig
+        from mrisr_cli.run_files import CRITIC_NAME
         from mrisr_cli.threads import configure_threads
         from mrisr_cli.training import StoppedAtOnce, train
         from mrisr_cli.training import resume as resume_run
-        from mrisr_cli.training_checks import load_init_weights
         from mrisr_cli.training_config import CRITIC_LR_PER_LR, TrainConfig
 
         patch_size = parse_triple(patch, "--patch")
@@ -361,15 +375,13 @@ def train_command(
         params = _parse_json_object(net_params, "--net-params")
         if params is None and resume:  # the run's own; its --init file may have moved since
             params = _run_params(out)
-        if params is None and init is not None and not (resume and not init.exists()):
-            found = load_init_weights(init)
-            params = found.network.params if found.network.name == net else {}
+        if params is None:
+            params = _file_params(init, net, resume)
         critic = _parse_json_object(critic_params, "--critic-params")
         if critic is None and resume:  # the run's own, as the generator's
             critic = _run_params(out, "critic")
-        if critic is None and init_critic is not None and not (resume and not init_critic.exists()):
-            found = load_init_weights(init_critic)
-            critic = found.network.params if found.network.name == "patch_discriminator" else {}
+        if critic is None:
+            critic = _file_params(init_critic, "patch_discriminator", resume, (CRITIC_NAME,))
         rate = lr if lr is not None else float(defaults["lr"])
         config = TrainConfig(
             stage=stage.value,

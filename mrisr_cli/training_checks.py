@@ -145,14 +145,18 @@ def _check_schedule(payload: dict[str, Any], config: TrainConfig) -> None:
         )
 
 
-def load_init_weights(path: Path, *, expect_network: str | None = None) -> WeightsFile:
-    """:func:`load_weights`, pointing from a run's checkpoint (a pickle) to its weights files."""
+def load_init_weights(
+    path: Path,
+    *,
+    expect_network: str | None = None,
+    names: tuple[str, ...] | None = None,
+) -> WeightsFile:
+    """:func:`load_weights`, pointing from a run's checkpoint (a pickle) to its weights files
+    (``names``; default: the generator's, best and last; the critic's is :data:`CRITIC_NAME`)."""
     path = Path(path)
     if path.name == CHECKPOINT_NAME and path.is_file():
-        raise WeightsError(
-            f"{path}: is a training checkpoint, not weights; give {path.parent / BEST_NAME} or "
-            f"{path.parent / LAST_NAME}"
-        )
+        files = " or ".join(str(path.parent / n) for n in names or (BEST_NAME, LAST_NAME))
+        raise WeightsError(f"{path}: is a training checkpoint, not weights; give {files}")
     return load_weights(path, expect_network=expect_network)
 
 
@@ -203,11 +207,7 @@ def _load_critic_init(
     if config.critic_init is None:
         return None
     path = Path(config.critic_init)
-    if path.name == CHECKPOINT_NAME and path.is_file():
-        raise WeightsError(
-            f"{path}: is a training checkpoint, not weights; give {path.parent / CRITIC_NAME}"
-        )
-    critic = load_init_weights(path, expect_network=config.critic.name)
+    critic = load_init_weights(path, expect_network=config.critic.name, names=(CRITIC_NAME,))
     if critic.network.params != config.critic.params:
         raise WeightsError(
             f"{path}: critic parameters {critic.network.params} differ from --critic-params "
@@ -232,7 +232,7 @@ def _resume_critic(config: TrainConfig, warn: Callable[[str], None]) -> WeightsF
             "run's critic"
         )
         return None
-    return load_init_weights(path, expect_network=config.critic.name)
+    return load_init_weights(path, expect_network=config.critic.name, names=(CRITIC_NAME,))
 
 
 def _paired_with(critic: WeightsFile, init: WeightsFile | None) -> str:
@@ -302,26 +302,28 @@ def _check_resume(
         )
     if payload["data_fingerprint"] != manifest.fingerprint:
         diffs.append(f"--data {config.data} holds other data than the run was started on")
-    if init is not None and not payload.get("init_sha256"):
-        diffs.append(f"--init {config.init} is given, but the run was started without --init")
-    elif init is not None and init.sha256 != payload["init_sha256"]:
-        diffs.append(f"--init {config.init} is another file than the run was started from")
+    diffs += _start_differs("--init", config.init, init, payload.get("init_sha256"))
     started = payload.get("critic_init")
     started_sha = started.get("sha256") if isinstance(started, dict) else None
-    if critic is not None and started_sha is None:
-        diffs.append(
-            f"--init-critic {config.critic_init} is given, but the run was started without "
-            "--init-critic"
-        )
-    elif critic is not None and critic.sha256 != started_sha:
-        diffs.append(
-            f"--init-critic {config.critic_init} is another file than the run was started from"
-        )
+    diffs += _start_differs("--init-critic", config.critic_init, critic, started_sha)
     if diffs:
         raise InputError(
             f"{config.out}: cannot resume with different settings: {'; '.join(diffs)} "
             "(resume with the original settings, or start a new run with another --out)"
         )
+
+
+def _start_differs(
+    option: str, path: str | None, given: WeightsFile | None, started_sha: str | None
+) -> list[str]:
+    """A starting file given on --resume must be the one the run started from, if it had one."""
+    if given is None:
+        return []
+    if not started_sha:
+        return [f"{option} {path} is given, but the run was started without {option}"]
+    if given.sha256 != started_sha:
+        return [f"{option} {path} is another file than the run was started from"]
+    return []
 
 
 def _critic_lr_follows_lr(settings: dict[str, Any]) -> bool:

@@ -1030,6 +1030,10 @@ def test_bad_init_critic_is_one_line(prepared: Path, tmp_path: Path, psnr_run: P
             "critic parameters",
         ),
         ([*gan, "--init-critic", str(tmp_path / "none.safetensors")], "no such weights file"),
+        (  # a run's checkpoint instead of its critic: pointed to the critic's file
+            [*gan, "--init-critic", str(psnr_run / "checkpoint.pt")],
+            f"is a training checkpoint, not weights; give {psnr_run / 'critic.safetensors'}",
+        ),
     ]
     for i, (extra, expected) in enumerate(cases):
         result = invoke(*train_args(data, tmp_path / f"run{i}", *extra))
